@@ -1,0 +1,3 @@
+from mcproxy.cli import main
+
+raise SystemExit(main())

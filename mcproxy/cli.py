@@ -1,0 +1,91 @@
+"""Command line: parse arguments, load the config, hand over to ``daemon.serve``. Nothing else.
+
+mcproxy [--config FILE] [--upstream TARGET] [--listen HOST:PORT] [--db PATH] ...
+mcproxy check-config [--config FILE] [...]     print the effective config and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import msgspec
+
+from mcproxy import __version__, config, log
+from mcproxy.errors import ConfigError, StoreError
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mcproxy",
+        description="Durable, reconnectable WebSocket sessions in front of an MCP server.",
+    )
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "check-config"],
+        default="run",
+        help="run the daemon (default) or print the effective config",
+    )
+    p.add_argument("--config", "-c", help="TOML config file (see config.example.toml)")
+    p.add_argument("--upstream", help="upstream server, e.g. 'stdio:python -m my_server'")
+    p.add_argument("--listen", help=f"HOST:PORT to serve on (default {config.DEFAULT_LISTEN})")
+    p.add_argument("--db", help="SQLite file for sessions and event logs")
+    p.add_argument(
+        "--require-session-id",
+        action="store_true",
+        default=None,
+        help="refuse WebSocket upgrades without mcp_session_id (SEP draft v0)",
+    )
+    p.add_argument("--durability", choices=["normal", "full"])
+    p.add_argument("--log-format", choices=["auto", "json", "console"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"mcproxy {__version__}")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    pairs = {
+        ("upstream", "target"): args.upstream,
+        ("server", "listen"): args.listen,
+        ("server", "require_session_id"): args.require_session_id,
+        ("store", "path"): args.db,
+        ("store", "durability"): args.durability,
+        ("log", "format"): args.log_format,
+        ("log", "level"): args.log_level,
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for (section, key), value in pairs.items():
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config.load(args.config, _overrides(args))
+    except ConfigError as exc:
+        print(f"mcproxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(msgspec.json.format(msgspec.json.encode(cfg)).decode())
+        return 0
+    log.configure(cfg.log.format, cfg.log.level)
+
+    import uvloop  # imported here: only the daemon needs it
+
+    from mcproxy.daemon import serve
+
+    try:
+        uvloop.run(serve(cfg))
+    except StoreError as exc:
+        print(f"mcproxy: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_RUNTIME
+    return 0

@@ -1,0 +1,202 @@
+"""Configuration: a frozen, validated msgspec record loaded from TOML and the command line.
+
+Every default is a named constant below, and ``config.example.toml`` at the repository root
+lists each key with the same value (a test keeps the two in step). Units are in the names.
+Nothing mutates a Config after ``load``; the daemon derives its runtime objects from it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+
+from mcproxy.errors import ConfigError
+
+# --- [server] ---------------------------------------------------------------------------
+DEFAULT_LISTEN: Final = "127.0.0.1:8765"  # loopback: MCP transports §Security warns against 0.0.0.0
+DEFAULT_PATH: Final = "/mcp"  # the SEP says SHOULD be the Streamable HTTP endpoint
+DEFAULT_REQUIRE_SESSION_ID: Final = False  # True = SEP draft v0: refuse an upgrade without an id
+DEFAULT_HEARTBEAT_S: Final = 20.0  # WebSocket ping interval; python-websockets uses 20 s too
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0  # graceful drain bound on SIGTERM
+DEFAULT_COOKIE_NAME: Final = "mcp_session_id"
+
+# --- [upstream] -------------------------------------------------------------------------
+DEFAULT_UPSTREAM: Final = "stdio:mcproxy-demo-server"  # the bundled example server
+DEFAULT_STDIN_CLOSE_GRACE_S: Final = 2.0  # lifecycle §Shutdown: close stdin, then wait
+DEFAULT_SIGTERM_GRACE_S: Final = 2.0  # then SIGTERM the process group and wait
+DEFAULT_RESPAWN_INITIAL_DELAY_S: Final = 0.05  # first respawn after a crash (jittered)
+DEFAULT_RESPAWN_MAX_DELAY_S: Final = 30.0  # cap of the exponential backoff
+DEFAULT_RESPAWN_STABLE_S: Final = 10.0  # a child up this long resets the backoff
+DEFAULT_INIT_TIMEOUT_S: Final = 30.0  # a respawned child must answer `initialize` within this
+DEFAULT_MAX_LINE_BYTES: Final = 16 * 1024 * 1024  # one stdio line = one JSON-RPC message
+
+# --- [store] ----------------------------------------------------------------------------
+DEFAULT_DB_PATH: Final = (
+    ""  # empty: $STATE_DIRECTORY, else $XDG_STATE_HOME/mcproxy, else ~/.local/state/mcproxy
+)
+DEFAULT_DB_FILENAME: Final = "mcproxy.db"
+DEFAULT_DURABILITY: Final = "normal"  # WAL + synchronous=NORMAL survives a process kill
+DEFAULT_MAX_BATCH: Final = 512  # most writes committed in one group-commit transaction
+
+# --- [limits] ---------------------------------------------------------------------------
+DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024  # inbound WebSocket frame; 1009 above it
+DEFAULT_MAX_PENDING_REQUESTS: Final = 1024  # in-flight client requests per session
+DEFAULT_DEDUPE_WINDOW: Final = 1024  # answered request ids remembered per session for retries
+DEFAULT_SEND_QUEUE_MAX: Final = (
+    4096  # live messages buffered per socket before reading back from the log
+)
+
+# --- [log] ------------------------------------------------------------------------------
+DEFAULT_LOG_FORMAT: Final = "auto"  # json when stderr is not a terminal (journald), else console
+DEFAULT_LOG_LEVEL: Final = "info"
+
+SESSION_ID_MIN: Final = 16
+SESSION_ID_MAX: Final = 128
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    listen: str = DEFAULT_LISTEN
+    path: str = DEFAULT_PATH
+    require_session_id: bool = DEFAULT_REQUIRE_SESSION_ID
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    cookie_name: str = DEFAULT_COOKIE_NAME
+
+
+class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    target: str = DEFAULT_UPSTREAM
+    stdin_close_grace_s: float = DEFAULT_STDIN_CLOSE_GRACE_S
+    sigterm_grace_s: float = DEFAULT_SIGTERM_GRACE_S
+    respawn_initial_delay_s: float = DEFAULT_RESPAWN_INITIAL_DELAY_S
+    respawn_max_delay_s: float = DEFAULT_RESPAWN_MAX_DELAY_S
+    respawn_stable_s: float = DEFAULT_RESPAWN_STABLE_S
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+
+
+class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    path: str = DEFAULT_DB_PATH
+    durability: Literal["normal", "full"] = DEFAULT_DURABILITY
+    max_batch: int = DEFAULT_MAX_BATCH
+
+
+class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS
+    dedupe_window: int = DEFAULT_DEDUPE_WINDOW
+    send_queue_max: int = DEFAULT_SEND_QUEUE_MAX
+
+
+class LogConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    format: Literal["auto", "json", "console"] = DEFAULT_LOG_FORMAT
+    level: Literal["debug", "info", "warning", "error"] = DEFAULT_LOG_LEVEL
+
+
+class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    store: StoreConfig = StoreConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log: LogConfig = LogConfig()
+
+
+class StdioTarget(msgspec.Struct, frozen=True):
+    """An upstream started as a child process speaking MCP over stdio."""
+
+    argv: tuple[str, ...]
+
+
+def parse_target(target: str) -> StdioTarget:
+    """Parse ``stdio:<command line>`` (the only upstream kind of this release)."""
+    if target.startswith("stdio:"):
+        try:
+            argv = tuple(shlex.split(target[len("stdio:") :]))
+        except ValueError as exc:
+            raise ConfigError(f"upstream: cannot parse command line: {exc}") from exc
+        if not argv:
+            raise ConfigError("upstream: 'stdio:' needs a command")
+        return StdioTarget(argv=argv)
+    if target.startswith(("http://", "https://")):
+        raise ConfigError("upstream: Streamable HTTP upstreams are not supported yet")
+    raise ConfigError(f"upstream: expected 'stdio:<command>', got {target!r}")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"server.listen: expected HOST:PORT, got {listen!r}")
+    try:
+        port_no = int(port)
+    except ValueError:
+        raise ConfigError(f"server.listen: bad port in {listen!r}") from None
+    if not 0 <= port_no <= 65535:
+        raise ConfigError(f"server.listen: port out of range in {listen!r}")
+    return host.strip("[]"), port_no
+
+
+def db_path(config: Config) -> Path:
+    """Where the SQLite file lives: the configured path, or a per-user/systemd state dir."""
+    if config.store.path:
+        return Path(config.store.path).expanduser()
+    state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    if state:
+        return Path(state.split(":")[0]) / DEFAULT_DB_FILENAME
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "mcproxy" / DEFAULT_DB_FILENAME
+
+
+def validate(config: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    parse_listen(config.server.listen)
+    parse_target(config.upstream.target)
+    if not config.server.path.startswith("/"):
+        raise ConfigError("server.path must start with '/'")
+    positive: dict[str, float] = {
+        "server.heartbeat_s": config.server.heartbeat_s,
+        "server.shutdown_timeout_s": config.server.shutdown_timeout_s,
+        "upstream.init_timeout_s": config.upstream.init_timeout_s,
+        "upstream.max_line_bytes": config.upstream.max_line_bytes,
+        "upstream.respawn_max_delay_s": config.upstream.respawn_max_delay_s,
+        "store.max_batch": config.store.max_batch,
+        "limits.max_message_bytes": config.limits.max_message_bytes,
+        "limits.max_pending_requests": config.limits.max_pending_requests,
+        "limits.dedupe_window": config.limits.dedupe_window,
+        "limits.send_queue_max": config.limits.send_queue_max,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    if config.upstream.respawn_initial_delay_s < 0:
+        raise ConfigError("upstream.respawn_initial_delay_s must not be negative")
+    return config
+
+
+def load(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Load a TOML file (optional), apply command-line overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or an invalid value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+    return validate(config)

@@ -1,0 +1,113 @@
+"""The registry of live sessions: mint ids, create, load from the store, recover after a crash.
+
+Fronts (WebSocket today, Streamable HTTP next) find sessions here and never build runners
+themselves; one session id is one ``SessionRunner`` in this process, whichever front it is
+reached through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Final
+
+import structlog
+
+from mcproxy.config import SESSION_ID_MAX, SESSION_ID_MIN, Config
+from mcproxy.runner import SessionRunner, short_id
+from mcproxy.session import Limits, Session
+from mcproxy.store import Store
+from mcproxy.upstream import UpstreamFactory
+
+log = structlog.get_logger("mcproxy")
+
+SESSION_ID_BYTES: Final = 24  # 192 bits from the CSPRNG (SEP: >= 128), 32 url-safe chars
+
+
+def mint_session_id() -> str:
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+def valid_session_id(value: str) -> bool:
+    """MCP transports §Session Management: visible ASCII (0x21-0x7E); we also bound length."""
+    return SESSION_ID_MIN <= len(value) <= SESSION_ID_MAX and all(
+        0x21 <= ord(c) <= 0x7E for c in value
+    )
+
+
+class Hub:
+    def __init__(self, store: Store, config: Config, upstream_factory: UpstreamFactory) -> None:
+        self.store = store
+        self.config = config
+        self.upstream_factory = upstream_factory
+        self.limits = Limits(
+            max_pending_requests=config.limits.max_pending_requests,
+            dedupe_window=config.limits.dedupe_window,
+        )
+        self.runners: dict[str, SessionRunner] = {}
+        self._loading: dict[str, asyncio.Future[SessionRunner | None]] = {}
+
+    def create(self, session_id: str) -> SessionRunner:
+        """A new, empty session (its row is written when ``initialize`` arrives)."""
+        runner = SessionRunner(
+            Session(session_id, self.limits), self.store, self.upstream_factory, self.config
+        )
+        self.runners[session_id] = runner
+        log.info("session.created", session=short_id(session_id))
+        return runner
+
+    async def get(self, session_id: str) -> SessionRunner | None:
+        """The live runner for ``session_id``, loading it from the store if needed."""
+        runner = self.runners.get(session_id)
+        if runner is not None:
+            return runner
+        loading = self._loading.get(session_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[SessionRunner | None] = asyncio.get_running_loop().create_future()
+        self._loading[session_id] = future
+        try:
+            runner = await self._load(session_id)
+            future.set_result(runner)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # consumed here; waiters re-raise their own copy
+            raise
+        finally:
+            del self._loading[session_id]
+        return runner
+
+    async def _load(self, session_id: str) -> SessionRunner | None:
+        loaded = await self.store.load_session(session_id, self.limits.dedupe_window)
+        if loaded is None or session_id in self.runners:
+            return self.runners.get(session_id)
+        core, actions = Session.restore(
+            session_id, self.limits, loaded.record, loaded.pending, loaded.answered
+        )
+        runner = SessionRunner(core, self.store, self.upstream_factory, self.config)
+        self.runners[session_id] = runner
+        log.info(
+            "session.restored",
+            session=short_id(session_id),
+            head_lsn=core.next_lsn - 1,
+            resolved=len(loaded.pending),
+        )
+        runner.execute(actions)
+        return runner
+
+    async def recover(self) -> int:
+        """After a restart: resolve every request the previous process left in flight.
+
+        Unsafe ones are answered "outcome unknown" into the log right away; safe ones are
+        re-issued, which respawns those sessions' upstreams.
+        """
+        ids = await self.store.sessions_with_pending()
+        for session_id in ids:
+            await self.get(session_id)
+        if ids:
+            log.info("hub.recovered", sessions=len(ids))
+        return len(ids)
+
+    async def aclose(self) -> None:
+        runners = list(self.runners.values())
+        await asyncio.gather(*(r.aclose() for r in runners), return_exceptions=True)

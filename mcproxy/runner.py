@@ -1,0 +1,397 @@
+"""The I/O driver of one session: executes the core's actions against the store, the attached
+client and the upstream process.
+
+Ordering rules it enforces (docs/PROTOCOL.md, "Delivery"):
+
+- a logged message reaches a socket only after the transaction holding it committed;
+- a message to the upstream leaves only after every store write issued before it committed,
+  so a request the upstream may act on is always on record (and answered exactly once, or
+  resolved as "outcome unknown", after a crash);
+- on attach, the log after the client's cursor is replayed first, then live messages, with
+  every LSN sent at most once per connection and none skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from mcproxy import jsonrpc
+from mcproxy.config import Config
+from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
+from mcproxy.jsonrpc import Message
+from mcproxy.session import (
+    Action,
+    Emit,
+    FinishRequest,
+    Reply,
+    Resend,
+    RestartUpstream,
+    SaveRequest,
+    SaveSession,
+    SendUpstream,
+    Session,
+    StartUpstream,
+    UpstreamState,
+)
+from mcproxy.store import Store
+from mcproxy.tasks import TaskSet
+from mcproxy.upstream import Upstream, UpstreamFactory, backoff
+
+log = structlog.get_logger("mcproxy")
+
+_REPLAY_PAGE = 1000
+
+
+def short_id(session_id: str) -> str:
+    """Session ids are bearer-like secrets: logs carry a prefix only."""
+    return session_id[:8] + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    lsn: int
+    data: bytes
+    committed: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Direct:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Again:
+    lsn: int
+
+
+class Outbox:
+    """Everything bound for one client connection, replay first, then live, in LSN order.
+
+    ``send`` writes one text frame (or SSE event); ``on_sent`` reports each LSN written.
+    If the client reads slower than the session produces, live items beyond ``max_queue`` are
+    dropped from memory and read back from the log instead: memory stays bounded and nothing
+    is lost.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        store: Store,
+        send: Callable[[bytes], Awaitable[None]],
+        on_sent: Callable[[int], None],
+        max_queue: int,
+    ) -> None:
+        self.session_id = session_id
+        self.store = store
+        self.send = send
+        self.on_sent = on_sent
+        self.max_queue = max_queue
+        self._items: deque[_Live | _Direct | _Again] = deque()
+        self._wakeup = asyncio.Event()
+        self._overflowed = False
+        self.sent_lsn = 0
+
+    def push_live(self, lsn: int, data: bytes, committed: asyncio.Future[None]) -> None:
+        if self._overflowed:
+            return  # the pump reads everything back from the log
+        if len(self._items) >= self.max_queue:
+            self._overflowed = True
+            self._items = deque(i for i in self._items if not isinstance(i, _Live))
+        else:
+            self._items.append(_Live(lsn, data, committed))
+        self._wakeup.set()
+
+    def push_direct(self, data: bytes) -> None:
+        self._items.append(_Direct(data))
+        self._wakeup.set()
+
+    def push_again(self, lsn: int) -> None:
+        self._items.append(_Again(lsn))
+        self._wakeup.set()
+
+    async def run(self, after_lsn: int, prelude: list[bytes]) -> None:
+        """Pump until cancelled or the send fails (the connection then closes)."""
+        for data in prelude:
+            await self.send(data)
+        self.sent_lsn = after_lsn
+        await self._catch_up()
+        while True:
+            if self._overflowed:
+                self._overflowed = False
+                await self._catch_up()
+            if not self._items:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            item = self._items.popleft()
+            if isinstance(item, _Direct):
+                await self.send(item.data)
+            elif isinstance(item, _Again):
+                await self.store.barrier()
+                logged = await self.store.read_event(self.session_id, item.lsn)
+                if logged is not None:
+                    await self.send(logged)
+            elif item.lsn > self.sent_lsn:
+                if item.lsn != self.sent_lsn + 1:
+                    await self._catch_up()  # a gap: the log has it (committed before item)
+                    if item.lsn <= self.sent_lsn:
+                        continue
+                await item.committed
+                await self._deliver(item.lsn, item.data)
+
+    async def _catch_up(self) -> None:
+        await self.store.barrier()
+        while True:
+            rows = await self.store.read_events(self.session_id, self.sent_lsn, _REPLAY_PAGE)
+            for lsn, data in rows:
+                await self._deliver(lsn, data)
+            if len(rows) < _REPLAY_PAGE:
+                return
+
+    async def _deliver(self, lsn: int, data: bytes) -> None:
+        await self.send(data)
+        self.sent_lsn = lsn
+        self.on_sent(lsn)
+
+
+class Attachment(Protocol):
+    """A client connection as the runner sees it (implemented by each front)."""
+
+    label: str
+
+    async def send(self, data: bytes) -> None:
+        """Write one message to the client."""
+
+    def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes]) -> None:
+        """Begin pumping ``outbox`` to the client."""
+
+    def supersede(self) -> None:
+        """Another connection took the session over: close this one (SEP: 1000)."""
+
+
+class SessionRunner:
+    """Drives one ``Session``. Implements ``UpstreamHandler`` for its upstream."""
+
+    def __init__(
+        self,
+        core: Session,
+        store: Store,
+        upstream_factory: UpstreamFactory,
+        config: Config,
+    ) -> None:
+        self.core = core
+        self.store = store
+        self.upstream_factory = upstream_factory
+        self.config = config
+        self.label = short_id(core.id)
+        self.conn: Attachment | None = None
+        self.outbox: Outbox | None = None
+        self.upstream: Upstream | None = None
+        self._tasks = TaskSet(f"session:{self.label}")
+        self._spawning: asyncio.Task[None] | None = None
+        self._up_pending: deque[tuple[asyncio.Future[None], bytes]] = deque()
+        self._ready = asyncio.Event()
+        self._backoff: Iterator[float] | None = None
+        self._spawned_at: float | None = None
+        self._closed = False
+
+    @property
+    def id(self) -> str:
+        return self.core.id
+
+    # --- client side ------------------------------------------------------------------
+
+    def attach(self, conn: Attachment, cursor: int | None, hello: Message | None = None) -> None:
+        """Bind ``conn`` to this session: last connection wins (SEP-1288)."""
+        previous = self.conn
+        if previous is not None and previous is not conn:
+            log.info("session.superseded", session=self.label, old=previous.label, new=conn.label)
+            previous.supersede()
+        self.conn = conn
+        outbox = Outbox(
+            self.core.id, self.store, conn.send, self._on_sent, self.config.limits.send_queue_max
+        )
+        self.outbox = outbox
+        prelude: list[bytes] = []
+        if hello is not None:
+            for action in self.core.client_message(hello):
+                if isinstance(action, Reply):
+                    prelude.append(action.data)
+                else:
+                    self.execute([action])
+        after = self.core.delivered_lsn if cursor is None else cursor
+        log.info(
+            "session.attached",
+            session=self.label,
+            conn=conn.label,
+            after_lsn=after,
+            head_lsn=self.core.next_lsn - 1,
+        )
+        conn.start(outbox, after, prelude)
+        if self.core.init_result is not None:
+            self._ensure_upstream()  # spawn on attach so server-initiated traffic can flow
+
+    def detach(self, conn: Attachment) -> None:
+        """``conn`` closed. A late close of a superseded connection changes nothing."""
+        if self.conn is not conn:
+            return
+        self.conn = None
+        self.outbox = None
+        log.info(
+            "session.detached",
+            session=self.label,
+            conn=conn.label,
+            delivered_lsn=self.core.delivered_lsn,
+        )
+        if self.core.init_request is not None:
+            self.store.save_session(self.core.id, self.core.snapshot())
+
+    def client_message(self, conn: Attachment, msg: Message) -> None:
+        if conn is not self.conn:
+            return  # a late message on a superseded socket must not disturb the new one
+        self.execute(self.core.client_message(msg))
+
+    def _on_sent(self, lsn: int) -> None:
+        self.core.delivered(lsn)
+
+    # --- upstream side ----------------------------------------------------------------
+
+    def on_upstream_message(self, line: bytes) -> None:
+        try:
+            msg = jsonrpc.decode(line)
+        except ProtocolError as exc:
+            # transports §stdio: the server MUST NOT write non-MCP data to stdout. Drop it.
+            log.warning(
+                "upstream.junk",
+                session=self.label,
+                error=str(exc),
+                line=line[:200].decode("utf-8", "replace"),
+            )
+            return
+        self.execute(self.core.upstream_message(msg))
+
+    def on_upstream_lost(self, reason: str) -> None:
+        self.upstream = None
+        self._up_pending.clear()
+        self._ready.clear()
+        self.execute(self.core.upstream_lost(reason))
+
+    # --- action execution -------------------------------------------------------------
+
+    def execute(self, actions: list[Action]) -> None:
+        store, sid = self.store, self.core.id
+        for action in actions:
+            if isinstance(action, Emit):
+                committed = store.append(sid, action.lsn, action.data)
+                if self.outbox is not None:
+                    self.outbox.push_live(action.lsn, action.data, committed)
+            elif isinstance(action, SendUpstream):
+                self._send_upstream(action.data)
+            elif isinstance(action, Reply):
+                if self.outbox is not None:
+                    self.outbox.push_direct(action.data)
+            elif isinstance(action, Resend):
+                if self.outbox is not None:
+                    self.outbox.push_again(action.lsn)
+            elif isinstance(action, SaveRequest):
+                store.save_request(
+                    sid, action.key, action.upstream_id, action.method, action.safe, action.body
+                )
+            elif isinstance(action, FinishRequest):
+                store.finish_request(sid, action.key, action.lsn)
+            elif isinstance(action, SaveSession):
+                store.save_session(sid, self.core.snapshot())
+            elif isinstance(action, StartUpstream):
+                self._ensure_upstream()
+            elif isinstance(action, RestartUpstream):
+                log.warning("upstream.restart", session=self.label, reason=action.reason)
+                self._tasks.spawn(self._restart(action.reason), f"restart:{self.label}")
+        if self.core.state is UpstreamState.READY:
+            self._ready.set()
+
+    def _send_upstream(self, data: bytes) -> None:
+        # Hold the message until every store write issued before it has committed. Futures
+        # complete in FIFO order, so a queue drained from the front keeps sends in order.
+        last = self.store.last_write
+        if not self._up_pending and (last is None or last.done()):
+            if self.upstream is not None:
+                self.upstream.send(data)
+            return
+        assert last is not None
+        self._up_pending.append((last, data))
+        if len(self._up_pending) == 1:
+            last.add_done_callback(self._drain_upstream)
+
+    def _drain_upstream(self, _: asyncio.Future[None]) -> None:
+        while self._up_pending and self._up_pending[0][0].done():
+            future, data = self._up_pending.popleft()
+            if future.exception() is not None:
+                # The request is not on record: it must not reach the upstream. The store
+                # failure fails the session's connections through the outbox.
+                continue
+            if self.upstream is not None:
+                self.upstream.send(data)
+        if self._up_pending:
+            self._up_pending[0][0].add_done_callback(self._drain_upstream)
+
+    def _ensure_upstream(self) -> None:
+        if self.upstream is not None or self._spawning is not None or self._closed:
+            return
+        self._spawning = self._tasks.spawn(self._spawn(), f"spawn:{self.label}")
+
+    async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config.upstream
+        try:
+            if self._spawned_at is not None:  # a respawn: back off if the last one was short
+                if loop.time() - self._spawned_at >= cfg.respawn_stable_s or self._backoff is None:
+                    self._backoff = backoff(cfg.respawn_initial_delay_s, cfg.respawn_max_delay_s)
+                delay = next(self._backoff)
+                log.info("upstream.respawn", session=self.label, delay_s=round(delay, 3))
+                await asyncio.sleep(delay)
+            upstream = self.upstream_factory(self.core.id, self)
+            try:
+                await upstream.start()
+            except UpstreamError as exc:
+                log.error("upstream.spawn_failed", session=self.label, error=str(exc))
+                self.execute(self.core.upstream_unavailable("spawn failed"))
+                return
+            self.upstream = upstream
+            self._spawned_at = loop.time()
+            self._ready.clear()
+            self.execute(self.core.upstream_spawned())
+        finally:
+            self._spawning = None
+        try:
+            await asyncio.wait_for(self._ready.wait(), cfg.init_timeout_s)
+        except TimeoutError:
+            if self.upstream is upstream:
+                await self._restart("upstream did not answer initialize in time")
+
+    async def _restart(self, reason: str) -> None:
+        upstream = self.upstream
+        if upstream is None:
+            return
+        await upstream.aclose()
+        if self.upstream is upstream:
+            self.on_upstream_lost(reason)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop the upstream and persist the session; the log itself is already durable."""
+        self._closed = True
+        await self._tasks.cancel_all()
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            await upstream.aclose()
+        if self.core.init_request is not None:
+            with contextlib.suppress(MCProxyError):
+                await self.store.save_session(self.core.id, self.core.snapshot())

@@ -1,0 +1,730 @@
+"""The session state machine: one MCP session between a client and an upstream, sans I/O.
+
+A ``Session`` is fed events (a client message, an upstream message, the upstream spawned or
+lost) and answers each with a list of *actions* for the I/O driver to carry out, in order.
+It never awaits, never reads the clock and never touches a socket, a process or the database:
+``runner.py`` executes the actions (append to the log, write to a socket or a pipe, persist a
+row, spawn a child). That keeps every routing decision testable without an event loop.
+
+What the session guarantees (docs/PROTOCOL.md has the wire contract):
+
+- Every server→client message gets the next LSN (dense, from 1) and is emitted as ``Emit``;
+  the driver commits it to the log before it writes it to any socket.
+- Ids toward the upstream are the proxy's own (a per-session counter that is persisted and
+  never reused), so a client's ids can never collide with the proxy's internal requests nor
+  with ids of an earlier upstream process (MCP 2025-11-25 basic §Requests: ids MUST NOT be
+  reused within a session). Server→client requests get proxy-minted ids the same way.
+- A request id the client already used is a retry: the logged response is re-sent, or the
+  live one is awaited; the request is never run twice.
+- A disconnect is not a cancel (SEP-1288; transports §"Sending Messages" item 5): nothing here
+  reacts to a client going away. ``notifications/cancelled`` is forwarded with the id translated
+  (basic/utilities/cancellation).
+- When the upstream is lost, requests that were never written to it are simply sent to the
+  next one; requests known to be safe to repeat are re-issued under a new id; every other
+  in-flight request is answered with an "outcome unknown" error. Server→client requests of the
+  dead upstream are withdrawn with ``notifications/cancelled``.
+- A respawned upstream is brought back by replaying the stored ``initialize``, then
+  ``notifications/initialized``, the log level and the resource subscriptions, before any
+  queued traffic (lifecycle §Initialization; server/utilities/logging; server/resources).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import msgspec
+
+from mcproxy import jsonrpc
+from mcproxy.jsonrpc import Kind, Message, RequestId
+
+# Methods whose repetition cannot change the upstream's state: re-issued transparently when
+# the upstream is lost mid-request. `initialize` is safe because it goes to a *new* process.
+SAFE_METHODS: Final = frozenset(
+    {
+        "initialize",
+        "ping",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "tasks/get",
+        "tasks/list",
+    }
+)
+
+
+class UpstreamState(enum.IntEnum):
+    DOWN = 0  # no process, or it was lost
+    STARTING = 1  # spawned; `initialize` (the client's first, or the stored one) in flight
+    READY = 2  # initialized; traffic flows
+
+
+class UpstreamEvent(enum.Enum):
+    SPAWNED = "spawned"
+    INITIALIZED = "initialized"
+    LOST = "lost"
+
+
+# h11-style: every legal transition is here, a missing key is a bug in the caller.
+TRANSITIONS: Final[dict[UpstreamState, dict[UpstreamEvent, UpstreamState]]] = {
+    UpstreamState.DOWN: {UpstreamEvent.SPAWNED: UpstreamState.STARTING},
+    UpstreamState.STARTING: {
+        UpstreamEvent.INITIALIZED: UpstreamState.READY,
+        UpstreamEvent.LOST: UpstreamState.DOWN,
+    },
+    UpstreamState.READY: {UpstreamEvent.LOST: UpstreamState.DOWN},
+}
+
+
+class IllegalTransition(RuntimeError):
+    """The driver reported an upstream event that cannot happen in the current state."""
+
+
+# --- actions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendUpstream:
+    """Write one message to the upstream (after every earlier store write has committed)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Append to the session's log under ``lsn``, then deliver to the attached client."""
+
+    lsn: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer the connection that sent the message; not logged (it is about that connection)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """Send the logged message ``lsn`` again to the current connection (a retried request)."""
+
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class SaveRequest:
+    """Persist an in-flight client request (insert or update; keyed by the client id)."""
+
+    key: str
+    upstream_id: int
+    method: str
+    safe: bool
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FinishRequest:
+    """The request is answered (``lsn`` of the response) or cancelled (``lsn`` None)."""
+
+    key: str
+    lsn: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSession:
+    """Persist ``Session.snapshot()``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartUpstream:
+    """Spawn the upstream (with the driver's backoff) if it is not running."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestartUpstream:
+    """The upstream misbehaved: stop it, then treat it as lost."""
+
+    reason: str
+
+
+Action = (
+    SendUpstream
+    | Emit
+    | Reply
+    | Resend
+    | SaveRequest
+    | FinishRequest
+    | SaveSession
+    | StartUpstream
+    | RestartUpstream
+)
+
+
+# --- state ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A request the proxy sent (or will send) upstream and awaits an answer for."""
+
+    kind: Literal["client", "replay-init", "internal"]
+    method: str
+    msg: Message  # as the upstream sees it (proxy id), for re-issue and bookkeeping
+    key: str | None = None  # id_key of the client's id
+    client_id: RequestId | None = None
+    safe: bool = False
+    sent: bool = False  # written to the current upstream process
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """Everything ``snapshot()`` persists; what ``Session.restore`` is given back."""
+
+    init_request: bytes | None = None
+    init_result: bytes | None = None
+    initialized: bool = False
+    log_level: str | None = None
+    subscriptions: list[str] = field(default_factory=list)
+    safe_tools: list[str] = field(default_factory=list)
+    next_upstream_id: int = 1
+    next_server_id: int = 1
+    next_lsn: int = 1
+    delivered_lsn: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRow:
+    """A persisted in-flight request, as read back after a proxy restart."""
+
+    key: str
+    upstream_id: int
+    method: str
+    safe: bool
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_pending_requests: int
+    dedupe_window: int
+
+
+class Session:
+    """One durable MCP session. See the module docstring for the guarantees.
+
+    Call order: construct (or ``restore``), then any mix of ``client_message``,
+    ``upstream_spawned``, ``upstream_message`` and ``upstream_lost``; execute the returned
+    actions in order before feeding the next event.
+    """
+
+    def __init__(self, session_id: str, limits: Limits) -> None:
+        self.id = session_id
+        self.limits = limits
+        self.state = UpstreamState.DOWN
+        self.generation = 0  # bumped each time the upstream is lost
+        self.init_request: Message | None = None
+        self.init_result: msgspec.Raw | None = None
+        self.initialized = False
+        self.log_level: str | None = None
+        self.subscriptions: set[str] = set()
+        self.safe_tools: set[str] = set()
+        self.next_upstream_id = 1
+        self.next_server_id = 1
+        self.next_lsn = 1
+        self.delivered_lsn = 0
+        self._inflight: dict[int, InFlight] = {}
+        self._by_client: dict[str, int] = {}
+        self._queue: deque[Message] = deque()  # waiting for READY, already in upstream ids
+        # Answered client ids -> (response LSN or None if cancelled, method), LRU-bounded.
+        self._answered: OrderedDict[str, tuple[int | None, str]] = OrderedDict()
+        self._server_pending: dict[int, RequestId] = {}  # client-facing id -> upstream id
+        self._server_by_upstream: dict[str, int] = {}
+
+    # --- persistence ------------------------------------------------------------------
+
+    def snapshot(self) -> SessionRecord:
+        return SessionRecord(
+            init_request=None if self.init_request is None else jsonrpc.encode(self.init_request),
+            init_result=None if self.init_result is None else bytes(self.init_result),
+            initialized=self.initialized,
+            log_level=self.log_level,
+            subscriptions=sorted(self.subscriptions),
+            safe_tools=sorted(self.safe_tools),
+            next_upstream_id=self.next_upstream_id,
+            next_server_id=self.next_server_id,
+            next_lsn=self.next_lsn,
+            delivered_lsn=self.delivered_lsn,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        session_id: str,
+        limits: Limits,
+        record: SessionRecord,
+        pending: list[PendingRow],
+        answered: list[tuple[str, int | None, str]],
+    ) -> tuple[Session, list[Action]]:
+        """Rebuild a session from the store after a proxy restart.
+
+        The previous proxy's upstream died with it, so every persisted in-flight request is
+        resolved at once as if the upstream had been lost (``upstream_lost``).
+        """
+        s = cls(session_id, limits)
+        if record.init_request is not None:
+            s.init_request = jsonrpc.decode(record.init_request)
+        if record.init_result is not None:
+            s.init_result = msgspec.Raw(record.init_result)
+        s.initialized = record.initialized
+        s.log_level = record.log_level
+        s.subscriptions = set(record.subscriptions)
+        s.safe_tools = set(record.safe_tools)
+        s.next_upstream_id = max([record.next_upstream_id, *(p.upstream_id + 1 for p in pending)])
+        s.next_server_id = record.next_server_id
+        s.next_lsn = record.next_lsn
+        s.delivered_lsn = record.delivered_lsn
+        for key, lsn, method in answered:
+            s._remember(key, lsn, method)
+        for row in sorted(pending, key=lambda p: p.upstream_id):
+            msg = jsonrpc.decode(row.body)
+            client_id = jsonrpc.id_from_key(row.key)
+            upstream_msg = msgspec.structs.replace(msg, id=row.upstream_id)
+            s._inflight[row.upstream_id] = InFlight(
+                "client", row.method, upstream_msg, row.key, client_id, row.safe, sent=True
+            )
+            s._by_client[row.key] = row.upstream_id
+        actions = s._lose("proxy restarted") if s._inflight else []
+        return s, actions
+
+    # --- queries ----------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        """True while anything waits for the upstream (so it must be running)."""
+        return bool(self._queue) or bool(self._inflight)
+
+    @property
+    def inflight_count(self) -> int:
+        return len(self._by_client)
+
+    # --- client -> proxy --------------------------------------------------------------
+
+    def client_message(self, msg: Message) -> list[Action]:
+        """A message from the attached client (already classified valid by ``jsonrpc.decode``)."""
+        kind = jsonrpc.kind_of(msg)
+        if kind is Kind.REQUEST:
+            return self._client_request(msg)
+        if kind is Kind.NOTIFICATION:
+            return self._client_notification(msg)
+        return self._client_response(msg)
+
+    def _client_request(self, msg: Message) -> list[Action]:
+        assert isinstance(msg.method, str) and isinstance(msg.id, int | str)
+        method, client_id = msg.method, msg.id
+        key = jsonrpc.id_key(client_id)
+        if method == "initialize":
+            return self._client_initialize(msg, key)
+        if self.init_request is None:
+            # lifecycle §Initialization: initialize MUST be the first interaction.
+            return [
+                self._reply_error(
+                    client_id,
+                    jsonrpc.INVALID_REQUEST,
+                    "session not initialized: send initialize first",
+                )
+            ]
+        retry = self._retry(client_id, key, method)
+        if retry is not None:
+            return retry
+        if len(self._by_client) >= self.limits.max_pending_requests:
+            return [
+                self._reply_error(
+                    client_id,
+                    jsonrpc.TOO_MANY_PENDING,
+                    "too many requests in flight for this session",
+                )
+            ]
+        safe = method in SAFE_METHODS or (
+            method == "tools/call" and jsonrpc.tool_name(msg) in self.safe_tools
+        )
+        return self._forward_request(jsonrpc.strip_session_hints(msg), key, client_id, safe)
+
+    def _client_initialize(self, msg: Message, key: str) -> list[Action]:
+        assert isinstance(msg.id, int | str)
+        if self.init_result is not None:
+            # SEP draft v3: a re-sent initialize resumes the session. Never forward a second
+            # initialize (backends reject or mishandle it); answer from the stored result.
+            result = msgspec.structs.replace(
+                jsonrpc.result_message(msg.id, None), result=self.init_result
+            )
+            result = jsonrpc.with_meta(
+                result, {jsonrpc.META_RESUMED: True, jsonrpc.META_HEAD_LSN: self.next_lsn - 1}
+            )
+            return [Reply(jsonrpc.encode(result))]
+        if self.init_request is not None:
+            if key in self._by_client:
+                return []  # a retry of the initialize still in flight
+            return [
+                self._reply_error(msg.id, jsonrpc.INVALID_REQUEST, "initialize already in progress")
+            ]
+        stripped = jsonrpc.strip_session_hints(msg)
+        self.init_request = stripped
+        actions: list[Action] = [SaveSession()]
+        actions += self._forward_request(stripped, key, msg.id, safe=True)
+        return actions
+
+    def _retry(self, client_id: RequestId, key: str, method: str) -> list[Action] | None:
+        """A request id seen before in this session is a retry, never a second execution."""
+        if key in self._by_client:
+            return []  # still running: its response will be emitted to whoever is attached
+        seen = self._answered.get(key)
+        if seen is None:
+            return None
+        lsn, seen_method = seen
+        if seen_method != method:
+            return [
+                self._reply_error(
+                    client_id, jsonrpc.INVALID_REQUEST, "request id already used in this session"
+                )
+            ]
+        if lsn is None:
+            return [
+                self._reply_error(client_id, jsonrpc.REQUEST_CANCELLED, "request was cancelled")
+            ]
+        return [Resend(lsn)]
+
+    def _forward_request(
+        self, msg: Message, key: str, client_id: RequestId, safe: bool
+    ) -> list[Action]:
+        assert isinstance(msg.method, str)
+        upstream_id = self._alloc_id()
+        upstream_msg = msgspec.structs.replace(msg, id=upstream_id)
+        flight = InFlight("client", msg.method, upstream_msg, key, client_id, safe)
+        self._inflight[upstream_id] = flight
+        self._by_client[key] = upstream_id
+        actions: list[Action] = [
+            SaveRequest(key, upstream_id, msg.method, safe, jsonrpc.encode(msg))
+        ]
+        actions += self._to_upstream(upstream_msg)
+        return actions
+
+    def _client_notification(self, msg: Message) -> list[Action]:
+        method = msg.method
+        if method == "notifications/initialized":
+            if self.initialized:
+                return []  # a resumed client re-sends it; the upstream already had it
+            if self.init_result is None:
+                return []  # lifecycle: only after the initialize response; ignore early ones
+            self.initialized = True
+            return [SaveSession(), *self._to_upstream(jsonrpc.strip_session_hints(msg))]
+        if method == "notifications/cancelled":
+            return self._client_cancel(msg)
+        if self.init_request is None:
+            return []
+        return self._to_upstream(jsonrpc.strip_session_hints(msg))
+
+    def _client_cancel(self, msg: Message) -> list[Action]:
+        # cancellation §Behavior: only for requests believed in flight; unknown ids are ignored.
+        client_id = jsonrpc.cancelled_request_id(msg)
+        if client_id is None:
+            return []
+        key = jsonrpc.id_key(client_id)
+        upstream_id = self._by_client.pop(key, None)
+        if upstream_id is None:
+            return []
+        flight = self._inflight.pop(upstream_id)
+        if flight.method == "initialize":  # clients MUST NOT cancel initialize; keep it
+            self._inflight[upstream_id] = flight
+            self._by_client[key] = upstream_id
+            return []
+        self._remember(key, None, flight.method)
+        actions: list[Action] = [FinishRequest(key, None)]
+        if flight.sent:
+            forwarded = jsonrpc.with_cancelled_request_id(
+                jsonrpc.strip_session_hints(msg), upstream_id
+            )
+            actions += self._to_upstream(forwarded)
+        else:
+            self._queue = deque(
+                m for m in self._queue if m.method is msgspec.UNSET or m.id != upstream_id
+            )
+        return actions
+
+    def _client_response(self, msg: Message) -> list[Action]:
+        """The client answers a server→client request (sampling, elicitation, roots)."""
+        client_facing = msg.id
+        if not isinstance(client_facing, int) or isinstance(client_facing, bool):
+            return []
+        upstream_id = self._server_pending.pop(client_facing, None)
+        if upstream_id is None:
+            return []  # unknown, already answered, or withdrawn when the upstream was lost
+        self._server_by_upstream.pop(jsonrpc.id_key(upstream_id), None)
+        forwarded = msgspec.structs.replace(jsonrpc.strip_session_hints(msg), id=upstream_id)
+        return self._to_upstream(forwarded)
+
+    # --- upstream -> proxy ------------------------------------------------------------
+
+    def upstream_spawned(self) -> list[Action]:
+        """The driver started a new upstream process; begin its initialization."""
+        self._transition(UpstreamEvent.SPAWNED)
+        if self.init_result is not None and self.init_request is not None:
+            upstream_id = self._alloc_id()
+            replay = msgspec.structs.replace(self.init_request, id=upstream_id)
+            self._inflight[upstream_id] = InFlight("replay-init", "initialize", replay, sent=True)
+            return [SendUpstream(jsonrpc.encode(replay))]
+        # A fresh session: the client's own initialize heads the queue; send it alone and
+        # hold the rest until its response (lifecycle §Initialization).
+        if self._queue and self._queue[0].method == "initialize":
+            return [self._send(self._queue.popleft())]
+        return []
+
+    def upstream_message(self, msg: Message) -> list[Action]:
+        kind = jsonrpc.kind_of(msg)
+        if kind is Kind.RESPONSE:
+            return self._upstream_response(msg)
+        if kind is Kind.REQUEST:
+            return self._upstream_request(msg)
+        return self._upstream_notification(msg)
+
+    def _upstream_response(self, msg: Message) -> list[Action]:
+        upstream_id = msg.id
+        if not isinstance(upstream_id, int) or isinstance(upstream_id, bool):
+            return []
+        flight = self._inflight.pop(upstream_id, None)
+        if flight is None:
+            return []  # cancelled, or answered by a previous generation: nobody waits
+        if flight.kind == "replay-init":
+            if msg.error is not jsonrpc.NO_RAW:
+                return [RestartUpstream("upstream rejected the replayed initialize")]
+            return self._after_replayed_init()
+        if flight.kind == "internal":
+            return []
+        assert flight.key is not None and flight.client_id is not None
+        del self._by_client[flight.key]
+        actions: list[Action] = []
+        ok = msg.result is not jsonrpc.NO_RAW
+        out = msgspec.structs.replace(msg, id=flight.client_id)
+        if flight.method == "initialize":
+            if not ok:
+                # The upstream refused; the session stays uninitialized and may retry.
+                self.init_request = None
+                actions.append(SaveSession())
+            else:
+                out = jsonrpc.with_result_fields(out, {jsonrpc.SESSION_ID_FIELD: self.id})
+                self.init_result = out.result
+                actions.append(SaveSession())
+                self._transition(UpstreamEvent.INITIALIZED)
+                actions += self._flush()
+        elif ok:
+            actions += self._track_state(flight, msg)
+        emit = self._emit(out)
+        self._remember(flight.key, emit.lsn, flight.method)
+        actions += [emit, FinishRequest(flight.key, emit.lsn)]
+        if flight.method == "initialize" and not ok:
+            actions.append(RestartUpstream("upstream refused initialize"))
+        return actions
+
+    def _track_state(self, flight: InFlight, response: Message) -> list[Action]:
+        """Remember the session state a respawned upstream must be given back."""
+        method = flight.method
+        if method == "tools/list":
+            safe, listed = jsonrpc.idempotent_tools(response.result)
+            updated = (self.safe_tools - listed) | safe
+            if updated != self.safe_tools:
+                self.safe_tools = updated
+                return [SaveSession()]
+        elif method == "logging/setLevel":
+            self.log_level = jsonrpc.level_param(flight.msg)
+            return [SaveSession()]
+        elif method in ("resources/subscribe", "resources/unsubscribe"):
+            uri = jsonrpc.uri_param(flight.msg)
+            if uri is not None:
+                if method == "resources/subscribe":
+                    self.subscriptions.add(uri)
+                else:
+                    self.subscriptions.discard(uri)
+                return [SaveSession()]
+        return []
+
+    def _after_replayed_init(self) -> list[Action]:
+        actions: list[Action] = []
+        if self.initialized:
+            initialized = jsonrpc.notification_message("notifications/initialized")
+            actions.append(SendUpstream(jsonrpc.encode(initialized)))
+        if self.log_level is not None:
+            actions.append(self._internal("logging/setLevel", {"level": self.log_level}))
+        for uri in sorted(self.subscriptions):
+            actions.append(self._internal("resources/subscribe", {"uri": uri}))
+        self._transition(UpstreamEvent.INITIALIZED)
+        return actions + self._flush()
+
+    def _internal(self, method: str, params: dict[str, Any]) -> SendUpstream:
+        upstream_id = self._alloc_id()
+        msg = jsonrpc.request_message(upstream_id, method, params)
+        self._inflight[upstream_id] = InFlight("internal", method, msg, sent=True)
+        return SendUpstream(jsonrpc.encode(msg))
+
+    def _upstream_request(self, msg: Message) -> list[Action]:
+        # Server→client request (sampling, elicitation, roots): give it an id of ours so the
+        # ids the client sees never repeat, even across upstream restarts.
+        assert isinstance(msg.id, int | str)
+        client_facing = self.next_server_id
+        self.next_server_id += 1
+        self._server_pending[client_facing] = msg.id
+        self._server_by_upstream[jsonrpc.id_key(msg.id)] = client_facing
+        return [SaveSession(), self._emit(msgspec.structs.replace(msg, id=client_facing))]
+
+    def _upstream_notification(self, msg: Message) -> list[Action]:
+        if msg.method == "notifications/cancelled":
+            upstream_id = jsonrpc.cancelled_request_id(msg)
+            if upstream_id is None:
+                return []
+            client_facing = self._server_by_upstream.pop(jsonrpc.id_key(upstream_id), None)
+            if client_facing is None:
+                return []
+            self._server_pending.pop(client_facing, None)
+            msg = jsonrpc.with_cancelled_request_id(msg, client_facing)
+        return [self._emit(msg)]
+
+    def upstream_unavailable(self, reason: str) -> list[Action]:
+        """The upstream could not be started: answer everything that waits for it, now."""
+        actions: list[Action] = []
+        for upstream_id in sorted(self._inflight):
+            flight = self._inflight.pop(upstream_id)
+            if flight.kind != "client":
+                continue
+            assert flight.key is not None and flight.client_id is not None
+            del self._by_client[flight.key]
+            if flight.method == "initialize" and self.init_result is None:
+                self.init_request = None  # the client may try initialize again
+                actions.append(SaveSession())
+            error = jsonrpc.error_message(
+                flight.client_id,
+                jsonrpc.UPSTREAM_UNAVAILABLE,
+                "the upstream server could not be started",
+                {"method": flight.method, "reason": reason},
+            )
+            emit = self._emit(error)
+            self._remember(flight.key, emit.lsn, flight.method)
+            actions += [emit, FinishRequest(flight.key, emit.lsn)]
+        self._queue.clear()
+        return actions
+
+    def upstream_lost(self, reason: str) -> list[Action]:
+        """The upstream process exited, broke its framing or was stopped."""
+        if self.state is UpstreamState.DOWN:
+            return []
+        self._transition(UpstreamEvent.LOST)
+        return self._lose(reason)
+
+    def _lose(self, reason: str) -> list[Action]:
+        self.generation += 1
+        actions: list[Action] = []
+        reissue: list[Message] = []
+        for upstream_id in sorted(self._inflight):
+            flight = self._inflight.pop(upstream_id)
+            if flight.kind != "client":
+                continue
+            assert flight.key is not None and flight.client_id is not None
+            if not flight.sent:
+                self._inflight[upstream_id] = flight  # still queued: send it to the next one
+                continue
+            if flight.safe:
+                new_id = self._alloc_id()
+                flight.msg = msgspec.structs.replace(flight.msg, id=new_id)
+                flight.sent = False
+                self._inflight[new_id] = flight
+                self._by_client[flight.key] = new_id
+                body = jsonrpc.encode(msgspec.structs.replace(flight.msg, id=flight.client_id))
+                actions.append(SaveRequest(flight.key, new_id, flight.method, True, body))
+                reissue.append(flight.msg)
+                continue
+            del self._by_client[flight.key]
+            error = jsonrpc.error_message(
+                flight.client_id,
+                jsonrpc.OUTCOME_UNKNOWN,
+                "upstream lost before answering; the request may or may not have taken effect",
+                {"method": flight.method, "reason": reason},
+            )
+            emit = self._emit(error)
+            self._remember(flight.key, emit.lsn, flight.method)
+            actions += [emit, FinishRequest(flight.key, emit.lsn)]
+        # Server→client requests of the dead process can no longer be answered: withdraw them
+        # (cancellation: the receiver SHOULD stop work; a late answer is dropped above).
+        for client_facing in sorted(self._server_pending):
+            note = jsonrpc.notification_message(
+                "notifications/cancelled",
+                {"requestId": client_facing, "reason": f"upstream lost: {reason}"},
+            )
+            actions.append(self._emit(note))
+        self._server_pending.clear()
+        self._server_by_upstream.clear()
+        # Responses queued for the dead process are moot; requests and notifications stay.
+        kept = [m for m in self._queue if m.method is not msgspec.UNSET]
+        self._queue = deque([*reissue, *kept])
+        if self.has_work:
+            actions.append(StartUpstream())
+        return actions
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def delivered(self, lsn: int) -> None:
+        """The driver wrote ``lsn`` to a socket (used for replay when no cursor is given)."""
+        if lsn > self.delivered_lsn:
+            self.delivered_lsn = lsn
+
+    def _transition(self, event: UpstreamEvent) -> None:
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise IllegalTransition(f"upstream {event.value} while {self.state.name}") from None
+
+    def _to_upstream(self, msg: Message) -> list[Action]:
+        if self.state is UpstreamState.READY:
+            return [self._send(msg)]
+        self._queue.append(msg)
+        return [StartUpstream()] if self.state is UpstreamState.DOWN else []
+
+    def _flush(self) -> list[Action]:
+        actions: list[Action] = []
+        while self._queue:
+            actions.append(self._send(self._queue.popleft()))
+        return actions
+
+    def _send(self, msg: Message) -> SendUpstream:
+        """Write ``msg`` now; a request is marked as seen by the current upstream process."""
+        if isinstance(msg.id, int) and msg.method is not msgspec.UNSET:
+            flight = self._inflight.get(msg.id)
+            if flight is not None:
+                flight.sent = True
+        return SendUpstream(jsonrpc.encode(msg))
+
+    def _alloc_id(self) -> int:
+        upstream_id = self.next_upstream_id
+        self.next_upstream_id += 1
+        return upstream_id
+
+    def _emit(self, msg: Message) -> Emit:
+        lsn = self.next_lsn
+        self.next_lsn += 1
+        return Emit(lsn, jsonrpc.encode(jsonrpc.with_meta(msg, {jsonrpc.META_LSN: lsn})))
+
+    def _remember(self, key: str, lsn: int | None, method: str) -> None:
+        self._answered[key] = (lsn, method)
+        self._answered.move_to_end(key)
+        while len(self._answered) > self.limits.dedupe_window:
+            self._answered.popitem(last=False)
+
+    @staticmethod
+    def _reply_error(request_id: RequestId, code: int, message: str) -> Reply:
+        return Reply(jsonrpc.error_bytes(request_id, code, message))

@@ -1,0 +1,367 @@
+"""The durable state: sessions, their LSN-numbered event logs and in-flight requests, in SQLite.
+
+Two connections to one WAL-mode database file:
+
+- a *writer*, fed through a FIFO queue by one task that commits whatever has queued up in a
+  single transaction (group commit). Every write returns a future that resolves once its
+  transaction has committed; since the queue is FIFO, a resolved future means every earlier
+  write is durable too. The session driver writes a message to a socket only after its
+  future resolved, which is what "committed before it is written to any socket" means.
+- a *reader*, which only ever sees committed data (WAL readers never see an open write
+  transaction), used for replay and for loading sessions.
+
+Durability: ``normal`` is ``synchronous=NORMAL`` in WAL mode. A commit is in the WAL file when
+it returns, so it survives the proxy being killed (SIGKILL, OOM); only an OS crash or power
+loss can take back the last transactions. ``full`` fsyncs the WAL on every commit, which the
+group commit amortises over a batch.
+
+This module stores bytes for sessions; it knows nothing of WebSockets or of JSON-RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+
+from mcproxy.errors import StoreError
+from mcproxy.session import PendingRow, SessionRecord
+from mcproxy.tasks import TaskSet
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id               TEXT PRIMARY KEY,
+    created_at       REAL NOT NULL,
+    last_seen_at     REAL NOT NULL,
+    init_request     BLOB,
+    init_result      BLOB,
+    initialized      INTEGER NOT NULL DEFAULT 0,
+    log_level        TEXT,
+    subscriptions    TEXT NOT NULL DEFAULT '[]',
+    safe_tools       TEXT NOT NULL DEFAULT '[]',
+    next_upstream_id INTEGER NOT NULL DEFAULT 1,
+    next_server_id   INTEGER NOT NULL DEFAULT 1,
+    next_lsn         INTEGER NOT NULL DEFAULT 1,
+    delivered_lsn    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS events (
+    session_id TEXT NOT NULL,
+    lsn        INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    payload    BLOB NOT NULL,
+    PRIMARY KEY (session_id, lsn)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+    session_id  TEXT NOT NULL,
+    client_key  TEXT NOT NULL,
+    upstream_id INTEGER NOT NULL,
+    method      TEXT NOT NULL,
+    safe        INTEGER NOT NULL,
+    body        BLOB,
+    done        INTEGER NOT NULL DEFAULT 0,
+    lsn         INTEGER,
+    PRIMARY KEY (session_id, client_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_pending ON requests (done, session_id);
+"""
+
+_UPSERT_SESSION: Final = """
+INSERT INTO sessions (id, created_at, last_seen_at, init_request, init_result, initialized,
+    log_level, subscriptions, safe_tools, next_upstream_id, next_server_id, next_lsn,
+    delivered_lsn)
+VALUES (:id, :now, :now, :init_request, :init_result, :initialized, :log_level,
+    :subscriptions, :safe_tools, :next_upstream_id, :next_server_id, :next_lsn, :delivered_lsn)
+ON CONFLICT (id) DO UPDATE SET
+    last_seen_at = :now, init_request = :init_request, init_result = :init_result,
+    initialized = :initialized, log_level = :log_level, subscriptions = :subscriptions,
+    safe_tools = :safe_tools,
+    next_upstream_id = max(next_upstream_id, :next_upstream_id),
+    next_server_id = max(next_server_id, :next_server_id),
+    next_lsn = max(next_lsn, :next_lsn), delivered_lsn = max(delivered_lsn, :delivered_lsn)
+"""
+_APPEND: Final = "INSERT INTO events (session_id, lsn, created_at, payload) VALUES (?, ?, ?, ?)"
+_SAVE_REQUEST: Final = (
+    "INSERT OR REPLACE INTO requests (session_id, client_key, upstream_id, method, safe, body,"
+    " done, lsn) VALUES (?, ?, ?, ?, ?, ?, 0, NULL)"
+)
+_BUMP_UPSTREAM_ID: Final = (
+    "UPDATE sessions SET next_upstream_id = max(next_upstream_id, ?) WHERE id = ?"
+)
+_FINISH_REQUEST: Final = (
+    "UPDATE requests SET done = 1, lsn = ?, body = NULL WHERE session_id = ? AND client_key = ?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSession:
+    record: SessionRecord
+    pending: list[PendingRow]
+    answered: list[tuple[str, int | None, str]]
+
+
+@dataclass(slots=True)
+class _Op:
+    sql: str
+    params: Any
+    future: asyncio.Future[None]
+
+
+class Store:
+    """Open with ``await Store.open(path)``; close with ``await store.aclose()``."""
+
+    def __init__(
+        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, max_batch: int
+    ) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._tasks = TaskSet("store")
+        self._failed: BaseException | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.last_write: asyncio.Future[None] | None = None
+        self.commits = 0  # transactions committed (for tests and benchmarks)
+
+    @classmethod
+    async def open(cls, path: Path, durability: str = "normal", max_batch: int = 512) -> Store:
+        """Open (creating if needed) the database and start the group-commit writer.
+
+        Raises:
+            StoreError: the file cannot be opened or has a newer schema.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer = await aiosqlite.connect(path, isolation_level=None)
+            await writer.execute("PRAGMA journal_mode=WAL")
+            sync = "FULL" if durability == "full" else "NORMAL"
+            await writer.execute(f"PRAGMA synchronous={sync}")
+            await writer.execute("PRAGMA busy_timeout=5000")
+            async with writer.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{path}: schema version {version} is newer than this mcproxy")
+            await writer.executescript(_SCHEMA)
+            await writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout=5000")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from exc
+        store = cls(writer, reader, max_batch)
+        store._writer_task = store._tasks.spawn(store._write_loop(), "store-writer")
+        return store
+
+    # --- writes (group-committed, FIFO) ------------------------------------------------
+
+    def _submit(self, sql: str, params: Any) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Nobody may await a write (e.g. a session row update); still mark errors as seen.
+        future.add_done_callback(_consume_exception)
+        if self._failed is not None or self._closed:
+            future.set_exception(StoreError("the event log is not writable"))
+        else:
+            self._queue.put_nowait(_Op(sql, params, future))
+        self.last_write = future
+        return future
+
+    def append(self, session_id: str, lsn: int, payload: bytes) -> asyncio.Future[None]:
+        return self._submit(_APPEND, (session_id, lsn, time.time(), payload))
+
+    def save_request(
+        self, session_id: str, key: str, upstream_id: int, method: str, safe: bool, body: bytes
+    ) -> asyncio.Future[None]:
+        self._submit(_BUMP_UPSTREAM_ID, (upstream_id + 1, session_id))
+        return self._submit(_SAVE_REQUEST, (session_id, key, upstream_id, method, int(safe), body))
+
+    def finish_request(self, session_id: str, key: str, lsn: int | None) -> asyncio.Future[None]:
+        return self._submit(_FINISH_REQUEST, (lsn, session_id, key))
+
+    def save_session(self, session_id: str, record: SessionRecord) -> asyncio.Future[None]:
+        return self._submit(
+            _UPSERT_SESSION,
+            {
+                "id": session_id,
+                "now": time.time(),
+                "init_request": record.init_request,
+                "init_result": record.init_result,
+                "initialized": int(record.initialized),
+                "log_level": record.log_level,
+                "subscriptions": json.dumps(record.subscriptions),
+                "safe_tools": json.dumps(record.safe_tools),
+                "next_upstream_id": record.next_upstream_id,
+                "next_server_id": record.next_server_id,
+                "next_lsn": record.next_lsn,
+                "delivered_lsn": record.delivered_lsn,
+            },
+        )
+
+    def barrier(self) -> asyncio.Future[None]:
+        """A future that resolves once every write submitted so far has committed."""
+        return self._submit("SELECT 1", ())
+
+    async def _write_loop(self) -> None:
+        while True:
+            op = await self._queue.get()
+            if op is None:
+                return
+            batch = [op]
+            stop = False
+            while len(batch) < self._max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            await self._commit(batch)
+            if stop:
+                return
+
+    async def _commit(self, batch: list[_Op]) -> None:
+        try:
+            await self._writer.execute("BEGIN")
+            i = 0
+            while i < len(batch):
+                # Consecutive writes of the same statement go down in one executemany.
+                j = i + 1
+                while j < len(batch) and batch[j].sql is batch[i].sql:
+                    j += 1
+                if j - i == 1:
+                    await self._writer.execute(batch[i].sql, batch[i].params)
+                else:
+                    await self._writer.executemany(batch[i].sql, [o.params for o in batch[i:j]])
+                i = j
+            await self._writer.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # litestream's rule: return errors, don't log and go on. Every waiter learns the
+            # log is broken; the sessions fail instead of silently losing messages.
+            self._failed = exc
+            with contextlib.suppress(sqlite3.Error):
+                await self._writer.execute("ROLLBACK")
+            error = StoreError(f"event log write failed: {exc}")
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(error)
+            return
+        self.commits += 1
+        for op in batch:
+            if not op.future.done():
+                op.future.set_result(None)
+
+    # --- reads (committed data only) ---------------------------------------------------
+
+    async def read_events(
+        self, session_id: str, after: int, limit: int = 1000
+    ) -> list[tuple[int, bytes]]:
+        """Logged messages with LSN > ``after``, oldest first, at most ``limit``."""
+        try:
+            async with self._reader.execute(
+                "SELECT lsn, payload FROM events WHERE session_id = ? AND lsn > ?"
+                " ORDER BY lsn LIMIT ?",
+                (session_id, after, limit),
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"event log read failed: {exc}") from exc
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    async def read_event(self, session_id: str, lsn: int) -> bytes | None:
+        rows = await self.read_events(session_id, lsn - 1, 1)
+        return rows[0][1] if rows and rows[0][0] == lsn else None
+
+    async def session_exists(self, session_id: str) -> bool:
+        async with self._reader.execute(
+            "SELECT 1 FROM sessions WHERE id = ?", (session_id,)
+        ) as cur:
+            return await cur.fetchone() is not None
+
+    async def load_session(self, session_id: str, dedupe_window: int) -> LoadedSession | None:
+        try:
+            return await self._load(session_id, dedupe_window)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot load session: {exc}") from exc
+
+    async def _load(self, session_id: str, dedupe_window: int) -> LoadedSession | None:
+        db = self._reader
+        async with db.execute(
+            "SELECT init_request, init_result, initialized, log_level, subscriptions,"
+            " safe_tools, next_upstream_id, next_server_id, next_lsn, delivered_lsn"
+            " FROM sessions WHERE id = ?",
+            (session_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        async with db.execute(
+            "SELECT max(lsn) FROM events WHERE session_id = ?", (session_id,)
+        ) as cur:
+            head = await cur.fetchone()
+        last_lsn = int(head[0]) if head and head[0] is not None else 0
+        record = SessionRecord(
+            init_request=None if row[0] is None else bytes(row[0]),
+            init_result=None if row[1] is None else bytes(row[1]),
+            initialized=bool(row[2]),
+            log_level=row[3],
+            subscriptions=list(json.loads(row[4])),
+            safe_tools=list(json.loads(row[5])),
+            next_upstream_id=int(row[6]),
+            next_server_id=int(row[7]),
+            next_lsn=max(int(row[8]), last_lsn + 1),
+            delivered_lsn=min(int(row[9]), last_lsn),
+        )
+        async with db.execute(
+            "SELECT client_key, upstream_id, method, safe, body FROM requests"
+            " WHERE session_id = ? AND done = 0",
+            (session_id,),
+        ) as cur:
+            pending = [
+                PendingRow(str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]))
+                for r in await cur.fetchall()
+            ]
+        async with db.execute(
+            "SELECT client_key, lsn, method FROM requests WHERE session_id = ? AND done = 1"
+            " ORDER BY coalesce(lsn, 0) DESC LIMIT ?",
+            (session_id, dedupe_window),
+        ) as cur:
+            answered = [
+                (str(r[0]), None if r[1] is None else int(r[1]), str(r[2]))
+                for r in reversed(list(await cur.fetchall()))
+            ]
+        return LoadedSession(record, pending, answered)
+
+    async def sessions_with_pending(self) -> list[str]:
+        """Sessions that had requests in flight (to resolve right after a restart)."""
+        async with self._reader.execute(
+            "SELECT DISTINCT session_id FROM requests WHERE done = 0"
+        ) as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Commit what is queued, stop the writer, close both connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put_nowait(None)
+        if self._writer_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._writer_task), timeout=30)
+        await self._tasks.cancel_all()
+        for db in (self._writer, self._reader):
+            with contextlib.suppress(Exception):
+                await db.close()
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,54 @@
+"""What a session needs from an upstream MCP server, independent of how it is reached.
+
+``runner.py`` sees upstreams only through ``Upstream`` and ``UpstreamHandler``; the daemon picks
+the concrete class (today ``upstream_stdio.StdioUpstream``) through an ``UpstreamFactory``.
+The respawn policy lives here too, as a pure generator, apart from the loop that applies it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+
+class UpstreamHandler(Protocol):
+    """Callbacks an upstream makes into its session, on the event loop, in order."""
+
+    def on_upstream_message(self, line: bytes) -> None:
+        """One complete message (a stdio line or an SSE event's data)."""
+
+    def on_upstream_lost(self, reason: str) -> None:
+        """The upstream is gone (exited, broke its framing). Not called after ``aclose``."""
+
+
+class Upstream(Protocol):
+    async def start(self) -> None:
+        """Start the upstream. Raises ``UpstreamError`` if it cannot be started."""
+
+    def send(self, data: bytes) -> None:
+        """Queue one encoded JSON-RPC message for the upstream; never blocks."""
+
+    async def aclose(self) -> None:
+        """Stop the upstream. Idempotent, bounded, and always releases the process."""
+
+
+UpstreamFactory = Callable[[str, UpstreamHandler], Upstream]
+"""``factory(session_id, handler)`` builds an unstarted upstream for one session."""
+
+
+def backoff(
+    initial_s: float,
+    maximum_s: float,
+    factor: float = 2.0,
+    rng: Callable[[], float] = random.random,
+) -> Iterator[float]:
+    """Respawn delays: exponential growth to a cap, with full jitter.
+
+    Full jitter (a uniform draw in ``[0, delay]``) keeps many sessions whose children crashed
+    together (a bad deploy, an OOM kill) from respawning in lockstep.
+    """
+    delay = initial_s
+    while True:
+        yield rng() * delay
+        delay = min(maximum_s, delay * factor if delay > 0 else maximum_s)

@@ -1,0 +1,185 @@
+"""An upstream MCP server run as a child process speaking newline-delimited JSON on stdio.
+
+The child runs in its own process group (so a stop reaches its helpers too) and is bound to
+the proxy with ``PR_SET_PDEATHSIG`` (so a SIGKILLed proxy leaves no orphans). Its stderr is
+logged line by line with the session it belongs to (transports §stdio: stderr is logging, not
+an error). Stopping follows lifecycle §Shutdown for stdio: close stdin, wait; SIGTERM the
+group, wait; SIGKILL the group, every step bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from mcproxy.config import UpstreamConfig
+from mcproxy.errors import LineTooLong, UpstreamError
+from mcproxy.framing import LineFramer
+from mcproxy.tasks import TaskSet
+from mcproxy.upstream import UpstreamHandler
+
+log = structlog.get_logger("mcproxy")
+
+_PR_SET_PDEATHSIG = 1
+_READ_CHUNK = 256 * 1024
+_STDERR_LINE_MAX = 4096  # longer stderr lines are cut in the log, not in the child
+_EXIT_POLL_S = 0.01
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def resolve_command(argv: tuple[str, ...]) -> list[str]:
+    """Find the executable: as given, on PATH, then beside the running interpreter.
+
+    The last step lets the default upstream (``mcproxy-demo-server``, installed next to
+    ``mcproxy`` in the same virtualenv) work when the venv is not on PATH.
+    """
+    program = argv[0]
+    if os.sep not in program and shutil.which(program) is None:
+        beside = Path(sys.executable).parent / program
+        if beside.exists():
+            program = str(beside)
+    return [program, *argv[1:]]
+
+
+class StdioUpstream:
+    """One child process. Create, ``start()``, ``send()`` lines, ``aclose()``."""
+
+    def __init__(
+        self,
+        argv: tuple[str, ...],
+        handler: UpstreamHandler,
+        config: UpstreamConfig,
+        session_label: str,
+    ) -> None:
+        self.argv = argv
+        self.handler = handler
+        self.config = config
+        self.session_label = session_label
+        self.pid: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tasks = TaskSet(f"upstream:{session_label}")
+        self._closing = False
+        self._lost = False
+
+    async def start(self) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *resolve_command(self.argv),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # own session => own process group, pgid == pid
+                preexec_fn=_die_with_parent,
+            )
+        except (OSError, ValueError) as exc:
+            raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc
+        self._proc = proc
+        self.pid = proc.pid
+        log.info("upstream.spawned", session=self.session_label, pid=proc.pid)
+        self._tasks.spawn(self._read_stdout(proc), f"stdout:{self.session_label}")
+        self._tasks.spawn(self._read_stderr(proc), f"stderr:{self.session_label}")
+
+    def send(self, data: bytes) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None or self._closing or proc.stdin.is_closing():
+            return  # the loss is reported by the stdout reader; the session re-routes
+        # transports §stdio: one message per line, no embedded newlines (JSON encoders
+        # escape them inside strings, so the encoded envelope is always one line).
+        proc.stdin.write(data + b"\n")
+
+    async def _read_stdout(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        framer = LineFramer(self.config.max_line_bytes)
+        reason = "upstream closed stdout"
+        try:
+            while True:
+                chunk = await proc.stdout.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                for line in framer.feed(chunk):
+                    self.handler.on_upstream_message(line)
+        except LineTooLong as exc:
+            reason = str(exc)
+        except (ConnectionError, OSError) as exc:
+            reason = f"stdout read failed: {exc}"
+        if self._closing:
+            return
+        await self._stop(proc)
+        reason = f"{reason} (exit status {proc.returncode})"
+        log.warning("upstream.lost", session=self.session_label, pid=proc.pid, reason=reason)
+        self._lost = True
+        self.handler.on_upstream_lost(reason)
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        pending = b""
+        while True:
+            chunk = await proc.stderr.read(_READ_CHUNK)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._log_stderr(line)
+            if len(pending) > _STDERR_LINE_MAX:
+                self._log_stderr(pending)
+                pending = b""
+        if pending:
+            self._log_stderr(pending)
+
+    def _log_stderr(self, line: bytes) -> None:
+        text = line[:_STDERR_LINE_MAX].decode("utf-8", "replace").rstrip()
+        if text:
+            log.info("upstream.stderr", session=self.session_label, pid=self.pid, line=text)
+
+    async def aclose(self) -> None:
+        """Stop the child (idempotent); never reports ``on_upstream_lost``."""
+        if self._closing:
+            await self._tasks.cancel_all()
+            return
+        self._closing = True
+        if self._proc is not None:
+            await self._stop(self._proc)
+        await self._tasks.cancel_all()
+
+    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
+        # lifecycle §Shutdown (stdio): close stdin, then SIGTERM, then SIGKILL, each bounded.
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()
+        if await self._exited_within(proc, self.config.stdin_close_grace_s):
+            return
+        self._signal_group(proc, signal.SIGTERM)
+        if await self._exited_within(proc, self.config.sigterm_grace_s):
+            return
+        self._signal_group(proc, signal.SIGKILL)
+        await self._exited_within(proc, 5.0)
+
+    @staticmethod
+    def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+        log.info("upstream.signal", pid=proc.pid, signal=sig.name)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    @staticmethod
+    async def _exited_within(proc: asyncio.subprocess.Process, timeout_s: float) -> bool:
+        # Poll returncode rather than await proc.wait(): on 3.11+ wait() also waits for pipe
+        # EOF, and a grandchild holding the pipes open would make an exited child look hung.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while proc.returncode is None:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_EXIT_POLL_S)
+        return True
