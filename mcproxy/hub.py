@@ -104,6 +104,7 @@ class Hub:
         ids = await self.store.sessions_with_pending()
         for session_id in ids:
             await self.get(session_id)
+        await self.store.barrier()  # the resolutions are in the log before anyone connects
         if ids:
             log.info("hub.recovered", sessions=len(ids))
         return len(ids)

@@ -1,0 +1,100 @@
+"""SIGKILL the proxy mid-traffic, restart it on the same database: nothing lost or doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from tests.helpers import MS, ProxyProcess, WsClient, lsn_of, pid_alive, tool_text, wait_until
+
+
+async def test_sigkill_mid_traffic_then_resume(proxy: ProxyProcess, counter_dir: Path) -> None:
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    await client.call("tools/list")  # the proxy learns slow_read is read-only
+    unsafe = await client.call_tool("slow", {"steps": 30, "delay": 0.1}, "unsafe")
+    safe = await client.call_tool("slow_read", {"steps": 2, "delay": 0.4}, "safe")
+    done_before: list[int | str] = []
+    for i in range(20):  # traffic while the slow calls run
+        rid = await client.call_tool("echo", {"text": f"m{i}"})
+        done_before.append(rid)
+    for rid in done_before:
+        await client.response(rid)
+    pids = proxy.upstream_pids()
+    seen = list(client.received)
+    cursor = max(client.lsns())
+    await client.drop()
+    proxy.kill()
+    wait_until(lambda: not any(pid_alive(p) for p in pids))  # children died with the proxy
+
+    proxy.start()  # same database file
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        lost = await back.response(unsafe)
+        assert lost["error"]["code"] == -32010
+        assert lost["error"]["data"]["reason"] == "proxy restarted"
+        assert tool_text(await back.response(safe)) == "read done after 2"  # re-issued
+        # The session carries on without a new initialize; the child is respawned on demand.
+        echo = await back.response(await back.call_tool("echo", {"text": "after"}))
+        assert tool_text(echo) == "after"
+        lsns = [lsn_of(m) for m in seen + back.received]
+        assert lsns == list(range(1, len(lsns) + 1))
+    finally:
+        await back.close()
+
+
+async def test_every_logged_message_survives_sigkill(proxy: ProxyProcess, tmp_path: Path) -> None:
+    """Kill while responses stream; everything committed is replayed, in order, once."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    for i in range(200):
+        await client.call_tool("echo", {"text": f"burst {i}"})
+    while len(client.received) < 40:
+        await client.recv()
+    proxy.kill()  # mid-burst
+    received_before = list(client.received)
+    await client.drop()
+
+    proxy.start()
+    head = sqlite3.connect(proxy.db).execute(
+        "SELECT max(lsn), count(*) FROM events WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    assert head[0] == head[1]  # the log itself is dense
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=0)
+    try:
+        replay = [await back.recv() for _ in range(head[0])]
+        assert [lsn_of(m) for m in replay] == list(range(1, head[0] + 1))
+        # Whatever the client saw before the kill is a prefix of the durable log.
+        assert replay[: len(received_before)] == received_before
+        # Every request the proxy had recorded is answered (a result or outcome-unknown);
+        # requests still in the client's socket buffer at the kill were never accepted.
+        answered = {m["id"] for m in replay if "id" in m and "method" not in m}
+        db = sqlite3.connect(proxy.db)
+        recorded, open_ = db.execute(
+            "SELECT count(*), sum(done = 0) FROM requests WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        assert open_ == 0 and len(answered) == recorded > 40
+    finally:
+        await back.close()
+
+
+async def test_unknown_session_in_url_becomes_a_new_session(proxy: ProxyProcess) -> None:
+    proposed = "client-chosen-id-0123456789"
+    client = await WsClient.connect(proxy.url, proposed)
+    try:
+        init = await client.initialize()
+        assert init["result"]["mcpSessionId"] == proposed
+    finally:
+        await client.close()
+    await asyncio.sleep(50 * MS)
+    proxy.kill()
+    proxy.start()
+    again = await WsClient.connect(proxy.url, proposed, last_lsn=1)
+    try:
+        resumed = await again.call("initialize", {"protocolVersion": "2025-11-25",
+                                                  "capabilities": {},
+                                                  "clientInfo": {"name": "t", "version": "1"}})
+        assert resumed["result"]["_meta"]["io.mcproxy/resumed"] is True
+    finally:
+        await again.close()
