@@ -30,8 +30,9 @@ def fixture_upstream() -> str:
 class ProxyProcess:
     """``python -m mcproxy`` on an ephemeral port, its JSON log collected from stderr."""
 
-    def __init__(self, db: Path, upstream: str | None = None, *extra: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, db: Path, upstream: str | None = None, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
         self.db = db
         self.upstream = upstream or fixture_upstream()
         self.extra = extra
@@ -44,10 +45,25 @@ class ProxyProcess:
     def start(self) -> ProxyProcess:
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mcproxy", "--listen", "127.0.0.1:0", "--db", str(self.db),
-             "--upstream", self.upstream, "--log-format", "json", *self.extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=self.env, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "mcproxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                str(self.db),
+                "--upstream",
+                self.upstream,
+                "--log-format",
+                "json",
+                *self.extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            cwd=ROOT,
         )
         threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
         if not self._ready.wait(TIMEOUT):
@@ -141,8 +157,9 @@ class WsClient:
         self.received: list[dict[str, Any]] = []
 
     @classmethod
-    async def connect(cls, url: str, session_id: str | None = None,
-                      last_lsn: int | None = None) -> WsClient:
+    async def connect(
+        cls, url: str, session_id: str | None = None, last_lsn: int | None = None
+    ) -> WsClient:
         params: dict[str, str] = {}
         if session_id is not None:
             params["mcp_session_id"] = session_id
@@ -170,6 +187,10 @@ class WsClient:
     async def send(self, message: dict[str, Any]) -> None:
         await self.ws.send_str(json.dumps(message))
 
+    async def send_and_id(self, message: dict[str, Any]) -> int | str:
+        await self.send(message)
+        return message["id"]  # type: ignore[no-any-return]
+
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         frame = await self.ws.receive(timeout=timeout)
         if frame.type is not aiohttp.WSMsgType.TEXT:
@@ -178,8 +199,9 @@ class WsClient:
         self.received.append(message)
         return message
 
-    async def request(self, method: str, params: dict[str, Any] | None = None,
-                      request_id: int | str | None = None) -> int | str:
+    async def request(
+        self, method: str, params: dict[str, Any] | None = None, request_id: int | str | None = None
+    ) -> int | str:
         rid = next(self._ids) if request_id is None else request_id
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
         if params is not None:
@@ -207,8 +229,9 @@ class WsClient:
         await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         return response
 
-    async def call_tool(self, name: str, arguments: dict[str, Any],
-                        progress_token: str | None = None) -> int | str:
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], progress_token: str | None = None
+    ) -> int | str:
         params: dict[str, Any] = {"name": name, "arguments": arguments}
         if progress_token is not None:
             params["_meta"] = {"progressToken": progress_token}

@@ -57,9 +57,11 @@ async def test_every_logged_message_survives_sigkill(proxy: ProxyProcess, tmp_pa
     await client.drop()
 
     proxy.start()
-    head = sqlite3.connect(proxy.db).execute(
-        "SELECT max(lsn), count(*) FROM events WHERE session_id = ?", (session_id,)
-    ).fetchone()
+    head = (
+        sqlite3.connect(proxy.db)
+        .execute("SELECT max(lsn), count(*) FROM events WHERE session_id = ?", (session_id,))
+        .fetchone()
+    )
     assert head[0] == head[1]  # the log itself is dense
     back = await WsClient.connect(proxy.url, session_id, last_lsn=0)
     try:
@@ -92,9 +94,14 @@ async def test_unknown_session_in_url_becomes_a_new_session(proxy: ProxyProcess)
     proxy.start()
     again = await WsClient.connect(proxy.url, proposed, last_lsn=1)
     try:
-        resumed = await again.call("initialize", {"protocolVersion": "2025-11-25",
-                                                  "capabilities": {},
-                                                  "clientInfo": {"name": "t", "version": "1"}})
+        resumed = await again.call(
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        )
         assert resumed["result"]["_meta"]["io.mcproxy/resumed"] is True
     finally:
         await again.close()

@@ -51,8 +51,11 @@ async def test_resume_after_drop_during_slow_call(proxy: ProxyProcess) -> None:
     try:
         result = await again.response(call_id)
         assert tool_text(result) == "slow done after 5"
-        progress = [m["params"]["progress"] for m in again.received
-                    if m.get("method") == "notifications/progress"]
+        progress = [
+            m["params"]["progress"]
+            for m in again.received
+            if m.get("method") == "notifications/progress"
+        ]
         assert progress == [2, 3, 4, 5]  # exactly what was missed, once, in order
         lsns = [lsn_of(m) for m in before + again.received]
         assert lsns == list(range(1, len(lsns) + 1))  # dense, no gap, no duplicate
@@ -71,11 +74,15 @@ async def test_resume_by_reinitialize_with_mcp_session_id(proxy: ProxyProcess) -
 
     fresh = await WsClient.connect(proxy.url)  # no id on the URL
     try:
-        params = {"protocolVersion": "2025-11-25", "capabilities": {},
-                  "clientInfo": {"name": "tests", "version": "1"},
-                  "_meta": {"io.mcproxy/lastLsn": 1}}
-        resumed = await fresh.response(await fresh.request(
-            "initialize", {**params, "mcpSessionId": session_id}))
+        params = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "tests", "version": "1"},
+            "_meta": {"io.mcproxy/lastLsn": 1},
+        }
+        resumed = await fresh.response(
+            await fresh.request("initialize", {**params, "mcpSessionId": session_id})
+        )
         meta = resumed["result"]["_meta"]
         assert meta["io.mcproxy/resumed"] is True and meta["io.mcproxy/headLsn"] == 2
         assert resumed["result"]["mcpSessionId"] == session_id
@@ -165,8 +172,13 @@ async def test_elicitation_waits_for_the_client_to_return(proxy: ProxyProcess) -
         ask = await back.recv()
         assert ask["method"] == "elicitation/create"
         assert ask["params"]["message"] == "your name?"
-        await back.send({"jsonrpc": "2.0", "id": ask["id"],
-                         "result": {"action": "accept", "content": {"name": "Ada"}}})
+        await back.send(
+            {
+                "jsonrpc": "2.0",
+                "id": ask["id"],
+                "result": {"action": "accept", "content": {"name": "Ada"}},
+            }
+        )
         assert tool_text(await back.response(call_id)) == "accept:Ada"
     finally:
         await back.close()
@@ -179,9 +191,18 @@ async def test_sampling_round_trip(proxy: ProxyProcess) -> None:
         call_id = await client.call_tool("sample", {"prompt": "say hi"})
         request = await client.recv()
         assert request["method"] == "sampling/createMessage"
-        await client.send({"jsonrpc": "2.0", "id": request["id"], "result": {
-            "role": "assistant", "content": {"type": "text", "text": "hi there"},
-            "model": "test-model", "stopReason": "endTurn"}})
+        await client.send(
+            {
+                "jsonrpc": "2.0",
+                "id": request["id"],
+                "result": {
+                    "role": "assistant",
+                    "content": {"type": "text", "text": "hi there"},
+                    "model": "test-model",
+                    "stopReason": "endTurn",
+                },
+            }
+        )
         assert tool_text(await client.response(call_id)) == "hi there"
     finally:
         await client.close()
@@ -193,16 +214,24 @@ async def test_cancel_is_forwarded_with_translated_id(proxy: ProxyProcess) -> No
         await client.initialize()
         call_id = await client.call_tool("slow", {"steps": 20, "delay": 0.05}, "tok")
         await client.recv()  # first progress: the call is running upstream
-        await client.send({"jsonrpc": "2.0", "method": "notifications/cancelled",
-                           "params": {"requestId": call_id, "reason": "changed my mind"}})
+        await client.send(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": call_id, "reason": "changed my mind"},
+            }
+        )
         echo = await client.response(await client.call_tool("echo", {"text": "after"}))
         assert tool_text(echo) == "after"
         await asyncio.sleep(1200 * MS)  # longer than the call would have taken
         assert not [m for m in client.received if m.get("id") == call_id]
         progress = [m for m in client.received if m.get("method") == "notifications/progress"]
         assert len(progress) < 20  # the upstream stopped: it got the cancel under its own id
-        retry = await client.response(await client.request(
-            "tools/call", {"name": "slow", "arguments": {"steps": 1, "delay": 0}}, call_id))
+        retry = await client.response(
+            await client.request(
+                "tools/call", {"name": "slow", "arguments": {"steps": 1, "delay": 0}}, call_id
+            )
+        )
         assert retry["error"]["code"] == -32800
     finally:
         await client.close()

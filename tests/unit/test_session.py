@@ -1,0 +1,237 @@
+"""The session state machine, driven directly: no loop, no sockets, no database."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from mcproxy import jsonrpc
+from mcproxy.session import (
+    Action,
+    Emit,
+    FinishRequest,
+    IllegalTransition,
+    Limits,
+    PendingRow,
+    Reply,
+    Resend,
+    RestartUpstream,
+    SaveRequest,
+    SendUpstream,
+    Session,
+    StartUpstream,
+    UpstreamEvent,
+    UpstreamState,
+)
+
+LIMITS = Limits(max_pending_requests=4, dedupe_window=3)
+
+
+def msg(**fields: Any) -> jsonrpc.Message:
+    return jsonrpc.decode(json.dumps({"jsonrpc": "2.0", **fields}))
+
+
+def sent(actions: list[Action]) -> list[dict[str, Any]]:
+    return [json.loads(a.data) for a in actions if isinstance(a, SendUpstream)]
+
+
+def emitted(actions: list[Action]) -> list[dict[str, Any]]:
+    return [json.loads(a.data) for a in actions if isinstance(a, Emit)]
+
+
+def ready_session() -> Session:
+    """A session whose upstream answered initialize and whose client sent initialized."""
+    s = Session("S" * 20, LIMITS)
+    actions = s.client_message(msg(id=0, method="initialize", params={"protocolVersion": "x"}))
+    assert any(isinstance(a, StartUpstream) for a in actions)
+    [init] = sent(s.upstream_spawned())
+    s.upstream_message(msg(id=init["id"], result={"protocolVersion": "x"}))
+    s.client_message(msg(method="notifications/initialized"))
+    assert s.state is UpstreamState.READY
+    return s
+
+
+def test_fresh_initialize_is_forwarded_once_and_answered_with_the_session_id() -> None:
+    s = Session("session-id-0123456789", LIMITS)
+    actions = s.client_message(
+        msg(id=0, method="initialize", mcpSessionId="ignored-x", params={"protocolVersion": "x"})
+    )
+    assert sent(actions) == []  # queued until the process exists
+    [init] = sent(s.upstream_spawned())
+    assert init["method"] == "initialize" and "mcpSessionId" not in init
+    assert init["id"] == 1  # the proxy's own id space, not the client's 0
+    actions = s.upstream_message(msg(id=init["id"], result={"protocolVersion": "x"}))
+    [response] = emitted(actions)
+    assert response["id"] == 0
+    assert response["result"]["mcpSessionId"] == "session-id-0123456789"
+    assert response["result"]["_meta"]["io.mcproxy/lsn"] == 1
+
+
+def test_reinitialize_is_answered_locally() -> None:
+    s = ready_session()
+    actions = s.client_message(msg(id=0, method="initialize", params={}))
+    assert sent(actions) == []
+    [reply] = [a for a in actions if isinstance(a, Reply)]
+    result = json.loads(reply.data)["result"]
+    assert result["_meta"]["io.mcproxy/resumed"] is True
+    assert result["_meta"]["io.mcproxy/headLsn"] == 1
+    assert s.client_message(msg(method="notifications/initialized")) == []  # absorbed
+
+
+def test_ids_are_rewritten_both_ways_keeping_types() -> None:
+    s = ready_session()
+    for client_id in ("7", 7):
+        [out] = sent(s.client_message(msg(id=client_id, method="tools/list")))
+        assert isinstance(out["id"], int)
+        [back] = emitted(s.upstream_message(msg(id=out["id"], result={"tools": []})))
+        assert back["id"] == client_id and type(back["id"]) is type(client_id)
+
+
+def test_retry_resends_or_joins_and_never_reruns() -> None:
+    s = ready_session()
+    actions = s.client_message(msg(id="a", method="tools/call", params={"name": "w"}))
+    [out] = sent(actions)
+    assert s.client_message(msg(id="a", method="tools/call", params={"name": "w"})) == []
+    done = s.upstream_message(msg(id=out["id"], result={}))
+    [emit] = [a for a in done if isinstance(a, Emit)]
+    assert s.client_message(msg(id="a", method="tools/call")) == [Resend(emit.lsn)]
+    [clash] = s.client_message(msg(id="a", method="tools/list"))
+    assert isinstance(clash, Reply) and json.loads(clash.data)["error"]["code"] == -32600
+
+
+def test_dedupe_window_is_bounded() -> None:
+    s = ready_session()
+    for i in range(5):
+        [out] = sent(s.client_message(msg(id=i + 10, method="ping")))
+        s.upstream_message(msg(id=out["id"], result={}))
+    assert len(s._answered) == LIMITS.dedupe_window
+
+
+def test_pending_limit() -> None:
+    s = ready_session()
+    for i in range(LIMITS.max_pending_requests):
+        s.client_message(msg(id=i + 1, method="ping"))
+    [refused] = s.client_message(msg(id=99, method="ping"))
+    assert isinstance(refused, Reply) and json.loads(refused.data)["error"]["code"] == -32012
+
+
+def test_cancel_is_translated_and_late_response_dropped() -> None:
+    s = ready_session()
+    [out] = sent(s.client_message(msg(id=5, method="tools/call", params={"name": "slow"})))
+    actions = s.client_message(
+        msg(method="notifications/cancelled", params={"requestId": 5, "reason": "r"})
+    )
+    [cancel] = sent(actions)
+    assert cancel["params"] == {"requestId": out["id"], "reason": "r"}
+    assert FinishRequest(jsonrpc.id_key(5), None) in actions
+    assert s.upstream_message(msg(id=out["id"], result={})) == []
+    assert s.client_message(msg(method="notifications/cancelled", params={"requestId": 404})) == []
+
+
+def test_server_requests_get_proxy_ids_and_answers_route_back() -> None:
+    s = ready_session()
+    [ask] = emitted(s.upstream_message(msg(id=0, method="elicitation/create", params={})))
+    [ask2] = emitted(s.upstream_message(msg(id="x", method="roots/list")))
+    assert ask["id"] != ask2["id"]
+    [answer] = sent(s.client_message(msg(id=ask2["id"], result={"roots": []})))
+    assert answer["id"] == "x"
+    assert s.client_message(msg(id=ask2["id"], result={})) == []  # answered already
+    [withdrawn] = emitted(
+        s.upstream_message(msg(method="notifications/cancelled", params={"requestId": 0}))
+    )
+    assert withdrawn["params"]["requestId"] == ask["id"]
+
+
+def test_upstream_loss_reissues_safe_and_fails_unsafe() -> None:
+    s = ready_session()
+    [tools] = sent(s.client_message(msg(id=1, method="tools/list")))
+    s.upstream_message(
+        msg(
+            id=tools["id"],
+            result={"tools": [{"name": "r", "annotations": {"readOnlyHint": True}}, {"name": "w"}]},
+        )
+    )
+    [safe] = sent(s.client_message(msg(id=2, method="tools/call", params={"name": "r"})))
+    [unsafe] = sent(s.client_message(msg(id=3, method="tools/call", params={"name": "w"})))
+    s.upstream_message(msg(id=9, method="sampling/createMessage", params={}))
+    actions = s.upstream_lost("exited")
+    errors = emitted(actions)
+    assert errors[0]["id"] == 3 and errors[0]["error"]["code"] == -32010
+    assert errors[1]["method"] == "notifications/cancelled"  # the dead server's request
+    assert StartUpstream() in actions
+    saved = [a for a in actions if isinstance(a, SaveRequest)]
+    assert [a.upstream_id > safe["id"] for a in saved] == [True]  # a new id, never reused
+    [replay] = sent(s.upstream_spawned())
+    assert replay["method"] == "initialize"
+    actions = s.upstream_message(msg(id=replay["id"], result={}))
+    out = sent(actions)
+    assert out[0]["method"] == "notifications/initialized"
+    assert out[-1]["params"] == {"name": "r"} and out[-1]["id"] != safe["id"]
+    assert unsafe["id"] not in {m.get("id") for m in out}
+
+
+def test_respawn_reapplies_log_level_and_subscriptions() -> None:
+    s = ready_session()
+    for i, (method, params) in enumerate(
+        [
+            ("logging/setLevel", {"level": "debug"}),
+            ("resources/subscribe", {"uri": "a://1"}),
+            ("resources/subscribe", {"uri": "a://2"}),
+            ("resources/unsubscribe", {"uri": "a://1"}),
+        ]
+    ):
+        [out] = sent(s.client_message(msg(id=i + 1, method=method, params=params)))
+        s.upstream_message(msg(id=out["id"], result={}))
+    s.upstream_lost("gone")
+    [replay] = sent(s.upstream_spawned())
+    out = sent(s.upstream_message(msg(id=replay["id"], result={})))
+    assert [(m["method"], m.get("params")) for m in out] == [
+        ("notifications/initialized", None),
+        ("logging/setLevel", {"level": "debug"}),
+        ("resources/subscribe", {"uri": "a://2"}),
+    ]
+    # The internal requests' answers never reach the client.
+    assert s.upstream_message(msg(id=out[1]["id"], result={})) == []
+
+
+def test_replayed_initialize_rejected_restarts() -> None:
+    s = ready_session()
+    s.upstream_lost("gone")
+    [replay] = sent(s.upstream_spawned())
+    actions = s.upstream_message(msg(id=replay["id"], error={"code": -1, "message": "no"}))
+    assert isinstance(actions[0], RestartUpstream)
+
+
+def test_restore_resolves_what_was_in_flight() -> None:
+    s = ready_session()
+    record = s.snapshot()
+    body = jsonrpc.encode(msg(id="w", method="tools/call", params={"name": "w"}))
+    pending = [
+        PendingRow('"w"', 41, "tools/call", False, body),
+        PendingRow(
+            '"r"', 42, "resources/read", True, jsonrpc.encode(msg(id="r", method="resources/read"))
+        ),
+    ]
+    restored, actions = Session.restore(s.id, LIMITS, record, pending, [('"old"', 1, "ping")])
+    [error] = emitted(actions)
+    assert error["id"] == "w" and error["error"]["data"]["reason"] == "proxy restarted"
+    assert restored.next_upstream_id > 42
+    assert StartUpstream() in actions
+    assert restored.client_message(msg(id="old", method="ping")) == [Resend(1)]
+
+
+def test_unavailable_upstream_answers_everything() -> None:
+    s = Session("S" * 20, LIMITS)
+    s.client_message(msg(id=0, method="initialize", params={}))
+    [error] = emitted(s.upstream_unavailable("spawn failed"))
+    assert error["error"]["code"] == -32011
+    assert s.init_request is None  # initialize may be tried again
+
+
+def test_illegal_transition() -> None:
+    s = Session("S" * 20, LIMITS)
+    with pytest.raises(IllegalTransition):
+        s._transition(UpstreamEvent.INITIALIZED)  # DOWN cannot become READY directly
+    assert s.upstream_lost("nothing to lose") == []  # losing a DOWN upstream is a no-op
