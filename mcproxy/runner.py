@@ -293,7 +293,7 @@ class SessionRunner:
                 if self.outbox is not None:
                     self.outbox.push_live(action.lsn, action.data, committed)
             elif isinstance(action, SendUpstream):
-                self._send_upstream(action.data)
+                self._send_upstream(action.data, action.durable)
             elif isinstance(action, Reply):
                 if self.outbox is not None:
                     self.outbox.push_direct(action.data)
@@ -316,11 +316,12 @@ class SessionRunner:
         if self.core.state is UpstreamState.READY:
             self._ready.set()
 
-    def _send_upstream(self, data: bytes) -> None:
-        # Hold the message until every store write issued before it has committed. Futures
-        # complete in FIFO order, so a queue drained from the front keeps sends in order.
+    def _send_upstream(self, data: bytes, durable: bool) -> None:
+        # A durable message waits until every store write issued before it has committed;
+        # any message waits behind earlier held ones. Futures complete in FIFO order, so a
+        # queue drained from the front keeps sends in order.
         last = self.store.last_write
-        if not self._up_pending and (last is None or last.done()):
+        if not self._up_pending and (not durable or last is None or last.done()):
             if self.upstream is not None:
                 self.upstream.send(data)
             return

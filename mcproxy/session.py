@@ -94,9 +94,15 @@ class IllegalTransition(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class SendUpstream:
-    """Write one message to the upstream (after every earlier store write has committed)."""
+    """Write one message to the upstream, in order with every earlier ``SendUpstream``.
+
+    ``durable``: first wait until every store write issued before it has committed. Set for
+    requests that are not safe to repeat, so that one the upstream may act on is always on
+    record; a safe request may race its record (repeating it is harmless by definition).
+    """
 
     data: bytes
+    durable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -703,11 +709,13 @@ class Session:
 
     def _send(self, msg: Message) -> SendUpstream:
         """Write ``msg`` now; a request is marked as seen by the current upstream process."""
+        durable = False
         if isinstance(msg.id, int) and msg.method is not msgspec.UNSET:
             flight = self._inflight.get(msg.id)
             if flight is not None:
                 flight.sent = True
-        return SendUpstream(jsonrpc.encode(msg))
+                durable = not flight.safe
+        return SendUpstream(jsonrpc.encode(msg), durable)
 
     def _alloc_id(self) -> int:
         upstream_id = self.next_upstream_id

@@ -93,9 +93,6 @@ _SAVE_REQUEST: Final = (
     "INSERT OR REPLACE INTO requests (session_id, client_key, upstream_id, method, safe, body,"
     " done, lsn) VALUES (?, ?, ?, ?, ?, ?, 0, NULL)"
 )
-_BUMP_UPSTREAM_ID: Final = (
-    "UPDATE sessions SET next_upstream_id = max(next_upstream_id, ?) WHERE id = ?"
-)
 _FINISH_REQUEST: Final = (
     "UPDATE requests SET done = 1, lsn = ?, body = NULL WHERE session_id = ? AND client_key = ?"
 )
@@ -119,9 +116,14 @@ class Store:
     """Open with ``await Store.open(path)``; close with ``await store.aclose()``."""
 
     def __init__(
-        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, max_batch: int
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        max_batch: int,
+        in_loop: bool,
     ) -> None:
         self._writer = writer
+        self._in_loop = in_loop
         self._reader = reader
         self._max_batch = max_batch
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
@@ -141,7 +143,7 @@ class Store:
         """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            writer = await aiosqlite.connect(path, isolation_level=None)
+            writer = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
             await writer.execute("PRAGMA journal_mode=WAL")
             sync = "FULL" if durability == "full" else "NORMAL"
             await writer.execute(f"PRAGMA synchronous={sync}")
@@ -157,7 +159,7 @@ class Store:
             await reader.execute("PRAGMA busy_timeout=5000")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {path}: {exc}") from exc
-        store = cls(writer, reader, max_batch)
+        store = cls(writer, reader, max_batch, in_loop=durability != "full")
         store._writer_task = store._tasks.spawn(store._write_loop(), "store-writer")
         return store
 
@@ -180,7 +182,6 @@ class Store:
     def save_request(
         self, session_id: str, key: str, upstream_id: int, method: str, safe: bool, body: bytes
     ) -> asyncio.Future[None]:
-        self._submit(_BUMP_UPSTREAM_ID, (upstream_id + 1, session_id))
         return self._submit(_SAVE_REQUEST, (session_id, key, upstream_id, method, int(safe), body))
 
     def finish_request(self, session_id: str, key: str, lsn: int | None) -> asyncio.Future[None]:
@@ -227,26 +228,24 @@ class Store:
                 return
 
     async def _commit(self, batch: list[_Op]) -> None:
+        statements = [(op.sql, op.params) for op in batch]
         try:
-            await self._writer.execute("BEGIN")
-            i = 0
-            while i < len(batch):
-                # Consecutive writes of the same statement go down in one executemany.
-                j = i + 1
-                while j < len(batch) and batch[j].sql is batch[i].sql:
-                    j += 1
-                if j - i == 1:
-                    await self._writer.execute(batch[i].sql, batch[i].params)
-                else:
-                    await self._writer.executemany(batch[i].sql, [o.params for o in batch[i:j]])
-                i = j
-            await self._writer.execute("COMMIT")
+            # The commit sits on every request/response path. With durability "normal" a WAL
+            # commit does not fsync and takes microseconds, less than the two thread switches
+            # of a hop to aiosqlite's worker, so it runs right here on the loop. With "full"
+            # it fsyncs, which must not block the loop: then the whole transaction goes to
+            # aiosqlite's thread in one hop (its `_execute`, the one call that runs a function
+            # on the connection; aiosqlite has no public equivalent).
+            if self._in_loop:
+                _run_transaction(self._writer._conn, statements)
+            else:
+                await self._writer._execute(  # type: ignore[no-untyped-call]
+                    _run_transaction, self._writer._conn, statements
+                )
         except sqlite3.Error as exc:
             # litestream's rule: return errors, don't log and go on. Every waiter learns the
             # log is broken; the sessions fail instead of silently losing messages.
             self._failed = exc
-            with contextlib.suppress(sqlite3.Error):
-                await self._writer.execute("ROLLBACK")
             error = StoreError(f"event log write failed: {exc}")
             for op in batch:
                 if not op.future.done():
@@ -305,6 +304,13 @@ class Store:
             "SELECT max(lsn) FROM events WHERE session_id = ?", (session_id,)
         ) as cur:
             head = await cur.fetchone()
+        # Upstream ids are persisted with each request row, not per request in the session
+        # row; the highest one ever recorded bounds the counter (pruning keeps that row).
+        async with db.execute(
+            "SELECT max(upstream_id) FROM requests WHERE session_id = ?", (session_id,)
+        ) as cur:
+            top = await cur.fetchone()
+        top_id = int(top[0]) if top and top[0] is not None else 0
         last_lsn = int(head[0]) if head and head[0] is not None else 0
         record = SessionRecord(
             init_request=None if row[0] is None else bytes(row[0]),
@@ -313,7 +319,7 @@ class Store:
             log_level=row[3],
             subscriptions=list(json.loads(row[4])),
             safe_tools=list(json.loads(row[5])),
-            next_upstream_id=int(row[6]),
+            next_upstream_id=max(int(row[6]), top_id + 1),
             next_server_id=int(row[7]),
             next_lsn=max(int(row[8]), last_lsn + 1),
             delivered_lsn=min(int(row[9]), last_lsn),
@@ -360,6 +366,27 @@ class Store:
         for db in (self._writer, self._reader):
             with contextlib.suppress(Exception):
                 await db.close()
+
+
+def _run_transaction(conn: sqlite3.Connection, statements: list[tuple[str, Any]]) -> None:
+    """Runs in the writer thread: one transaction, consecutive equal statements batched."""
+    try:
+        conn.execute("BEGIN")
+        i = 0
+        while i < len(statements):
+            j = i + 1
+            while j < len(statements) and statements[j][0] is statements[i][0]:
+                j += 1
+            if j - i == 1:
+                conn.execute(*statements[i])
+            else:
+                conn.executemany(statements[i][0], [p for _, p in statements[i:j]])
+            i = j
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _consume_exception(future: asyncio.Future[None]) -> None:
