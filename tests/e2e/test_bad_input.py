@@ -106,3 +106,33 @@ async def test_oversized_frame_and_strict_mode(tmp_path: Path) -> None:
             await client.close()
     finally:
         proxy.kill()
+
+
+async def test_upstream_that_cannot_start_gets_a_clear_error(tmp_path: Path) -> None:
+    proxy = ProxyProcess(tmp_path / "db.sqlite", "stdio:/nonexistent/mcp-server").start()
+    try:
+        client = await WsClient.connect(proxy.url)
+        try:
+            first = await client.call(
+                "initialize",
+                {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            )
+            assert first["error"]["code"] == -32011
+            assert first["error"]["data"]["reason"] == "spawn failed"  # no paths on the wire
+            again = await client.call(
+                "initialize",
+                {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            )
+            assert again["error"]["code"] == -32011  # tried again, still refused, no hang
+        finally:
+            await client.close()
+    finally:
+        proxy.kill()
