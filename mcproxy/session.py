@@ -319,10 +319,6 @@ class Session:
         """True while anything waits for the upstream (so it must be running)."""
         return bool(self._queue) or bool(self._inflight)
 
-    @property
-    def inflight_count(self) -> int:
-        return len(self._by_client)
-
     # --- client -> proxy --------------------------------------------------------------
 
     def client_message(self, msg: Message) -> list[Action]:
@@ -614,15 +610,12 @@ class Session:
             if flight.method == "initialize" and self.init_result is None:
                 self.init_request = None  # the client may try initialize again
                 actions.append(SaveSession())
-            error = jsonrpc.error_message(
-                flight.client_id,
+            actions += self._fail(
+                flight,
                 jsonrpc.UPSTREAM_UNAVAILABLE,
                 "the upstream server could not be started",
-                {"method": flight.method, "reason": reason},
+                reason,
             )
-            emit = self._emit(error)
-            self._remember(flight.key, emit.lsn, flight.method)
-            actions += [emit, FinishRequest(flight.key, emit.lsn)]
         self._queue.clear()
         return actions
 
@@ -656,15 +649,12 @@ class Session:
                 reissue.append(flight.msg)
                 continue
             del self._by_client[flight.key]
-            error = jsonrpc.error_message(
-                flight.client_id,
+            actions += self._fail(
+                flight,
                 jsonrpc.OUTCOME_UNKNOWN,
                 "upstream lost before answering; the request may or may not have taken effect",
-                {"method": flight.method, "reason": reason},
+                reason,
             )
-            emit = self._emit(error)
-            self._remember(flight.key, emit.lsn, flight.method)
-            actions += [emit, FinishRequest(flight.key, emit.lsn)]
         # Server→client requests of the dead process can no longer be answered: withdraw them
         # (cancellation: the receiver SHOULD stop work; a late answer is dropped above).
         for client_facing in sorted(self._server_pending):
@@ -683,6 +673,16 @@ class Session:
         return actions
 
     # --- helpers ----------------------------------------------------------------------
+
+    def _fail(self, flight: InFlight, code: int, message: str, reason: str) -> list[Action]:
+        """Answer a client request with a logged error (it counts as its one answer)."""
+        assert flight.key is not None and flight.client_id is not None
+        error = jsonrpc.error_message(
+            flight.client_id, code, message, {"method": flight.method, "reason": reason}
+        )
+        emit = self._emit(error)
+        self._remember(flight.key, emit.lsn, flight.method)
+        return [emit, FinishRequest(flight.key, emit.lsn)]
 
     def delivered(self, lsn: int) -> None:
         """The driver wrote ``lsn`` to a socket (used for replay when no cursor is given)."""
