@@ -130,6 +130,8 @@ class Store:
         self._tasks = TaskSet("store")
         self._failed: BaseException | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._batch: list[_Op] = []  # in-loop mode: submitted during this loop turn
+        self._flush_scheduled = False
         self._closed = False
         self.last_write: asyncio.Future[None] | None = None
         self.commits = 0  # transactions committed (for tests and benchmarks)
@@ -160,7 +162,8 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {path}: {exc}") from exc
         store = cls(writer, reader, max_batch, in_loop=durability != "full")
-        store._writer_task = store._tasks.spawn(store._write_loop(), "store-writer")
+        if not store._in_loop:
+            store._writer_task = store._tasks.spawn(store._write_loop(), "store-writer")
         return store
 
     # --- writes (group-committed, FIFO) ------------------------------------------------
@@ -171,6 +174,13 @@ class Store:
         future.add_done_callback(_consume_exception)
         if self._failed is not None or self._closed:
             future.set_exception(StoreError("the event log is not writable"))
+        elif self._in_loop:
+            # Group commit without a task switch: everything submitted during this turn of
+            # the event loop is committed together in a callback at the start of the next.
+            self._batch.append(_Op(sql, params, future))
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_in_loop)
         else:
             self._queue.put_nowait(_Op(sql, params, future))
         self.last_write = future
@@ -210,6 +220,21 @@ class Store:
         """A future that resolves once every write submitted so far has committed."""
         return self._submit("SELECT 1", ())
 
+    def _flush_in_loop(self) -> None:
+        self._flush_scheduled = False
+        batch, self._batch = self._batch[: self._max_batch], self._batch[self._max_batch :]
+        if self._batch:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_in_loop)
+        if not batch:
+            return
+        try:
+            _run_transaction(self._writer._conn, [(op.sql, op.params) for op in batch])
+        except sqlite3.Error as exc:
+            self._fail(batch, exc)
+            return
+        self._succeed(batch)
+
     async def _write_loop(self) -> None:
         while True:
             op = await self._queue.get()
@@ -228,33 +253,35 @@ class Store:
                 return
 
     async def _commit(self, batch: list[_Op]) -> None:
+        """Durability "full": the transaction fsyncs, so it must not block the loop."""
         statements = [(op.sql, op.params) for op in batch]
         try:
-            # The commit sits on every request/response path. With durability "normal" a WAL
-            # commit does not fsync and takes microseconds, less than the two thread switches
-            # of a hop to aiosqlite's worker, so it runs right here on the loop. With "full"
-            # it fsyncs, which must not block the loop: then the whole transaction goes to
-            # aiosqlite's thread in one hop (its `_execute`, the one call that runs a function
-            # on the connection; aiosqlite has no public equivalent).
-            if self._in_loop:
-                _run_transaction(self._writer._conn, statements)
-            else:
-                await self._writer._execute(  # type: ignore[no-untyped-call]
-                    _run_transaction, self._writer._conn, statements
-                )
+            # The whole transaction goes to aiosqlite's thread in one hop, not one hop per
+            # statement. aiosqlite has no public "run this function on the connection" call;
+            # `_execute` is the one its own methods use.
+            await self._writer._execute(  # type: ignore[no-untyped-call]
+                _run_transaction, self._writer._conn, statements
+            )
         except sqlite3.Error as exc:
-            # litestream's rule: return errors, don't log and go on. Every waiter learns the
-            # log is broken; the sessions fail instead of silently losing messages.
-            self._failed = exc
-            error = StoreError(f"event log write failed: {exc}")
-            for op in batch:
-                if not op.future.done():
-                    op.future.set_exception(error)
+            self._fail(batch, exc)
             return
+        self._succeed(batch)
+
+    def _succeed(self, batch: list[_Op]) -> None:
         self.commits += 1
         for op in batch:
             if not op.future.done():
                 op.future.set_result(None)
+
+    def _fail(self, batch: list[_Op], exc: sqlite3.Error) -> None:
+        # litestream's rule: return errors, don't log and go on. Every waiter learns the log
+        # is broken, and later writes are refused: sessions fail instead of losing messages.
+        self._failed = exc
+        error = StoreError(f"event log write failed: {exc}")
+        for op in batch + self._batch:
+            if not op.future.done():
+                op.future.set_exception(error)
+        self._batch.clear()
 
     # --- reads (committed data only) ---------------------------------------------------
 
@@ -358,6 +385,8 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        while self._batch and self._failed is None:
+            self._flush_in_loop()
         self._queue.put_nowait(None)
         if self._writer_task is not None:
             with contextlib.suppress(Exception):

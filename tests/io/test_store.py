@@ -1,0 +1,60 @@
+"""The SQLite store on a real file, in both durability modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mcproxy.errors import StoreError
+from mcproxy.session import SessionRecord
+from mcproxy.store import Store
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_round_trip_and_reload(tmp_path: Path, durability: str) -> None:
+    store = await Store.open(tmp_path / "db.sqlite", durability)
+    record = SessionRecord(
+        init_request=b"{}",
+        init_result=b"{}",
+        initialized=True,
+        log_level="debug",
+        subscriptions=["a://1"],
+        safe_tools=["t"],
+    )
+    store.save_session("S", record)
+    for lsn in range(1, 6):
+        store.append("S", lsn, f'{{"n":{lsn}}}'.encode())
+    store.save_request("S", '"a"', 7, "tools/call", False, b'{"id":"a"}')
+    store.save_request("S", '"b"', 8, "ping", True, b'{"id":"b"}')
+    await store.finish_request("S", '"b"', 5)
+    assert store.commits >= 1
+    assert [lsn for lsn, _ in await store.read_events("S", 2)] == [3, 4, 5]
+    assert await store.read_event("S", 4) == b'{"n":4}'
+    assert await store.read_event("S", 9) is None
+    await store.aclose()
+
+    again = await Store.open(tmp_path / "db.sqlite", durability)
+    loaded = await again.load_session("S", dedupe_window=10)
+    assert loaded is not None
+    assert loaded.record.next_lsn == 6 and loaded.record.next_upstream_id == 9
+    assert loaded.record.log_level == "debug" and loaded.record.subscriptions == ["a://1"]
+    assert [(p.key, p.upstream_id, p.safe) for p in loaded.pending] == [('"a"', 7, False)]
+    assert loaded.answered == [('"b"', 5, "ping")]
+    assert await again.sessions_with_pending() == ["S"]
+    assert await again.load_session("nope", 10) is None
+    await again.aclose()
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_a_failed_commit_fails_every_waiter_and_later_writes(
+    tmp_path: Path, durability: str
+) -> None:
+    store = await Store.open(tmp_path / "db.sqlite", durability)
+    await store.append("S", 1, b"one")
+    duplicate = store.append("S", 1, b"again")  # primary key violation
+    with pytest.raises(StoreError):
+        await duplicate
+    with pytest.raises(StoreError):
+        await store.append("S", 2, b"two")  # the log refuses rather than skipping
+    await store.aclose()
