@@ -2,11 +2,13 @@
 
 Two connections to one WAL-mode database file:
 
-- a *writer*, fed through a FIFO queue by one task that commits whatever has queued up in a
-  single transaction (group commit). Every write returns a future that resolves once its
-  transaction has committed; since the queue is FIFO, a resolved future means every earlier
-  write is durable too. The session driver writes a message to a socket only after its
-  future resolved, which is what "committed before it is written to any socket" means.
+- a *writer* that commits whatever has queued up in a single transaction (group commit):
+  in a loop callback once per event-loop turn for durability ``normal``, in aiosqlite's
+  worker thread for ``full`` (whose fsync must not block the loop). Every write returns a
+  future that resolves once its transaction has committed; writes commit in submission
+  order, so a resolved future means every earlier write is durable too. The session driver
+  writes a message to a socket only after its future resolved, which is what "committed
+  before it is written to any socket" means.
 - a *reader*, which only ever sees committed data (WAL readers never see an open write
   transaction), used for replay and for loading sessions.
 

@@ -126,6 +126,18 @@ def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:
         time.sleep(10 * MS)
 
 
+def logged(db: Path, session_id: str, fragment: str) -> bool:
+    """True once a message containing ``fragment`` is committed to the session's log."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM events WHERE session_id = ? AND instr(payload, ?) > 0",
+            (session_id, fragment.encode()),
+        ).fetchone()
+    return bool(rows[0])
+
+
 def lsn_of(message: dict[str, Any]) -> int | None:
     for holder in (message.get("result"), message.get("params")):
         if isinstance(holder, dict):

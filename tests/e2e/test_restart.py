@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 
-from tests.helpers import MS, ProxyProcess, WsClient, lsn_of, pid_alive, tool_text, wait_until
+from tests.helpers import (
+    ProxyProcess,
+    WsClient,
+    logged,
+    lsn_of,
+    pid_alive,
+    tool_text,
+    wait_until,
+)
 
 
 async def test_sigkill_mid_traffic_then_resume(proxy: ProxyProcess, counter_dir: Path) -> None:
@@ -89,7 +96,7 @@ async def test_unknown_session_in_url_becomes_a_new_session(proxy: ProxyProcess)
         assert init["result"]["mcpSessionId"] == proposed
     finally:
         await client.close()
-    await asyncio.sleep(50 * MS)
+    wait_until(lambda: logged(proxy.db, proposed, "serverInfo"))
     proxy.kill()
     proxy.start()
     again = await WsClient.connect(proxy.url, proposed, last_lsn=1)

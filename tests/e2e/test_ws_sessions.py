@@ -11,6 +11,7 @@ from tests.helpers import (
     MS,
     ProxyProcess,
     WsClient,
+    logged,
     lsn_of,
     pid_alive,
     tool_text,
@@ -46,7 +47,8 @@ async def test_resume_after_drop_during_slow_call(proxy: ProxyProcess) -> None:
     before = list(client.received)
     await client.drop()  # no close frame: a network cut
 
-    await asyncio.sleep(300 * MS)  # the call keeps running while nobody is attached
+    # The call keeps running while nobody is attached; progress is logged meanwhile.
+    wait_until(lambda: logged(proxy.db, session_id, '"progress":3'))
     again = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
     try:
         result = await again.response(call_id)
@@ -105,7 +107,7 @@ async def test_last_connection_wins(proxy: ProxyProcess) -> None:
         assert closed.data == 1000
         assert closed.extra == "MCP session reconnected on another connection"
         await first.close()  # the old socket's late close must not unbind the new one
-        await asyncio.sleep(50 * MS)
+        wait_until(lambda: len(proxy.events("ws.closed")) == 1)
         response = await second.response(await second.call_tool("echo", {"text": "still"}))
         assert tool_text(response) == "still"
     finally:
@@ -132,7 +134,7 @@ async def test_retried_request_id_runs_once(proxy: ProxyProcess, counter_dir: Pa
         await resumed.request("tools/call", params, "r2")
         response = await resumed.response("r2")
         assert tool_text(response) == "1"
-        await asyncio.sleep(100 * MS)
+        await asyncio.sleep(100 * MS)  # proves an absence: no second answer turns up
         assert [m for m in resumed.received if m.get("id") == "r2"] == [response]
         assert (counter_dir / "flying").read_text().count("x") == 1
     finally:
@@ -145,8 +147,8 @@ async def test_upstream_crash_is_respawned_and_reinitialized(proxy: ProxyProcess
         await client.initialize()
         await client.call("tools/list")  # teaches the proxy which tools are read-only
         pid_before = int(tool_text(await client.response(await client.call_tool("pid", {}))))
-        reading = await client.call_tool("slow_read", {"steps": 3, "delay": 0.1})
-        await asyncio.sleep(50 * MS)
+        reading = await client.call_tool("slow_read", {"steps": 3, "delay": 0.1}, "r")
+        assert (await client.recv())["method"] == "notifications/progress"  # it is running
         crashed = await client.response(await client.call_tool("crash", {}))
         assert crashed["error"]["code"] == -32010  # outcome unknown: never silently re-run
         assert crashed["error"]["data"]["method"] == "tools/call"
@@ -165,7 +167,7 @@ async def test_elicitation_waits_for_the_client_to_return(proxy: ProxyProcess) -
     session_id = (await client.initialize())["result"]["mcpSessionId"]
     call_id = await client.call_tool("ask", {"message": "your name?"})
     await client.drop()  # gone before the server asks
-    await asyncio.sleep(200 * MS)
+    wait_until(lambda: logged(proxy.db, session_id, "elicitation/create"))  # asked, nobody there
 
     back = await WsClient.connect(proxy.url, session_id, last_lsn=1)
     try:
