@@ -237,7 +237,6 @@ class Session:
         self.id = session_id
         self.limits = limits
         self.state = UpstreamState.DOWN
-        self.generation = 0  # bumped each time the upstream is lost
         self.init_request: Message | None = None
         self.init_result: msgspec.Raw | None = None
         self.initialized = False
@@ -504,7 +503,7 @@ class Session:
             return []
         flight = self._inflight.pop(upstream_id, None)
         if flight is None:
-            return []  # cancelled, or answered by a previous generation: nobody waits
+            return []  # cancelled, or sent to a process that was lost: nobody waits
         if flight.kind == "replay-init":
             if msg.error is not jsonrpc.NO_RAW:
                 return [RestartUpstream("upstream rejected the replayed initialize")]
@@ -627,7 +626,6 @@ class Session:
         return self._lose(reason)
 
     def _lose(self, reason: str) -> list[Action]:
-        self.generation += 1
         actions: list[Action] = []
         reissue: list[Message] = []
         for upstream_id in sorted(self._inflight):

@@ -306,12 +306,6 @@ class Store:
         rows = await self.read_events(session_id, lsn - 1, 1)
         return rows[0][1] if rows and rows[0][0] == lsn else None
 
-    async def session_exists(self, session_id: str) -> bool:
-        async with self._reader.execute(
-            "SELECT 1 FROM sessions WHERE id = ?", (session_id,)
-        ) as cur:
-            return await cur.fetchone() is not None
-
     async def load_session(self, session_id: str, dedupe_window: int) -> LoadedSession | None:
         try:
             return await self._load(session_id, dedupe_window)

@@ -7,7 +7,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import ProxyProcess, WsClient, tool_text
+from tests.helpers import INIT_PARAMS, ProxyProcess, WsClient, tool_text
 
 
 async def test_invalid_json_keeps_the_connection(proxy: ProxyProcess) -> None:
@@ -113,24 +113,10 @@ async def test_upstream_that_cannot_start_gets_a_clear_error(tmp_path: Path) -> 
     try:
         client = await WsClient.connect(proxy.url)
         try:
-            first = await client.call(
-                "initialize",
-                {
-                    "protocolVersion": "2025-11-25",
-                    "capabilities": {},
-                    "clientInfo": {"name": "t", "version": "1"},
-                },
-            )
+            first = await client.call("initialize", INIT_PARAMS)
             assert first["error"]["code"] == -32011
             assert first["error"]["data"]["reason"] == "spawn failed"  # no paths on the wire
-            again = await client.call(
-                "initialize",
-                {
-                    "protocolVersion": "2025-11-25",
-                    "capabilities": {},
-                    "clientInfo": {"name": "t", "version": "1"},
-                },
-            )
+            again = await client.call("initialize", INIT_PARAMS)
             assert again["error"]["code"] == -32011  # tried again, still refused, no hang
         finally:
             await client.close()

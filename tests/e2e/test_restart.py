@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from tests.helpers import (
+    INIT_PARAMS,
     ProxyProcess,
     WsClient,
     logged,
@@ -101,14 +102,7 @@ async def test_unknown_session_in_url_becomes_a_new_session(proxy: ProxyProcess)
     proxy.start()
     again = await WsClient.connect(proxy.url, proposed, last_lsn=1)
     try:
-        resumed = await again.call(
-            "initialize",
-            {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        )
+        resumed = await again.call("initialize", INIT_PARAMS)
         assert resumed["result"]["_meta"]["io.mcproxy/resumed"] is True
     finally:
         await again.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.helpers import (
+    INIT_PARAMS,
     MS,
     ProxyProcess,
     WsClient,
@@ -76,12 +77,7 @@ async def test_resume_by_reinitialize_with_mcp_session_id(proxy: ProxyProcess) -
 
     fresh = await WsClient.connect(proxy.url)  # no id on the URL
     try:
-        params = {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "tests", "version": "1"},
-            "_meta": {"io.mcproxy/lastLsn": 1},
-        }
+        params = {**INIT_PARAMS, "_meta": {"io.mcproxy/lastLsn": 1}}
         resumed = await fresh.response(
             await fresh.request("initialize", {**params, "mcpSessionId": session_id})
         )
