@@ -24,6 +24,15 @@ DEFAULT_REQUIRE_SESSION_ID: Final = False  # True = SEP draft v0: refuse an upgr
 DEFAULT_HEARTBEAT_S: Final = 20.0  # WebSocket ping interval; python-websockets uses 20 s too
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0  # graceful drain bound on SIGTERM
 DEFAULT_COOKIE_NAME: Final = "mcp_session_id"
+# DNS-rebinding defence (MCP transports §Security Warning): the Host header must name one of
+# these (any port); the listen address is added when it is a specific host. "*" allows all.
+DEFAULT_ALLOWED_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
+# Browser Origins allowed besides those whose host is an allowed host; "*" allows all.
+DEFAULT_ALLOWED_ORIGINS: Final[tuple[str, ...]] = ()
+# SSE `retry` (ms) sent with each stream's priming event: how long a client waits before it
+# resumes with Last-Event-ID (transports §Resumability). Short, so a restart goes unnoticed.
+DEFAULT_SSE_RETRY_MS: Final = 1000
+DEFAULT_SSE_KEEPALIVE_S: Final = 15.0  # SSE comment line on an idle stream (proxies, dead peers)
 
 # --- [upstream] -------------------------------------------------------------------------
 DEFAULT_UPSTREAM: Final = "stdio:mcproxy-demo-server"  # the bundled example server
@@ -70,6 +79,10 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     cookie_name: str = DEFAULT_COOKIE_NAME
+    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
+    allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+    sse_retry_ms: int = DEFAULT_SSE_RETRY_MS
+    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S
 
 
 class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -163,6 +176,8 @@ def validate(config: Config) -> Config:
     positive: dict[str, float] = {
         "server.heartbeat_s": config.server.heartbeat_s,
         "server.shutdown_timeout_s": config.server.shutdown_timeout_s,
+        "server.sse_retry_ms": config.server.sse_retry_ms,
+        "server.sse_keepalive_s": config.server.sse_keepalive_s,
         "upstream.init_timeout_s": config.upstream.init_timeout_s,
         "upstream.max_line_bytes": config.upstream.max_line_bytes,
         "upstream.respawn_max_delay_s": config.upstream.respawn_max_delay_s,

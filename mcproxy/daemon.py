@@ -22,9 +22,11 @@ from aiohttp import web
 
 from mcproxy.app import build_app
 from mcproxy.config import Config, db_path, parse_listen, parse_target
+from mcproxy.guard import HostPolicy
 from mcproxy.hub import Hub
 from mcproxy.runner import short_id
 from mcproxy.store import Store
+from mcproxy.streamable import StreamableHttpFront
 from mcproxy.upstream import Upstream, UpstreamFactory, UpstreamHandler
 from mcproxy.upstream_stdio import StdioUpstream
 from mcproxy.ws import CLOSE_SERVICE_RESTART, WebSocketFront
@@ -51,12 +53,15 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
     path = db_path(config)
     store = await Store.open(path, config.store.durability, config.store.max_batch)
     hub = Hub(store, config, upstream_factory(config))
-    ws_front = WebSocketFront(hub, config)
-    runner = web.AppRunner(build_app(config, ws_front), handle_signals=False, access_log=None)
+    host, port = parse_listen(config.server.listen)
+    guard = HostPolicy(config.server.allowed_hosts, config.server.allowed_origins, host)
+    ws_front = WebSocketFront(hub, config, guard)
+    http_front = StreamableHttpFront(hub, config, guard)
+    app = build_app(config, ws_front, http_front)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         recovered = await hub.recover()
         await runner.setup()
-        host, port = parse_listen(config.server.listen)
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
         bound = _bound_port(runner, port)
@@ -74,7 +79,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         log.info("daemon.stopping")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _force_exit)
-        await _shutdown(config, runner, ws_front, hub)
+        await _shutdown(config, runner, ws_front, http_front, hub)
     finally:
         with contextlib.suppress(Exception):
             await runner.cleanup()
@@ -83,18 +88,24 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
 
 
 async def _shutdown(
-    config: Config, runner: web.AppRunner, ws_front: WebSocketFront, hub: Hub
+    config: Config,
+    runner: web.AppRunner,
+    ws_front: WebSocketFront,
+    http_front: StreamableHttpFront,
+    hub: Hub,
 ) -> None:
     grace = config.server.shutdown_timeout_s
     for site in list(runner.sites):
         await site.stop()  # 1. stop accepting
-    with contextlib.suppress(TimeoutError):  # 2. tell clients to come back
+    http_front.close_all()  # 2. tell clients to come back (SSE: resume after `retry`)
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(
             ws_front.close_all(CLOSE_SERVICE_RESTART, "server restarting"), grace
         )
     with contextlib.suppress(TimeoutError):  # 3. stop upstreams, persist sessions
         await asyncio.wait_for(hub.aclose(), grace)
     await ws_front.aclose()
+    await http_front.aclose()
 
 
 def _force_exit() -> None:

@@ -1,6 +1,6 @@
 """The registry of live sessions: mint ids, create, load from the store, recover after a crash.
 
-Fronts (WebSocket today, Streamable HTTP next) find sessions here and never build runners
+Both fronts (WebSocket and Streamable HTTP) find sessions here and never build runners
 themselves; one session id is one ``SessionRunner`` in this process, whichever front it is
 reached through.
 """
@@ -108,6 +108,17 @@ class Hub:
         if ids:
             log.info("hub.recovered", sessions=len(ids))
         return len(ids)
+
+    async def terminate(self, session_id: str) -> None:
+        """End a session for good (HTTP DELETE): close its connections, stop its upstream,
+        erase its rows. Later lookups of the id find nothing (404 on HTTP)."""
+        runner = self.runners.get(session_id)
+        if runner is not None:
+            runner.terminate()
+            await runner.aclose(persist=False)
+        await self.store.delete_session(session_id)
+        self.runners.pop(session_id, None)
+        log.info("session.terminated", session=short_id(session_id))
 
     async def aclose(self) -> None:
         runners = list(self.runners.values())

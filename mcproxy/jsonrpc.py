@@ -230,6 +230,54 @@ def with_meta(msg: Message, items: dict[str, Any]) -> Message:
     return msg if raw is None else msgspec.structs.replace(msg, params=raw)
 
 
+def _without_key(raw: Raw, key: str, *, in_meta: bool) -> Raw | None:
+    """``raw`` without ``key`` (in its ``_meta`` if ``in_meta``); None if it had none."""
+    obj = raw_object(raw)
+    if obj is None:
+        return None
+    if not in_meta:
+        if obj.pop(key, None) is None:
+            return None
+        return raw_value(obj)
+    meta = raw_object(obj["_meta"]) if "_meta" in obj else None
+    if meta is None or meta.pop(key, None) is None:
+        return None
+    if meta:
+        obj["_meta"] = raw_value(meta)
+    else:
+        del obj["_meta"]
+    return raw_value(obj)
+
+
+def without_lsn(data: bytes) -> bytes:
+    """A logged message as a transport that carries the LSN elsewhere sends it.
+
+    The inverse of the ``META_LSN`` entry ``with_meta`` added (an SSE event id already says
+    where the message is in the log, and some checks want an empty result to be ``{}``).
+    """
+    msg = _DECODER.decode(data)
+    if msg.result is not NO_RAW:
+        raw = _without_key(msg.result, META_LSN, in_meta=True)
+        return data if raw is None else encode(msgspec.structs.replace(msg, result=raw))
+    if msg.error is not NO_RAW:
+        err = raw_object(msg.error)
+        if err is None or "data" not in err:
+            return data
+        stripped = _without_key(err["data"], META_LSN, in_meta=False)
+        if stripped is None:
+            return data
+        if bytes(stripped) == b"{}":
+            del err["data"]
+        else:
+            err["data"] = stripped
+        return encode(msgspec.structs.replace(msg, error=raw_value(err)))
+    raw = _without_key(msg.params, META_LSN, in_meta=True)
+    if raw is None:
+        return data
+    params = NO_RAW if bytes(raw) == b"{}" else raw
+    return encode(msgspec.structs.replace(msg, params=params))
+
+
 # --- partial views of the few payloads the proxy must understand -----------------------
 
 
@@ -254,6 +302,29 @@ class _UriParams(msgspec.Struct):
 
 class _LevelParams(msgspec.Struct):
     level: str | None = None
+
+
+class _RelatedTask(msgspec.Struct):
+    taskId: str | None = None
+
+
+class _RoutingMeta(msgspec.Struct):
+    progressToken: RequestId | None = None
+    related_task: _RelatedTask | None = msgspec.field(
+        default=None, name="io.modelcontextprotocol/related-task"
+    )
+
+
+class _RoutingParams(msgspec.Struct):
+    """What stream routing reads: progress tokens and task ids (never anything else)."""
+
+    meta: _RoutingMeta | None = msgspec.field(default=None, name="_meta")
+    progressToken: RequestId | None = None  # notifications/progress carries it in params
+    taskId: str | None = None  # tasks/get, tasks/result, tasks/cancel
+
+
+class _VersionResult(msgspec.Struct):
+    protocolVersion: str | None = None
 
 
 class _ToolAnnotations(msgspec.Struct):
@@ -362,3 +433,30 @@ def idempotent_tools(result: Raw) -> tuple[set[str], set[str]]:
         and (t.annotations.readOnlyHint is True or t.annotations.idempotentHint is True)
     }
     return safe, {t.name for t in listing.tools}
+
+
+def routing_keys(msg: Message) -> tuple[str | None, str | None]:
+    """(progress token key, task id) a message refers to, for stream routing.
+
+    A request names its progress token in ``params._meta.progressToken`` (basic/utilities/
+    progress) and a task in ``params.taskId``; a ``notifications/progress`` names the token in
+    ``params.progressToken``; any message may carry the related-task tag in ``_meta``
+    (basic/utilities/tasks §"Associating Task-Related Messages").
+    """
+    params = _partial(msg.params, _RoutingParams)
+    if params is None:
+        return None, None
+    token = params.progressToken
+    task = params.taskId
+    if params.meta is not None:
+        if token is None:
+            token = params.meta.progressToken
+        if task is None and params.meta.related_task is not None:
+            task = params.meta.related_task.taskId
+    return (None if token is None or isinstance(token, bool) else id_key(token)), task
+
+
+def protocol_version(raw: Raw) -> str | None:
+    """``protocolVersion`` of initialize params or of an InitializeResult."""
+    parsed = _partial(raw, _VersionResult)
+    return None if parsed is None else parsed.protocolVersion

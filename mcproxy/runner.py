@@ -27,6 +27,7 @@ from mcproxy.config import Config
 from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
 from mcproxy.jsonrpc import Message
 from mcproxy.session import (
+    GENERAL_STREAM,
     Action,
     Emit,
     FinishRequest,
@@ -47,6 +48,10 @@ from mcproxy.upstream import Upstream, UpstreamFactory, backoff
 log = structlog.get_logger("mcproxy")
 
 _REPLAY_PAGE = 1000
+
+
+def _ignore(_: int) -> None:
+    pass
 
 
 def short_id(session_id: str) -> str:
@@ -71,29 +76,41 @@ class _Again:
     lsn: int
 
 
+@dataclass(frozen=True, slots=True)
+class _End:
+    pass
+
+
+Send = Callable[[bytes, int | None], Awaitable[None]]
+"""Write one message to a client: the bytes, and their LSN (None for a direct reply)."""
+
+
 class Outbox:
     """Everything bound for one client connection, replay first, then live, in LSN order.
 
-    ``send`` writes one text frame (or SSE event); ``on_sent`` reports each LSN written.
-    If the client reads slower than the session produces, live items beyond ``max_queue`` are
-    dropped from memory and read back from the log instead: memory stays bounded and nothing
-    is lost.
+    ``stream`` None means every message of the session (a WebSocket); a number means only that
+    Streamable HTTP stream's. ``send`` writes one text frame or SSE event; ``on_sent`` reports
+    each LSN written. If the client reads slower than the session produces, live items beyond
+    ``max_queue`` are dropped from memory and read back from the log instead: memory stays
+    bounded and nothing is lost.
     """
 
     def __init__(
         self,
         session_id: str,
         store: Store,
-        send: Callable[[bytes], Awaitable[None]],
+        send: Send,
         on_sent: Callable[[int], None],
         max_queue: int,
+        stream: int | None = None,
     ) -> None:
         self.session_id = session_id
         self.store = store
         self.send = send
         self.on_sent = on_sent
         self.max_queue = max_queue
-        self._items: deque[_Live | _Direct | _Again] = deque()
+        self.stream = stream
+        self._items: deque[_Live | _Direct | _Again | _End] = deque()
         self._wakeup = asyncio.Event()
         self._overflowed = False
         self.sent_lsn = 0
@@ -116,12 +133,20 @@ class Outbox:
         self._items.append(_Again(lsn))
         self._wakeup.set()
 
-    async def run(self, after_lsn: int, prelude: list[bytes]) -> None:
-        """Pump until cancelled or the send fails (the connection then closes)."""
+    def push_end(self) -> None:
+        """Nothing more will come (the stream's request is done): return once drained."""
+        self._items.append(_End())
+        self._wakeup.set()
+
+    async def run(self, after_lsn: int, prelude: list[bytes], ended: bool = False) -> None:
+        """Pump until cancelled, the send fails, or the end (``push_end``, or right after the
+        catch-up if ``ended``)."""
         for data in prelude:
-            await self.send(data)
+            await self.send(data, None)
         self.sent_lsn = after_lsn
         await self._catch_up()
+        if ended:
+            return
         while True:
             if self._overflowed:
                 self._overflowed = False
@@ -132,12 +157,15 @@ class Outbox:
                 continue
             item = self._items.popleft()
             if isinstance(item, _Direct):
-                await self.send(item.data)
+                await self.send(item.data, None)
+            elif isinstance(item, _End):
+                await self._catch_up()  # anything dropped on overflow comes before the end
+                return
             elif isinstance(item, _Again):
                 await self.store.barrier()
                 logged = await self.store.read_event(self.session_id, item.lsn)
                 if logged is not None:
-                    await self.send(logged)
+                    await self.send(logged, item.lsn)
             elif item.lsn > self.sent_lsn:
                 if item.lsn != self.sent_lsn + 1:
                     await self._catch_up()  # a gap: the log has it (committed before item)
@@ -149,14 +177,16 @@ class Outbox:
     async def _catch_up(self) -> None:
         await self.store.barrier()
         while True:
-            rows = await self.store.read_events(self.session_id, self.sent_lsn, _REPLAY_PAGE)
+            rows = await self.store.read_events(
+                self.session_id, self.sent_lsn, _REPLAY_PAGE, self.stream
+            )
             for lsn, data in rows:
                 await self._deliver(lsn, data)
             if len(rows) < _REPLAY_PAGE:
                 return
 
     async def _deliver(self, lsn: int, data: bytes) -> None:
-        await self.send(data)
+        await self.send(data, lsn)
         self.sent_lsn = lsn
         self.on_sent(lsn)
 
@@ -166,14 +196,17 @@ class Attachment(Protocol):
 
     label: str
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, lsn: int | None) -> None:
         """Write one message to the client."""
 
-    def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes]) -> None:
-        """Begin pumping ``outbox`` to the client."""
+    def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
+        """Begin pumping ``outbox`` to the client (``ended``: stop after the catch-up)."""
 
     def supersede(self) -> None:
-        """Another connection took the session over: close this one (SEP: 1000)."""
+        """Another connection took over what this one carried: close it (SEP: 1000)."""
+
+    def terminated(self) -> None:
+        """The session was deleted: close this connection for good."""
 
 
 class SessionRunner:
@@ -191,8 +224,13 @@ class SessionRunner:
         self.upstream_factory = upstream_factory
         self.config = config
         self.label = short_id(core.id)
+        # Where messages go: one connection taking every stream (a WebSocket), or any number
+        # of Streamable HTTP streams, each taking its own. Never both: whichever kind attaches
+        # last supersedes the other, so no message is ever delivered on two connections.
         self.conn: Attachment | None = None
         self.outbox: Outbox | None = None
+        self.streams: dict[int, tuple[Attachment, Outbox]] = {}
+        self.general_sent = core.next_lsn - 1  # last general-stream LSN an HTTP GET carried
         self.upstream: Upstream | None = None
         self._tasks = TaskSet(f"session:{self.label}")
         self._spawning: asyncio.Task[None] | None = None
@@ -206,14 +244,19 @@ class SessionRunner:
     def id(self) -> str:
         return self.core.id
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # --- client side ------------------------------------------------------------------
 
     def attach(self, conn: Attachment, cursor: int | None, hello: Message | None = None) -> None:
-        """Bind ``conn`` to this session: last connection wins (SEP-1288)."""
+        """Bind ``conn`` to every stream of this session: last connection wins (SEP-1288)."""
         previous = self.conn
         if previous is not None and previous is not conn:
             log.info("session.superseded", session=self.label, old=previous.label, new=conn.label)
             previous.supersede()
+        self._drop_streams(None)
         self.conn = conn
         outbox = Outbox(
             self.core.id, self.store, conn.send, self._on_sent, self.config.limits.send_queue_max
@@ -221,11 +264,9 @@ class SessionRunner:
         self.outbox = outbox
         prelude: list[bytes] = []
         if hello is not None:
-            for action in self.core.client_message(hello):
+            for action in self.client_message(hello):
                 if isinstance(action, Reply):
                     prelude.append(action.data)
-                else:
-                    self.execute([action])
         after = self.core.delivered_lsn if cursor is None else cursor
         log.info(
             "session.attached",
@@ -234,12 +275,57 @@ class SessionRunner:
             after_lsn=after,
             head_lsn=self.core.next_lsn - 1,
         )
-        conn.start(outbox, after, prelude)
+        conn.start(outbox, after, prelude, False)
+        self._spawn_if_initialized()
+
+    def attach_stream(self, conn: Attachment, stream: int, after: int) -> None:
+        """Bind ``conn`` to one stream: replay it after LSN ``after``, then live, and end it
+        once its request is done (the general stream never ends)."""
+        if self.conn is not None:
+            log.info("session.superseded", session=self.label, old=self.conn.label, new=conn.label)
+            self.conn.supersede()
+            self.conn = None
+            self.outbox = None
+        self._drop_streams(stream)
+        on_sent = self._on_general_sent if stream == GENERAL_STREAM else _ignore
+        outbox = Outbox(
+            self.core.id,
+            self.store,
+            conn.send,
+            on_sent,
+            self.config.limits.send_queue_max,
+            stream,
+        )
+        ended = not self.core.stream_live(stream)
+        if not ended:
+            self.streams[stream] = (conn, outbox)
+        log.debug(
+            "session.stream_attached",
+            session=self.label,
+            conn=conn.label,
+            stream=stream,
+            after_lsn=after,
+            ended=ended,
+        )
+        conn.start(outbox, after, [], ended)
+        self._spawn_if_initialized()
+
+    def _drop_streams(self, only: int | None) -> None:
+        """Supersede the HTTP stream ``only`` (or all of them, if None)."""
+        for stream in [only] if only is not None else list(self.streams):
+            entry = self.streams.pop(stream, None)
+            if entry is not None:
+                entry[0].supersede()
+
+    def _spawn_if_initialized(self) -> None:
         if self.core.init_result is not None:
             self._ensure_upstream()  # spawn on attach so server-initiated traffic can flow
 
     def detach(self, conn: Attachment) -> None:
         """``conn`` closed. A late close of a superseded connection changes nothing."""
+        for stream, (attached, _) in list(self.streams.items()):
+            if attached is conn:
+                del self.streams[stream]
         if self.conn is not conn:
             return
         self.conn = None
@@ -253,13 +339,26 @@ class SessionRunner:
         if self.core.init_request is not None:
             self.store.save_session(self.core.id, self.core.snapshot())
 
-    def client_message(self, conn: Attachment, msg: Message) -> None:
-        if conn is not self.conn:
-            return  # a late message on a superseded socket must not disturb the new one
-        self.execute(self.core.client_message(msg))
+    def client_message(self, msg: Message) -> list[Reply | Resend]:
+        """Feed a client message to the core. Returns what answers the sender directly (its
+        front delivers those in order with whatever else it is sending that client)."""
+        if self._closed:
+            return []
+        direct: list[Reply | Resend] = []
+        rest: list[Action] = []
+        for action in self.core.client_message(msg):
+            if isinstance(action, Reply | Resend):
+                direct.append(action)
+            else:
+                rest.append(action)
+        self.execute(rest)
+        return direct
 
     def _on_sent(self, lsn: int) -> None:
         self.core.delivered(lsn)
+
+    def _on_general_sent(self, lsn: int) -> None:
+        self.general_sent = max(self.general_sent, lsn)
 
     # --- upstream side ----------------------------------------------------------------
 
@@ -289,23 +388,31 @@ class SessionRunner:
         store, sid = self.store, self.core.id
         for action in actions:
             if isinstance(action, Emit):
-                committed = store.append(sid, action.lsn, action.data)
-                if self.outbox is not None:
-                    self.outbox.push_live(action.lsn, action.data, committed)
+                committed = store.append(sid, action.lsn, action.data, action.stream)
+                outbox = self.outbox
+                if outbox is None and action.stream in self.streams:
+                    outbox = self.streams[action.stream][1]
+                if outbox is not None:
+                    outbox.push_live(action.lsn, action.data, committed)
             elif isinstance(action, SendUpstream):
                 self._send_upstream(action.data, action.durable)
-            elif isinstance(action, Reply):
-                if self.outbox is not None:
-                    self.outbox.push_direct(action.data)
-            elif isinstance(action, Resend):
-                if self.outbox is not None:
-                    self.outbox.push_again(action.lsn)
+            elif isinstance(action, Reply | Resend):
+                raise AssertionError("direct answers are returned by client_message")
             elif isinstance(action, SaveRequest):
                 store.save_request(
-                    sid, action.key, action.upstream_id, action.method, action.safe, action.body
+                    sid,
+                    action.key,
+                    action.upstream_id,
+                    action.method,
+                    action.safe,
+                    action.body,
+                    action.stream,
                 )
             elif isinstance(action, FinishRequest):
                 store.finish_request(sid, action.key, action.lsn)
+                entry = self.streams.pop(action.stream, None)
+                if entry is not None:
+                    entry[1].push_end()
             elif isinstance(action, SaveSession):
                 store.save_session(sid, self.core.snapshot())
             elif isinstance(action, StartUpstream):
@@ -386,13 +493,23 @@ class SessionRunner:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def aclose(self) -> None:
+    def terminate(self) -> None:
+        """The client ended the session (HTTP DELETE): close every connection of it."""
+        self._closed = True
+        for conn in [self.conn, *(c for c, _ in self.streams.values())]:
+            if conn is not None:
+                conn.terminated()
+        self.conn = None
+        self.outbox = None
+        self.streams.clear()
+
+    async def aclose(self, persist: bool = True) -> None:
         """Stop the upstream and persist the session; the log itself is already durable."""
         self._closed = True
         await self._tasks.cancel_all()
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             await upstream.aclose()
-        if self.core.init_request is not None:
+        if persist and self.core.init_request is not None:
             with contextlib.suppress(MCProxyError):
                 await self.store.save_session(self.core.id, self.core.snapshot())

@@ -62,6 +62,11 @@ SAFE_METHODS: Final = frozenset(
 )
 
 
+# Stream 0 carries what relates to no client request (the Streamable HTTP GET stream); every
+# client request has its own stream, numbered by the first upstream id it was given.
+GENERAL_STREAM: Final = 0
+
+
 class UpstreamState(enum.IntEnum):
     DOWN = 0  # no process, or it was lost
     STARTING = 1  # spawned; `initialize` (the client's first, or the stored one) in flight
@@ -107,10 +112,16 @@ class SendUpstream:
 
 @dataclass(frozen=True, slots=True)
 class Emit:
-    """Append to the session's log under ``lsn``, then deliver to the attached client."""
+    """Append to the session's log under ``lsn``, then deliver to the attached client.
+
+    ``stream`` says which Streamable HTTP stream the message belongs to: the stream of the
+    client request it relates to, or ``GENERAL_STREAM`` (see ``Session._route``). A WebSocket
+    connection receives every stream.
+    """
 
     lsn: int
     data: bytes
+    stream: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +147,19 @@ class SaveRequest:
     method: str
     safe: bool
     body: bytes
+    stream: int
 
 
 @dataclass(frozen=True, slots=True)
 class FinishRequest:
-    """The request is answered (``lsn`` of the response) or cancelled (``lsn`` None)."""
+    """The request is answered (``lsn`` of the response) or cancelled (``lsn`` None).
+
+    Either way its ``stream`` carries nothing more: an HTTP response stream ends here.
+    """
 
     key: str
     lsn: int | None
+    stream: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +206,10 @@ class InFlight:
     client_id: RequestId | None = None
     safe: bool = False
     sent: bool = False  # written to the current upstream process
+    stream: int = 0  # the first upstream id it got: unique in the session, never reused
+    start_lsn: int = 0  # the log head when it arrived: its stream has only later LSNs
+    progress: str | None = None  # id_key of its progress token
+    task: str | None = None  # the task id it is about (tasks/result, tasks/get, ...)
 
 
 @dataclass(slots=True)
@@ -217,6 +237,7 @@ class PendingRow:
     method: str
     safe: bool
     body: bytes
+    stream: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +275,7 @@ class Session:
         self._answered: OrderedDict[str, tuple[int | None, str]] = OrderedDict()
         self._server_pending: dict[int, RequestId] = {}  # client-facing id -> upstream id
         self._server_by_upstream: dict[str, int] = {}
+        self._server_stream: dict[int, int] = {}  # client-facing id -> stream it went on
 
     # --- persistence ------------------------------------------------------------------
 
@@ -304,8 +326,18 @@ class Session:
             msg = jsonrpc.decode(row.body)
             client_id = jsonrpc.id_from_key(row.key)
             upstream_msg = msgspec.structs.replace(msg, id=row.upstream_id)
+            progress, task = jsonrpc.routing_keys(msg)
             s._inflight[row.upstream_id] = InFlight(
-                "client", row.method, upstream_msg, row.key, client_id, row.safe, sent=True
+                "client",
+                row.method,
+                upstream_msg,
+                row.key,
+                client_id,
+                row.safe,
+                sent=True,
+                stream=row.stream or row.upstream_id,
+                progress=progress,
+                task=task,
             )
             s._by_client[row.key] = row.upstream_id
         actions = s._lose("proxy restarted") if s._inflight else []
@@ -317,6 +349,25 @@ class Session:
     def has_work(self) -> bool:
         """True while anything waits for the upstream (so it must be running)."""
         return bool(self._queue) or bool(self._inflight)
+
+    @property
+    def protocol_version(self) -> str | None:
+        """The version the upstream negotiated (lifecycle §Version Negotiation), once known."""
+        return None if self.init_result is None else jsonrpc.protocol_version(self.init_result)
+
+    def stream_of(self, client_id: RequestId) -> tuple[int, int] | None:
+        """(stream, start LSN) of the client request in flight under ``client_id``."""
+        upstream_id = self._by_client.get(jsonrpc.id_key(client_id))
+        if upstream_id is None:
+            return None
+        flight = self._inflight[upstream_id]
+        return flight.stream, flight.start_lsn
+
+    def stream_live(self, stream: int) -> bool:
+        """Whether messages may still be added to ``stream`` (the general one always)."""
+        if stream == GENERAL_STREAM:
+            return True
+        return any(f.kind == "client" and f.stream == stream for f in self._inflight.values())
 
     # --- client -> proxy --------------------------------------------------------------
 
@@ -410,11 +461,23 @@ class Session:
         assert isinstance(msg.method, str)
         upstream_id = self._alloc_id()
         upstream_msg = msgspec.structs.replace(msg, id=upstream_id)
-        flight = InFlight("client", msg.method, upstream_msg, key, client_id, safe)
+        progress, task = jsonrpc.routing_keys(msg)
+        flight = InFlight(
+            "client",
+            msg.method,
+            upstream_msg,
+            key,
+            client_id,
+            safe,
+            stream=upstream_id,
+            start_lsn=self.next_lsn - 1,
+            progress=progress,
+            task=task,
+        )
         self._inflight[upstream_id] = flight
         self._by_client[key] = upstream_id
         actions: list[Action] = [
-            SaveRequest(key, upstream_id, msg.method, safe, jsonrpc.encode(msg))
+            SaveRequest(key, upstream_id, msg.method, safe, jsonrpc.encode(msg), upstream_id)
         ]
         actions += self._to_upstream(upstream_msg)
         return actions
@@ -449,7 +512,7 @@ class Session:
             self._by_client[key] = upstream_id
             return []
         self._remember(key, None, flight.method)
-        actions: list[Action] = [FinishRequest(key, None)]
+        actions: list[Action] = [FinishRequest(key, None, flight.stream)]
         if flight.sent:
             forwarded = jsonrpc.with_cancelled_request_id(
                 jsonrpc.strip_session_hints(msg), upstream_id
@@ -470,6 +533,7 @@ class Session:
         if upstream_id is None:
             return []  # unknown, already answered, or withdrawn when the upstream was lost
         self._server_by_upstream.pop(jsonrpc.id_key(upstream_id), None)
+        self._server_stream.pop(client_facing, None)
         forwarded = msgspec.structs.replace(jsonrpc.strip_session_hints(msg), id=upstream_id)
         return self._to_upstream(forwarded)
 
@@ -528,9 +592,9 @@ class Session:
                 actions += self._flush()
         elif ok:
             actions += self._track_state(flight, msg)
-        emit = self._emit(out)
+        emit = self._emit(out, flight.stream)
         self._remember(flight.key, emit.lsn, flight.method)
-        actions += [emit, FinishRequest(flight.key, emit.lsn)]
+        actions += [emit, FinishRequest(flight.key, emit.lsn, flight.stream)]
         if flight.method == "initialize" and not ok:
             actions.append(RestartUpstream("upstream refused initialize"))
         return actions
@@ -581,9 +645,11 @@ class Session:
         assert isinstance(msg.id, int | str)
         client_facing = self.next_server_id
         self.next_server_id += 1
+        stream = self._route(msg)
         self._server_pending[client_facing] = msg.id
         self._server_by_upstream[jsonrpc.id_key(msg.id)] = client_facing
-        return [SaveSession(), self._emit(msgspec.structs.replace(msg, id=client_facing))]
+        self._server_stream[client_facing] = stream
+        return [SaveSession(), self._emit(msgspec.structs.replace(msg, id=client_facing), stream)]
 
     def _upstream_notification(self, msg: Message) -> list[Action]:
         if msg.method == "notifications/cancelled":
@@ -594,8 +660,37 @@ class Session:
             if client_facing is None:
                 return []
             self._server_pending.pop(client_facing, None)
-            msg = jsonrpc.with_cancelled_request_id(msg, client_facing)
-        return [self._emit(msg)]
+            stream = self._withdrawal_stream(client_facing)
+            return [self._emit(jsonrpc.with_cancelled_request_id(msg, client_facing), stream)]
+        return [self._emit(msg, self._route(msg))]
+
+    def _route(self, msg: Message) -> int:
+        """The stream an upstream request or notification belongs to.
+
+        A stdio upstream says nothing about which client request a message relates to
+        (transports §"Sending Messages to the Server" wants related messages on that request's
+        stream), so: a progress notification goes with the request that set its token; a
+        message tagged with a related task goes with the in-flight request about that task;
+        anything else goes with the newest request in flight, else to the general stream.
+        """
+        flights = [f for f in self._inflight.values() if f.kind == "client"]
+        if not flights:
+            return GENERAL_STREAM
+        progress, task = jsonrpc.routing_keys(msg)
+        if progress is not None and msg.method == "notifications/progress":
+            for flight in flights:
+                if flight.progress == progress:
+                    return flight.stream
+            return GENERAL_STREAM  # a late progress note of a finished request
+        if task is not None:
+            related = [f.stream for f in flights if f.task == task]
+            return max(related) if related else GENERAL_STREAM
+        return max(f.stream for f in flights)
+
+    def _withdrawal_stream(self, client_facing: int) -> int:
+        """Where to cancel a server request: its own stream while that is still open."""
+        stream = self._server_stream.pop(client_facing, GENERAL_STREAM)
+        return stream if self.stream_live(stream) else GENERAL_STREAM
 
     def upstream_unavailable(self, reason: str) -> list[Action]:
         """The upstream could not be started: answer everything that waits for it, now."""
@@ -626,7 +721,18 @@ class Session:
         return self._lose(reason)
 
     def _lose(self, reason: str) -> list[Action]:
+        # Server→client requests of the dead process can no longer be answered: withdraw them
+        # (cancellation: the receiver SHOULD stop work; a late answer is dropped above). First,
+        # so that each reaches its stream before the request it belongs to is answered.
         actions: list[Action] = []
+        for client_facing in sorted(self._server_pending):
+            note = jsonrpc.notification_message(
+                "notifications/cancelled",
+                {"requestId": client_facing, "reason": f"upstream lost: {reason}"},
+            )
+            actions.append(self._emit(note, self._withdrawal_stream(client_facing)))
+        self._server_pending.clear()
+        self._server_by_upstream.clear()
         reissue: list[Message] = []
         for upstream_id in sorted(self._inflight):
             flight = self._inflight.pop(upstream_id)
@@ -643,7 +749,9 @@ class Session:
                 self._inflight[new_id] = flight
                 self._by_client[flight.key] = new_id
                 body = jsonrpc.encode(msgspec.structs.replace(flight.msg, id=flight.client_id))
-                actions.append(SaveRequest(flight.key, new_id, flight.method, True, body))
+                actions.append(
+                    SaveRequest(flight.key, new_id, flight.method, True, body, flight.stream)
+                )
                 reissue.append(flight.msg)
                 continue
             del self._by_client[flight.key]
@@ -653,16 +761,6 @@ class Session:
                 "upstream lost before answering; the request may or may not have taken effect",
                 reason,
             )
-        # Server→client requests of the dead process can no longer be answered: withdraw them
-        # (cancellation: the receiver SHOULD stop work; a late answer is dropped above).
-        for client_facing in sorted(self._server_pending):
-            note = jsonrpc.notification_message(
-                "notifications/cancelled",
-                {"requestId": client_facing, "reason": f"upstream lost: {reason}"},
-            )
-            actions.append(self._emit(note))
-        self._server_pending.clear()
-        self._server_by_upstream.clear()
         # Responses queued for the dead process are moot; requests and notifications stay.
         kept = [m for m in self._queue if m.method is not msgspec.UNSET]
         self._queue = deque([*reissue, *kept])
@@ -678,9 +776,9 @@ class Session:
         error = jsonrpc.error_message(
             flight.client_id, code, message, {"method": flight.method, "reason": reason}
         )
-        emit = self._emit(error)
+        emit = self._emit(error, flight.stream)
         self._remember(flight.key, emit.lsn, flight.method)
-        return [emit, FinishRequest(flight.key, emit.lsn)]
+        return [emit, FinishRequest(flight.key, emit.lsn, flight.stream)]
 
     def delivered(self, lsn: int) -> None:
         """The driver wrote ``lsn`` to a socket (used for replay when no cursor is given)."""
@@ -720,10 +818,11 @@ class Session:
         self.next_upstream_id += 1
         return upstream_id
 
-    def _emit(self, msg: Message) -> Emit:
+    def _emit(self, msg: Message, stream: int) -> Emit:
         lsn = self.next_lsn
         self.next_lsn += 1
-        return Emit(lsn, jsonrpc.encode(jsonrpc.with_meta(msg, {jsonrpc.META_LSN: lsn})))
+        data = jsonrpc.encode(jsonrpc.with_meta(msg, {jsonrpc.META_LSN: lsn}))
+        return Emit(lsn, data, stream)
 
     def _remember(self, key: str, lsn: int | None, method: str) -> None:
         self._answered[key] = (lsn, method)

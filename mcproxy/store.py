@@ -37,7 +37,7 @@ from mcproxy.errors import StoreError
 from mcproxy.session import PendingRow, SessionRecord
 from mcproxy.tasks import TaskSet
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS events (
     lsn        INTEGER NOT NULL,
     created_at REAL NOT NULL,
     payload    BLOB NOT NULL,
+    stream     INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, lsn)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS requests (
@@ -71,6 +72,7 @@ CREATE TABLE IF NOT EXISTS requests (
     body        BLOB,
     done        INTEGER NOT NULL DEFAULT 0,
     lsn         INTEGER,
+    stream      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, client_key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_pending ON requests (done, session_id);
@@ -90,10 +92,20 @@ ON CONFLICT (id) DO UPDATE SET
     next_server_id = max(next_server_id, :next_server_id),
     next_lsn = max(next_lsn, :next_lsn), delivered_lsn = max(delivered_lsn, :delivered_lsn)
 """
-_APPEND: Final = "INSERT INTO events (session_id, lsn, created_at, payload) VALUES (?, ?, ?, ?)"
+# Each step takes a database from version N-1 to N (PRAGMA user_version).
+_MIGRATIONS: Final = {
+    2: (
+        "ALTER TABLE events ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
+        "ALTER TABLE requests ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
+    ),
+}
+_BARRIER: Final = ""  # an op with no statement: resolves with its batch's commit
+_APPEND: Final = (
+    "INSERT INTO events (session_id, lsn, created_at, payload, stream) VALUES (?, ?, ?, ?, ?)"
+)
 _SAVE_REQUEST: Final = (
     "INSERT OR REPLACE INTO requests (session_id, client_key, upstream_id, method, safe, body,"
-    " done, lsn) VALUES (?, ?, ?, ?, ?, ?, 0, NULL)"
+    " done, lsn, stream) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?)"
 )
 _FINISH_REQUEST: Final = (
     "UPDATE requests SET done = 1, lsn = ?, body = NULL WHERE session_id = ? AND client_key = ?"
@@ -157,7 +169,11 @@ class Store:
             version = int(row[0]) if row else 0
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{path}: schema version {version} is newer than this mcproxy")
-            await writer.executescript(_SCHEMA)
+            if version == 0:
+                await writer.executescript(_SCHEMA)
+            else:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    await writer.executescript(f"BEGIN;{_MIGRATIONS[step]}COMMIT;")
             await writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=5000")
@@ -188,13 +204,24 @@ class Store:
         self.last_write = future
         return future
 
-    def append(self, session_id: str, lsn: int, payload: bytes) -> asyncio.Future[None]:
-        return self._submit(_APPEND, (session_id, lsn, time.time(), payload))
+    def append(
+        self, session_id: str, lsn: int, payload: bytes, stream: int = 0
+    ) -> asyncio.Future[None]:
+        return self._submit(_APPEND, (session_id, lsn, time.time(), payload, stream))
 
     def save_request(
-        self, session_id: str, key: str, upstream_id: int, method: str, safe: bool, body: bytes
+        self,
+        session_id: str,
+        key: str,
+        upstream_id: int,
+        method: str,
+        safe: bool,
+        body: bytes,
+        stream: int,
     ) -> asyncio.Future[None]:
-        return self._submit(_SAVE_REQUEST, (session_id, key, upstream_id, method, int(safe), body))
+        return self._submit(
+            _SAVE_REQUEST, (session_id, key, upstream_id, method, int(safe), body, stream)
+        )
 
     def finish_request(self, session_id: str, key: str, lsn: int | None) -> asyncio.Future[None]:
         return self._submit(_FINISH_REQUEST, (lsn, session_id, key))
@@ -218,9 +245,15 @@ class Store:
             },
         )
 
+    def delete_session(self, session_id: str) -> asyncio.Future[None]:
+        """Forget a session: its row, its log and its requests (one transaction)."""
+        for table, column in (("events", "session_id"), ("requests", "session_id")):
+            self._submit(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
+        return self._submit("DELETE FROM sessions WHERE id = ?", (session_id,))
+
     def barrier(self) -> asyncio.Future[None]:
         """A future that resolves once every write submitted so far has committed."""
-        return self._submit("SELECT 1", ())
+        return self._submit(_BARRIER, ())
 
     def _flush_in_loop(self) -> None:
         self._flush_scheduled = False
@@ -288,15 +321,24 @@ class Store:
     # --- reads (committed data only) ---------------------------------------------------
 
     async def read_events(
-        self, session_id: str, after: int, limit: int = 1000
+        self, session_id: str, after: int, limit: int = 1000, stream: int | None = None
     ) -> list[tuple[int, bytes]]:
-        """Logged messages with LSN > ``after``, oldest first, at most ``limit``."""
-        try:
-            async with self._reader.execute(
+        """Logged messages with LSN > ``after``, oldest first, at most ``limit``; only those
+        of ``stream`` unless it is None."""
+        if stream is None:
+            sql = (
                 "SELECT lsn, payload FROM events WHERE session_id = ? AND lsn > ?"
-                " ORDER BY lsn LIMIT ?",
-                (session_id, after, limit),
-            ) as cur:
+                " ORDER BY lsn LIMIT ?"
+            )
+            params: tuple[Any, ...] = (session_id, after, limit)
+        else:
+            sql = (
+                "SELECT lsn, payload FROM events WHERE session_id = ? AND lsn > ?"
+                " AND stream = ? ORDER BY lsn LIMIT ?"
+            )
+            params = (session_id, after, stream, limit)
+        try:
+            async with self._reader.execute(sql, params) as cur:
                 rows = await cur.fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"event log read failed: {exc}") from exc
@@ -348,12 +390,12 @@ class Store:
             delivered_lsn=min(int(row[9]), last_lsn),
         )
         async with db.execute(
-            "SELECT client_key, upstream_id, method, safe, body FROM requests"
+            "SELECT client_key, upstream_id, method, safe, body, stream FROM requests"
             " WHERE session_id = ? AND done = 0",
             (session_id,),
         ) as cur:
             pending = [
-                PendingRow(str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]))
+                PendingRow(str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]), int(r[5]))
                 for r in await cur.fetchall()
             ]
         async with db.execute(
@@ -402,7 +444,9 @@ def _run_transaction(conn: sqlite3.Connection, statements: list[tuple[str, Any]]
             j = i + 1
             while j < len(statements) and statements[j][0] is statements[i][0]:
                 j += 1
-            if j - i == 1:
+            if statements[i][0] is _BARRIER:
+                pass
+            elif j - i == 1:
                 conn.execute(*statements[i])
             else:
                 conn.executemany(statements[i][0], [p for _, p in statements[i:j]])

@@ -30,15 +30,18 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from mcproxy import jsonrpc
 from mcproxy.config import Config
 from mcproxy.errors import ProtocolError, StoreError
+from mcproxy.guard import HostPolicy
 from mcproxy.hub import Hub, mint_session_id, valid_session_id
 from mcproxy.jsonrpc import Kind, Message
 from mcproxy.runner import Outbox, SessionRunner
+from mcproxy.session import Reply
 from mcproxy.tasks import TaskSet
 
 log = structlog.get_logger("mcproxy")
 
 SUBPROTOCOL: Final = "mcp"  # what every SDK's WebSocket transport offered
 SUPERSEDED_REASON: Final = "MCP session reconnected on another connection"  # SEP, verbatim
+TERMINATED_REASON: Final = "MCP session terminated"
 QUERY_SESSION: Final = "mcp_session_id"
 QUERY_CURSOR: Final = "mcp_last_lsn"
 CLOSE_BINARY: Final = 1003
@@ -57,10 +60,10 @@ class WsConnection:
         self._pump: asyncio.Task[None] | None = None
         self.runner: SessionRunner | None = None
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, lsn: int | None = None) -> None:
         await self.ws.send_frame(data, WSMsgType.TEXT)
 
-    def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes]) -> None:
+    def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
         self._pump = self._tasks.spawn(self._run(outbox, after_lsn, prelude), f"pump:{self.label}")
 
     async def _run(self, outbox: Outbox, after_lsn: int, prelude: list[bytes]) -> None:
@@ -76,6 +79,10 @@ class WsConnection:
         self._stop_pump()
         self._tasks.spawn(self.close(WSCloseCode.OK, SUPERSEDED_REASON), f"close:{self.label}")
 
+    def terminated(self) -> None:
+        self._stop_pump()
+        self._tasks.spawn(self.close(WSCloseCode.OK, TERMINATED_REASON), f"close:{self.label}")
+
     def _stop_pump(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
@@ -87,23 +94,49 @@ class WsConnection:
 
     async def reply(self, data: bytes) -> None:
         """Answer this connection in order with whatever the session is sending it."""
-        runner = self.runner
-        if runner is not None and runner.conn is self and runner.outbox is not None:
-            runner.outbox.push_direct(data)
+        outbox = self._outbox()
+        if outbox is not None:
+            outbox.push_direct(data)
         else:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.send(data)
 
+    def _outbox(self) -> Outbox | None:
+        runner = self.runner
+        if runner is not None and runner.conn is self:
+            return runner.outbox
+        return None
+
+    def to_session(self, msg: Message) -> None:
+        """Hand a message to the bound session; answer what it answers directly."""
+        runner = self.runner
+        if runner is None or runner.conn is not self:
+            return  # a late message on a superseded socket must not disturb the new one
+        direct = runner.client_message(msg)
+        outbox = self._outbox()
+        if outbox is None:
+            return
+        for action in direct:
+            if isinstance(action, Reply):
+                outbox.push_direct(action.data)
+            else:
+                outbox.push_again(action.lsn)
+
 
 class WebSocketFront:
-    def __init__(self, hub: Hub, config: Config) -> None:
+    def __init__(self, hub: Hub, config: Config, guard: HostPolicy) -> None:
         self.hub = hub
         self.config = config
+        self.guard = guard
         self.connections: set[WsConnection] = set()
         self._tasks = TaskSet("ws")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         cfg = self.config.server
+        refusal = self.guard.check(request.host, request.headers.get("Origin"))
+        if refusal is not None:
+            log.warning("ws.refused", reason=refusal.reason, peer=request.remote)
+            return web.Response(status=refusal.status, text=refusal.reason + "\n")
         hint = request.query.get(QUERY_SESSION) or request.cookies.get(cfg.cookie_name)
         if hint is not None and not valid_session_id(hint):
             return _bad_request("mcp_session_id must be 16-128 visible ASCII characters")
@@ -182,7 +215,7 @@ class WebSocketFront:
                         )
                     )
                 continue
-            conn.runner.client_message(conn, msg)
+            conn.to_session(msg)
 
     async def _bind(
         self, conn: WsConnection, msg: Message, proposed: str, url_cursor: int | None
@@ -214,7 +247,7 @@ class WebSocketFront:
                 runner.attach(conn, cursor, hello=msg)
             else:
                 runner.attach(conn, cursor)
-                runner.client_message(conn, msg)
+                conn.to_session(msg)
             return
         if is_init:
             session_id = hint or proposed
@@ -222,7 +255,7 @@ class WebSocketFront:
             runner = existing or self.hub.create(session_id)
             conn.runner = runner
             runner.attach(conn, cursor if existing else 0)
-            runner.client_message(conn, msg)
+            conn.to_session(msg)
             return
         if kind is not Kind.REQUEST:
             return  # notifications and responses before a session exist have nowhere to go

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -24,12 +26,14 @@ async def test_round_trip_and_reload(tmp_path: Path, durability: str) -> None:
     )
     store.save_session("S", record)
     for lsn in range(1, 6):
-        store.append("S", lsn, f'{{"n":{lsn}}}'.encode())
-    store.save_request("S", '"a"', 7, "tools/call", False, b'{"id":"a"}')
-    store.save_request("S", '"b"', 8, "ping", True, b'{"id":"b"}')
+        store.append("S", lsn, f'{{"n":{lsn}}}'.encode(), stream=7 if lsn % 2 else 0)
+    store.save_request("S", '"a"', 7, "tools/call", False, b'{"id":"a"}', 7)
+    store.save_request("S", '"b"', 8, "ping", True, b'{"id":"b"}', 8)
     await store.finish_request("S", '"b"', 5)
     assert store.commits >= 1
     assert [lsn for lsn, _ in await store.read_events("S", 2)] == [3, 4, 5]
+    assert [lsn for lsn, _ in await store.read_events("S", 0, stream=7)] == [1, 3, 5]
+    assert [lsn for lsn, _ in await store.read_events("S", 2, stream=0)] == [4]
     assert await store.read_event("S", 4) == b'{"n":4}'
     assert await store.read_event("S", 9) is None
     await store.aclose()
@@ -39,11 +43,48 @@ async def test_round_trip_and_reload(tmp_path: Path, durability: str) -> None:
     assert loaded is not None
     assert loaded.record.next_lsn == 6 and loaded.record.next_upstream_id == 9
     assert loaded.record.log_level == "debug" and loaded.record.subscriptions == ["a://1"]
-    assert [(p.key, p.upstream_id, p.safe) for p in loaded.pending] == [('"a"', 7, False)]
+    assert [(p.key, p.upstream_id, p.safe, p.stream) for p in loaded.pending] == [
+        ('"a"', 7, False, 7)
+    ]
     assert loaded.answered == [('"b"', 5, "ping")]
     assert await again.sessions_with_pending() == ["S"]
     assert await again.load_session("nope", 10) is None
+    await again.delete_session("S")
+    assert await again.load_session("S", 10) is None
+    assert await again.read_events("S", 0) == []
+    assert await again.sessions_with_pending() == []
     await again.aclose()
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:  # the layout mcproxy 0.1 wrote
+        conn.executescript(
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, created_at REAL NOT NULL,"
+            " last_seen_at REAL NOT NULL, init_request BLOB, init_result BLOB,"
+            " initialized INTEGER NOT NULL DEFAULT 0, log_level TEXT,"
+            " subscriptions TEXT NOT NULL DEFAULT '[]', safe_tools TEXT NOT NULL DEFAULT '[]',"
+            " next_upstream_id INTEGER NOT NULL DEFAULT 1,"
+            " next_server_id INTEGER NOT NULL DEFAULT 1, next_lsn INTEGER NOT NULL DEFAULT 1,"
+            " delivered_lsn INTEGER NOT NULL DEFAULT 0);"
+            "CREATE TABLE events (session_id TEXT NOT NULL, lsn INTEGER NOT NULL,"
+            " created_at REAL NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (session_id, lsn))"
+            " WITHOUT ROWID;"
+            "CREATE TABLE requests (session_id TEXT NOT NULL, client_key TEXT NOT NULL,"
+            " upstream_id INTEGER NOT NULL, method TEXT NOT NULL, safe INTEGER NOT NULL,"
+            " body BLOB, done INTEGER NOT NULL DEFAULT 0, lsn INTEGER,"
+            " PRIMARY KEY (session_id, client_key)) WITHOUT ROWID;"
+            "INSERT INTO sessions (id, created_at, last_seen_at) VALUES ('S', 0, 0);"
+            "INSERT INTO events VALUES ('S', 1, 0, x'7b7d');"
+            "PRAGMA user_version=1;"
+        )
+    store = await Store.open(path)
+    assert await store.read_events("S", 0, stream=0) == [(1, b"{}")]
+    await store.append("S", 2, b"[]", stream=3)
+    assert await store.read_events("S", 0, stream=3) == [(2, b"[]")]
+    await store.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -57,4 +98,15 @@ async def test_a_failed_commit_fails_every_waiter_and_later_writes(
         await duplicate
     with pytest.raises(StoreError):
         await store.append("S", 2, b"two")  # the log refuses rather than skipping
+    await store.aclose()
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_barriers_in_one_batch(tmp_path: Path, durability: str) -> None:
+    """Concurrent readers each ask for a barrier in the same loop turn: one commit."""
+    store = await Store.open(tmp_path / "db.sqlite", durability)
+    store.append("S", 1, b"one")
+    await asyncio.gather(store.barrier(), store.barrier(), store.barrier())
+    assert await store.read_events("S", 0) == [(1, b"one")]
+    await store.append("S", 2, b"two")  # still writable
     await store.aclose()

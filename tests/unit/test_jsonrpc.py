@@ -115,3 +115,19 @@ def test_idempotent_tools() -> None:
         ).encode()
     )
     assert jsonrpc.idempotent_tools(result) == ({"r", "i"}, {"r", "i", "w", "n"})
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        jsonrpc.result_message(1, {}),
+        jsonrpc.result_message(1, {"_meta": {"a": 1}, "x": 2}),
+        jsonrpc.error_message(2, -1, "m"),
+        jsonrpc.error_message(2, -1, "m", {"k": 1}),
+        jsonrpc.notification_message("n"),
+        jsonrpc.notification_message("n", {"p": 1}),
+    ],
+)
+def test_without_lsn_undoes_the_lsn_meta(message: jsonrpc.Message) -> None:
+    logged = jsonrpc.encode(jsonrpc.with_meta(message, {jsonrpc.META_LSN: 7}))
+    assert jsonrpc.without_lsn(logged) == jsonrpc.encode(message)

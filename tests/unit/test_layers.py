@@ -12,18 +12,18 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mcproxy"
 # module -> layer; a module may import mcproxy modules of a lower layer (or leaf utilities).
 LAYERS = {
     "errors": 0,
-    "config": 1, "jsonrpc": 1, "framing": 1,
+    "config": 1, "jsonrpc": 1, "framing": 1, "guard": 1,
     "session": 2,
     "tasks": 3, "log": 3, "upstream": 3,
     "store": 4, "upstream_stdio": 4,
     "runner": 5,
     "hub": 6,
-    "ws": 7,
+    "ws": 7, "streamable": 7,
     "app": 8,
     "daemon": 9,
     "cli": 10,
 }  # fmt: skip
-SANS_IO = {"errors", "config", "jsonrpc", "framing", "session"}
+SANS_IO = {"errors", "config", "jsonrpc", "framing", "guard", "session"}
 FORBIDDEN_IN_CORE = {"asyncio", "aiohttp", "aiosqlite", "sqlite3", "structlog",
                      "prometheus_client", "time", "uvloop", "datetime"}  # fmt: skip
 

@@ -125,7 +125,7 @@ def test_cancel_is_translated_and_late_response_dropped() -> None:
     )
     [cancel] = sent(actions)
     assert cancel["params"] == {"requestId": out["id"], "reason": "r"}
-    assert FinishRequest(jsonrpc.id_key(5), None) in actions
+    assert FinishRequest(jsonrpc.id_key(5), None, out["id"]) in actions
     assert s.upstream_message(msg(id=out["id"], result={})) == []
     assert s.client_message(msg(method="notifications/cancelled", params={"requestId": 404})) == []
 
@@ -158,8 +158,8 @@ def test_upstream_loss_reissues_safe_and_fails_unsafe() -> None:
     s.upstream_message(msg(id=9, method="sampling/createMessage", params={}))
     actions = s.upstream_lost("exited")
     errors = emitted(actions)
-    assert errors[0]["id"] == 3 and errors[0]["error"]["code"] == -32010
-    assert errors[1]["method"] == "notifications/cancelled"  # the dead server's request
+    assert errors[0]["method"] == "notifications/cancelled"  # the dead server's request
+    assert errors[1]["id"] == 3 and errors[1]["error"]["code"] == -32010
     assert StartUpstream() in actions
     saved = [a for a in actions if isinstance(a, SaveRequest)]
     assert [a.upstream_id > safe["id"] for a in saved] == [True]  # a new id, never reused
@@ -209,14 +209,21 @@ def test_restore_resolves_what_was_in_flight() -> None:
     record = s.snapshot()
     body = jsonrpc.encode(msg(id="w", method="tools/call", params={"name": "w"}))
     pending = [
-        PendingRow('"w"', 41, "tools/call", False, body),
+        PendingRow('"w"', 41, "tools/call", False, body, 41),
         PendingRow(
-            '"r"', 42, "resources/read", True, jsonrpc.encode(msg(id="r", method="resources/read"))
+            '"r"',
+            42,
+            "resources/read",
+            True,
+            jsonrpc.encode(msg(id="r", method="resources/read")),
+            40,
         ),
     ]
     restored, actions = Session.restore(s.id, LIMITS, record, pending, [('"old"', 1, "ping")])
     [error] = emitted(actions)
     assert error["id"] == "w" and error["error"]["data"]["reason"] == "proxy restarted"
+    assert [a.stream for a in actions if isinstance(a, Emit)] == [41]
+    assert restored.stream_of("r") == (40, 0)  # re-issued under a new id, same stream
     assert restored.next_upstream_id > 42
     assert StartUpstream() in actions
     assert restored.client_message(msg(id="old", method="ping")) == [Resend(1)]
@@ -235,3 +242,63 @@ def test_illegal_transition() -> None:
     with pytest.raises(IllegalTransition):
         s._transition(UpstreamEvent.INITIALIZED)  # DOWN cannot become READY directly
     assert s.upstream_lost("nothing to lose") == []  # losing a DOWN upstream is a no-op
+
+
+def streams(actions: list[Action]) -> list[int]:
+    return [a.stream for a in actions if isinstance(a, Emit)]
+
+
+def test_messages_are_routed_to_the_stream_of_the_request_they_belong_to() -> None:
+    """transports §"Sending Messages": related messages go on that request's stream."""
+    s = ready_session()
+    token_call = msg(
+        id="a", method="tools/call", params={"name": "t", "_meta": {"progressToken": "pa"}}
+    )
+    [a] = sent(s.client_message(token_call))
+    [b] = sent(s.client_message(msg(id="b", method="tools/call", params={"name": "t"})))
+    stream_a, start_a = s.stream_of("a") or (0, 0)
+    stream_b, _ = s.stream_of("b") or (0, 0)
+    assert (stream_a, stream_b) == (a["id"], b["id"]) and start_a == s.next_lsn - 1
+    # Progress follows its token even when another request is newer.
+    progress = msg(method="notifications/progress", params={"progressToken": "pa", "progress": 1})
+    assert streams(s.upstream_message(progress)) == [stream_a]
+    # Anything else unrelated goes with the newest request in flight.
+    log_note = msg(method="notifications/message", params={"level": "info", "data": "x"})
+    assert streams(s.upstream_message(log_note)) == [stream_b]
+    elicit = s.upstream_message(msg(id=77, method="elicitation/create", params={}))
+    assert streams(elicit) == [stream_b]
+    # The upstream withdraws it: the cancel follows it onto the same stream.
+    withdraw = msg(method="notifications/cancelled", params={"requestId": 77})
+    assert streams(s.upstream_message(withdraw)) == [stream_b]
+    # Each answer is on its request's stream and ends it.
+    answer_b = s.upstream_message(msg(id=b["id"], result={}))
+    assert streams(answer_b) == [stream_b]
+    assert FinishRequest(jsonrpc.id_key("b"), s.next_lsn - 1, stream_b) in answer_b
+    assert not s.stream_live(stream_b) and s.stream_live(stream_a)
+    s.upstream_message(msg(id=a["id"], result={}))
+    # Nothing in flight: everything is general (the GET stream).
+    assert streams(s.upstream_message(log_note)) == [0]
+    late = msg(method="notifications/progress", params={"progressToken": "pa", "progress": 2})
+    assert streams(s.upstream_message(late)) == [0]
+
+
+def test_task_related_messages_follow_the_request_about_that_task() -> None:
+    s = ready_session()
+    [r] = sent(s.client_message(msg(id=1, method="tasks/result", params={"taskId": "T1"})))
+    s.client_message(msg(id=2, method="tools/call", params={"name": "other"}))
+    tagged = msg(
+        id=9,
+        method="elicitation/create",
+        params={"_meta": {"io.modelcontextprotocol/related-task": {"taskId": "T1"}}},
+    )
+    assert streams(s.upstream_message(tagged)) == [r["id"]]
+
+
+def test_an_upstream_loss_withdraws_server_requests_before_failing_their_request() -> None:
+    s = ready_session()
+    [call] = sent(s.client_message(msg(id="c", method="tools/call", params={"name": "t"})))
+    s.upstream_message(msg(id=5, method="sampling/createMessage", params={}))
+    actions = s.upstream_lost("crash")
+    kinds = [(m.get("method"), m.get("id")) for m in emitted(actions)]
+    assert kinds == [("notifications/cancelled", None), (None, "c")]
+    assert streams(actions) == [call["id"], call["id"]]

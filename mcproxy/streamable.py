@@ -1,0 +1,354 @@
+"""The Streamable HTTP front (MCP 2025-11-25 basic/transports §"Streamable HTTP") on ``/mcp``.
+
+The same durable sessions as the WebSocket front, reached over POST / GET / DELETE:
+
+- POST carries one client message. A notification or a response gets 202. A request gets
+  an SSE stream that carries the messages related to it and ends with its answer, or a JSON
+  body when the proxy answers at once (an error, a retried id whose answer is logged, a
+  re-sent ``initialize``). ``initialize`` without ``Mcp-Session-Id`` creates a session and
+  returns its id in that header; every other request must carry it (400 without, 404 for an
+  unknown or deleted one).
+- GET opens the session's general stream (server messages related to no request) or, with
+  ``Last-Event-ID``, resumes the stream that id belongs to.
+- DELETE ends the session and stops its upstream.
+
+SSE event ids are ``<stream>.<lsn>``: the LSN is the session's log position (unique within the
+session) and the stream says which stream to resume (§"Resumability and Redelivery": replay
+only that stream's messages). A plain ``<lsn>`` on GET is the cross-transport cursor: every
+stream after that LSN, as a WebSocket connection would get them (docs/PROTOCOL.md).
+The log is in SQLite, so all of this works the same after a proxy restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Final
+
+import structlog
+from aiohttp import web
+
+from mcproxy import jsonrpc
+from mcproxy.config import Config
+from mcproxy.errors import ProtocolError, StoreError
+from mcproxy.guard import HostPolicy
+from mcproxy.hub import Hub, mint_session_id, valid_session_id
+from mcproxy.jsonrpc import Kind
+from mcproxy.runner import Outbox, SessionRunner
+from mcproxy.session import GENERAL_STREAM, Reply
+from mcproxy.tasks import TaskSet
+
+log = structlog.get_logger("mcproxy")
+
+HEADER_SESSION: Final = "Mcp-Session-Id"
+HEADER_VERSION: Final = "MCP-Protocol-Version"
+HEADER_LAST_EVENT: Final = "Last-Event-ID"
+# Every revision that has the initialize handshake (basic/lifecycle). 2026-07-28 removed it
+# and sessions with it; its clients fall back to this era when their probe is refused.
+SUPPORTED_VERSIONS: Final = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+# transports §"Protocol Version Header": a client that sends none is assumed to be 2025-03-26.
+ASSUMED_VERSION: Final = "2025-03-26"
+# Priming events (an id with empty data) arrived in 2025-11-25; older clients may choke on an
+# empty `data`, so they only get them from that version on (as the Python SDK does).
+PRIMING_SINCE: Final = "2025-11-25"
+_JSON: Final = "application/json"
+_SSE: Final = "text/event-stream"
+_SSE_HEADERS: Final = {
+    "Content-Type": _SSE,
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+
+
+class SseStream:
+    """One SSE response; the ``Attachment`` a ``SessionRunner`` pumps one stream into."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, resp: web.StreamResponse, stream: int | None, tasks: TaskSet) -> None:
+        self.resp = resp
+        self.stream = stream  # None: every stream (the cross-transport cursor form)
+        self.label = f"sse#{next(self._ids)}"
+        self._tasks = tasks
+        self._pump: asyncio.Task[None] | None = None
+
+    async def send(self, data: bytes, lsn: int | None) -> None:
+        head = b""
+        if lsn is not None:
+            data = jsonrpc.without_lsn(data)  # the event id carries it
+            head = b"id: %s\n" % event_id(self.stream, lsn).encode()
+        if b"\n" in data or b"\r" in data:
+            # JSON from an upstream may be pretty-printed; SSE joins data lines with "\n".
+            data = b"\ndata: ".join(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"))
+        await self.resp.write(head + b"data: " + data + b"\n\n")
+
+    async def prime(self, event_id: str, retry_ms: int) -> None:
+        """transports §"Sending Messages to the Server" 6.a: an event id with empty data, so
+        the client can resume even before the first message; ``retry`` paces that resume."""
+        await self.resp.write(b"id: %s\nretry: %d\ndata: \n\n" % (event_id.encode(), retry_ms))
+
+    def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
+        self._pump = self._tasks.spawn(outbox.run(after_lsn, prelude, ended), f"pump:{self.label}")
+
+    def supersede(self) -> None:
+        self.stop()
+
+    def terminated(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End the response; the client resumes (or not) with ``Last-Event-ID``."""
+        if self._pump is not None:
+            self._pump.cancel()
+
+    async def serve(self, keepalive_s: float) -> None:
+        """Until the stream ends, is superseded or the client is gone; keep-alives meanwhile."""
+        pump = self._pump
+        assert pump is not None
+        while True:
+            done, _ = await asyncio.wait({pump}, timeout=keepalive_s)
+            if done:
+                break
+            try:
+                await self.resp.write(b": keepalive\n\n")
+            except (ConnectionError, RuntimeError):
+                pump.cancel()
+                break
+        if not pump.cancelled():
+            exc = pump.exception()
+            if isinstance(exc, StoreError):
+                log.error("http.store_failed", conn=self.label, error=str(exc))
+
+
+class StreamableHttpFront:
+    def __init__(self, hub: Hub, config: Config, guard: HostPolicy) -> None:
+        self.hub = hub
+        self.config = config
+        self.guard = guard
+        self.streams: set[SseStream] = set()
+        self._tasks = TaskSet("http")
+
+    # --- POST -------------------------------------------------------------------------
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        refused = self._check(request)
+        if refused is not None:
+            return refused
+        if request.content_type != _JSON:
+            return _status(415, "Content-Type must be application/json")
+        if not _accepts(request, _JSON) or not _accepts(request, _SSE):
+            return _status(406, "Accept must list application/json and text/event-stream")
+        body = await request.read()
+        try:
+            msg = jsonrpc.decode(body)
+        except ProtocolError as exc:
+            return _error(400, None, exc.code, str(exc)[:200])
+        request_id = msg.id if isinstance(msg.id, int | str) else None
+        kind = jsonrpc.kind_of(msg)
+        session_id = request.headers.get(HEADER_SESSION)
+        created = False
+        if session_id is None:
+            if kind is not Kind.REQUEST or msg.method != "initialize":
+                return _error(
+                    400, request_id, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required"
+                )
+            session_id = mint_session_id()
+            runner = self.hub.create(session_id)
+            created = True
+        else:
+            found = await self._session(session_id, request_id)
+            if isinstance(found, web.Response):
+                return found
+            runner = found
+        if kind is not Kind.REQUEST:
+            runner.client_message(msg)
+            return web.Response(status=202)
+        assert request_id is not None
+        headers = {HEADER_SESSION: session_id}
+        direct = runner.client_message(msg)
+        if direct:
+            answer = direct[0]
+            if isinstance(answer, Reply):
+                data: bytes | None = answer.data
+            else:
+                await runner.store.barrier()
+                data = await runner.store.read_event(session_id, answer.lsn)
+                data = None if data is None else jsonrpc.without_lsn(data)
+            if data is None:  # pruned: the answer is gone, say so rather than hang
+                data = jsonrpc.error_bytes(
+                    request_id, jsonrpc.INVALID_REQUEST, "request id already answered"
+                )
+            return web.Response(body=data, content_type=_JSON, headers=headers)
+        located = runner.core.stream_of(request_id)
+        if located is None:  # cannot happen: a request is answered directly or in flight
+            return _error(500, request_id, jsonrpc.INTERNAL_ERROR, "request was not accepted")
+        stream, start = located
+        if created:
+            log.info("http.session_created", session=runner.label, peer=request.remote)
+        version = (
+            jsonrpc.protocol_version(msg.params)
+            if msg.method == "initialize"
+            else runner.core.protocol_version
+        )
+        return await self._stream(request, runner, stream, start, version, headers)
+
+    # --- GET --------------------------------------------------------------------------
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        refused = self._check(request)
+        if refused is not None:
+            return refused
+        if not _accepts(request, _SSE):
+            return _status(406, "Accept must list text/event-stream")
+        session_id = request.headers.get(HEADER_SESSION)
+        if session_id is None:
+            return _error(400, None, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required")
+        found = await self._session(session_id, None)
+        if isinstance(found, web.Response):
+            return found
+        runner = found
+        last = request.headers.get(HEADER_LAST_EVENT)
+        if last is None:
+            # A new general stream: from what no GET stream carried yet, so nothing the
+            # upstream said between `initialized` and this GET is lost.
+            return await self._stream(
+                request,
+                runner,
+                GENERAL_STREAM,
+                runner.general_sent,
+                runner.core.protocol_version,
+                {},
+            )
+        cursor = parse_event_id(last)
+        if cursor is None:
+            return _error(400, None, jsonrpc.INVALID_REQUEST, "malformed Last-Event-ID")
+        stream, after = cursor
+        return await self._stream(request, runner, stream, after, None, {})
+
+    # --- DELETE -----------------------------------------------------------------------
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        refused = self._check(request)
+        if refused is not None:
+            return refused
+        session_id = request.headers.get(HEADER_SESSION)
+        if session_id is None:
+            return _error(400, None, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required")
+        found = await self._session(session_id, None)
+        if isinstance(found, web.Response):
+            return found
+        await self.hub.terminate(session_id)
+        return web.Response(status=204)
+
+    # --- shared -----------------------------------------------------------------------
+
+    def _check(self, request: web.Request) -> web.Response | None:
+        refusal = self.guard.check(request.host, request.headers.get("Origin"))
+        if refusal is not None:
+            log.warning("http.refused", reason=refusal.reason, peer=request.remote)
+            return _error(refusal.status, None, jsonrpc.INVALID_REQUEST, refusal.reason)
+        version = request.headers.get(HEADER_VERSION)
+        if version is not None and version not in SUPPORTED_VERSIONS:
+            # transports §"Protocol Version Header": an unsupported version MUST get 400.
+            # The body names what we speak, so a 2026-era client falls back to initialize.
+            return _error(
+                400,
+                None,
+                jsonrpc.INVALID_REQUEST,
+                f"Unsupported protocol version: {version[:40]}",
+                {"supported": list(SUPPORTED_VERSIONS)},
+            )
+        return None
+
+    async def _session(
+        self, session_id: str, request_id: jsonrpc.RequestId | None
+    ) -> SessionRunner | web.Response:
+        if not valid_session_id(session_id):
+            return _error(
+                400, request_id, jsonrpc.INVALID_REQUEST, "malformed Mcp-Session-Id header"
+            )
+        runner = await self.hub.get(session_id)
+        if runner is None or runner.closed:
+            # transports §"Session Management" 3: an ended or unknown session gets 404.
+            return _error(404, request_id, jsonrpc.SESSION_NOT_FOUND, "Session not found")
+        return runner
+
+    async def _stream(
+        self,
+        request: web.Request,
+        runner: SessionRunner,
+        stream: int | None,
+        after: int,
+        version: str | None,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Serve ``stream`` after LSN ``after`` as SSE until it ends. ``version`` set: a new
+        stream, primed if the client is recent enough; None: a resumption, not primed."""
+        resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+        await resp.prepare(request)
+        conn = SseStream(resp, stream, self._tasks)
+        self.streams.add(conn)
+        try:
+            if version is not None and version >= PRIMING_SINCE and stream is not None:
+                await conn.prime(event_id(stream, after), self.config.server.sse_retry_ms)
+            if stream is None:
+                runner.attach(conn, after)
+            else:
+                runner.attach_stream(conn, stream, after)
+            await conn.serve(self.config.server.sse_keepalive_s)
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away; the log keeps everything for its resume
+        finally:
+            conn.stop()
+            self.streams.discard(conn)
+            runner.detach(conn)
+        return resp
+
+    def close_all(self) -> None:
+        """Shutdown: end every stream; clients resume on the next process (``retry``)."""
+        for conn in list(self.streams):
+            conn.stop()
+
+    async def aclose(self) -> None:
+        await self._tasks.cancel_all()
+
+
+def event_id(stream: int | None, lsn: int) -> str:
+    return str(lsn) if stream is None else f"{stream}.{lsn}"
+
+
+def parse_event_id(value: str) -> tuple[int | None, int] | None:
+    """``<stream>.<lsn>`` → (stream, lsn); ``<lsn>`` → (None, lsn); anything else → None."""
+    head, dot, tail = value.strip().partition(".")
+    parts = [head, tail] if dot else [head]
+    if not all(p.isdigit() and len(p) <= 18 for p in parts):
+        return None
+    if dot:
+        return int(head), int(tail)
+    return None, int(head)
+
+
+def _accepts(request: web.Request, media: str) -> bool:
+    major = media.split("/")[0]
+    for item in request.headers.get("Accept", "").split(","):
+        value = item.split(";")[0].strip().lower()
+        if value in (media, f"{major}/*", "*/*"):
+            return True
+    return False
+
+
+def _status(status: int, reason: str) -> web.Response:
+    return _error(status, None, jsonrpc.INVALID_REQUEST, reason)
+
+
+def _error(
+    status: int,
+    request_id: jsonrpc.RequestId | None,
+    code: int,
+    message: str,
+    data: object = None,
+) -> web.Response:
+    """An HTTP error whose body is a JSON-RPC error (transports: "MAY comprise a JSON-RPC
+    error response that has no id"; with the id when we know it, as SDK clients match it)."""
+    body = jsonrpc.error_bytes(request_id, code, message, data)
+    return web.Response(status=status, body=body, content_type=_JSON)
