@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -31,14 +31,19 @@ class ProxyProcess:
     """``python -m mcproxy`` on an ephemeral port, its JSON log collected from stderr."""
 
     def __init__(
-        self, db: Path, upstream: str | None = None, *extra: str, env: dict[str, str] | None = None
+        self,
+        db: Path,
+        upstream: str | None = None,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> None:
         self.db = db
         self.upstream = upstream or fixture_upstream()
         self.extra = extra
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
+        self.port = port  # 0: an ephemeral port, a new one on each start
         self.logs: list[dict[str, Any]] = []
         self._ready = threading.Event()
 
@@ -50,7 +55,7 @@ class ProxyProcess:
                 "-m",
                 "mcproxy",
                 "--listen",
-                "127.0.0.1:0",
+                f"127.0.0.1:{self.port}",
                 "--db",
                 str(self.db),
                 "--upstream",
@@ -103,6 +108,15 @@ class ProxyProcess:
 
     def upstream_pids(self) -> list[int]:
         return [int(e["pid"]) for e in self.events("upstream.spawned")]
+
+
+def free_port() -> int:
+    """A port to restart a proxy on (clients that resume by themselves need the same URL)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def pid_alive(pid: int) -> bool:
@@ -256,3 +270,104 @@ class WsClient:
 def tool_text(response: dict[str, Any]) -> str:
     content = response["result"]["content"]
     return str(content[0]["text"])
+
+
+SSE_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+class SseEvent(NamedTuple):
+    id: str | None
+    data: str
+    retry: int | None
+
+    def json(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.data)
+        return value
+
+
+async def read_sse(resp: aiohttp.ClientResponse, stop: Any = None) -> list[SseEvent]:
+    """Events of an SSE response until it ends (or ``stop(event)`` is true); comments skipped."""
+    events: list[SseEvent] = []
+    fields: dict[str, list[str]] = {}
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\r\n")
+        if line:
+            if not line.startswith(":"):
+                name, _, value = line.partition(":")
+                fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+            continue
+        if not fields:
+            continue
+        retry = fields.get("retry")
+        event = SseEvent(
+            fields.get("id", [None])[-1],
+            "\n".join(fields.get("data", [])),
+            int(retry[-1]) if retry else None,
+        )
+        fields = {}
+        events.append(event)
+        if stop is not None and stop(event):
+            break
+    return events
+
+
+class HttpClient:
+    """A raw Streamable HTTP MCP client: one POST per message, SSE read by hand."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.http = aiohttp.ClientSession(headers=headers)
+        self.session_id: str | None = None
+        self.version = "2025-11-25"
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        headers = dict(SSE_HEADERS)
+        if self.session_id is not None:
+            headers["Mcp-Session-Id"] = self.session_id
+            headers["MCP-Protocol-Version"] = self.version
+        headers.update(extra)
+        return headers
+
+    async def post(self, message: dict[str, Any], **extra: str) -> aiohttp.ClientResponse:
+        return await self.http.post(self.url, json=message, headers=self.headers(**extra))
+
+    async def request(
+        self, method: str, params: dict[str, Any] | None = None, request_id: int | str | None = None
+    ) -> tuple[aiohttp.ClientResponse, list[SseEvent]]:
+        """POST a request; the whole SSE stream (or a JSON body as one event)."""
+        rid = next(self._ids) if request_id is None else request_id
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params is not None:
+            message["params"] = params
+        resp = await self.post(message)
+        if resp.content_type == "text/event-stream":
+            return resp, await read_sse(resp)
+        return resp, [SseEvent(None, await resp.text(), None)]
+
+    async def notify(self, method: str, params: dict[str, Any] | None = None) -> int:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        async with await self.post(message) as resp:
+            return resp.status
+
+    async def initialize(self) -> dict[str, Any]:
+        resp, events = await self.request("initialize", INIT_PARAMS)
+        assert resp.status == 200, await resp.text()
+        self.session_id = resp.headers["Mcp-Session-Id"]
+        assert await self.notify("notifications/initialized") == 202
+        return messages(events)[-1]
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        _, events = await self.request(method, params)
+        return messages(events)[-1]
+
+
+def messages(events: list[SseEvent]) -> list[dict[str, Any]]:
+    """The JSON-RPC messages among ``events`` (priming events have empty data)."""
+    return [e.json() for e in events if e.data.strip()]
