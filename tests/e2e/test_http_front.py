@@ -221,7 +221,11 @@ async def test_one_session_two_transports(proxy: ProxyProcess) -> None:
         try:
             replayed = [await ws.recv(), await ws.recv()]
             assert "serverInfo" in replayed[0]["result"] and tool_text(replayed[1]) == "over http"
-            echo = await ws.call("tools/call", {"name": "echo", "arguments": {"text": "over ws"}})
+            # Ids must stay unique within the session, whatever the transport.
+            rid = await ws.request(
+                "tools/call", {"name": "echo", "arguments": {"text": "over ws"}}, "ws-1"
+            )
+            echo = await ws.response(rid)
             assert tool_text(echo) == "over ws" and echo["result"]["_meta"]["io.mcproxy/lsn"] == 3
         finally:
             await ws.close()
