@@ -135,11 +135,11 @@ async def read_answer(
             payload = b"\n".join(data).strip()
             data = []
             if payload:
-                message = json.loads(payload)
+                message: dict[str, Any] = json.loads(payload)
                 if message.get("id") == request_id and "method" not in message:
                     if drain:
                         await resp.read()
-                    return message  # type: ignore[no-any-return]
+                    return message
     raise ConnectionError(f"SSE stream ended without an answer to {request_id!r}")
 
 
