@@ -1,21 +1,51 @@
-"""The aiohttp application: routes only. The daemon builds the objects it routes to."""
+"""The aiohttp applications: routes only. The daemon builds the objects they route to."""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
 from mcproxy.config import Config
+from mcproxy.metrics import CONTENT_TYPE
 from mcproxy.streamable import StreamableHttpFront
 from mcproxy.ws import WebSocketFront
 
+Readiness = Callable[[], Awaitable[dict[str, bool]]]
+Scrape = Callable[[], Awaitable[bytes]]
+
 
 async def _healthz(_: web.Request) -> web.Response:
+    """Alive: the event loop answers. Nothing else is checked (that is /readyz)."""
     return web.json_response({"status": "ok"})
 
 
+def _readyz(readiness: Readiness) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(_: web.Request) -> web.Response:
+        checks = await readiness()
+        ok = all(checks.values())
+        body = {"status": "ready" if ok else "not ready", "checks": checks}
+        return web.json_response(body, status=200 if ok else 503)
+
+    return handle
+
+
+def _metrics(scrape: Scrape) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(body=await scrape(), headers={"Content-Type": CONTENT_TYPE})
+
+    return handle
+
+
 def build_app(
-    config: Config, ws_front: WebSocketFront, http_front: StreamableHttpFront
+    config: Config,
+    ws_front: WebSocketFront,
+    http_front: StreamableHttpFront,
+    readiness: Readiness,
+    scrape: Scrape | None,
 ) -> web.Application:
+    """The main listener. ``scrape`` set: /metrics is served here too."""
+
     async def get(request: web.Request) -> web.StreamResponse:
         # One endpoint for both transports (the SEP: the WebSocket lives at the Streamable
         # HTTP endpoint); an upgrade request is the WebSocket front's, any other GET is SSE.
@@ -28,4 +58,14 @@ def build_app(
     app.router.add_post(config.server.path, http_front.post)
     app.router.add_delete(config.server.path, http_front.delete)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz(readiness))
+    if scrape is not None:
+        app.router.add_get(config.metrics.path, _metrics(scrape))
+    return app
+
+
+def build_metrics_app(config: Config, scrape: Scrape) -> web.Application:
+    """A separate metrics listener (``metrics.listen``), e.g. on a private interface."""
+    app = web.Application()
+    app.router.add_get(config.metrics.path, _metrics(scrape))
     return app

@@ -2,17 +2,19 @@
 
 mcproxy [--config FILE] [--upstream TARGET] [--listen HOST:PORT] [--db PATH] ...
 mcproxy check-config [--config FILE] [...]     print the effective config and exit
+mcproxy [--config FILE | --db PATH] sessions list|show|events|delete ...   (see admin.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from mcproxy import __version__, config, log
+from mcproxy import __version__, admin, config, log
 from mcproxy.errors import ConfigError, StoreError
 
 EXIT_CONFIG = 2
@@ -22,7 +24,8 @@ EXIT_RUNTIME = 1
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mcproxy",
-        description="Durable, reconnectable WebSocket sessions in front of an MCP server.",
+        description="Durable, reconnectable MCP sessions (WebSocket and Streamable HTTP)"
+        " in front of an MCP server. Operator commands: mcproxy sessions --help.",
     )
     p.add_argument(
         "command",
@@ -65,7 +68,40 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _first_command(argv: list[str]) -> str | None:
+    """The first positional word, skipping the values of the options that take one."""
+    takes_value = {"--config", "-c", "--upstream", "--listen", "--db", "--durability"}
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in takes_value or word in {"--log-format", "--log-level"}:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _sessions(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mcproxy")
+    p.add_argument("--config", "-c", help="TOML config file: its store.path is used")
+    p.add_argument("--db", help="SQLite file (overrides the config)")
+    admin.add_parser(p.add_subparsers(dest="command", required=True))
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        cfg = config.load(args.config, {"store": {"path": args.db}} if args.db else None)
+    except ConfigError as exc:
+        print(f"mcproxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return admin.run(args, Path(config.db_path(cfg)))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _first_command(argv) == "sessions":
+        return _sessions(argv)
     args = _parser().parse_args(argv)
     try:
         cfg = config.load(args.config, _overrides(args))
@@ -83,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         uvloop.run(serve(cfg))
+    except ConfigError as exc:  # e.g. a socket systemd passed that is not a listening one
+        print(f"mcproxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except StoreError as exc:
         print(f"mcproxy: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

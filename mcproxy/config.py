@@ -52,6 +52,17 @@ DEFAULT_DB_FILENAME: Final = "mcproxy.db"
 DEFAULT_DURABILITY: Final = "normal"  # WAL + synchronous=NORMAL survives a process kill
 DEFAULT_MAX_BATCH: Final = 512  # most writes committed in one group-commit transaction
 
+# --- [sessions] ------------------------------------------------------------------------
+DEFAULT_PARK_AFTER_S: Final = 300.0  # idle (no client, nothing in flight): stop the child
+DEFAULT_EXPIRE_AFTER_S: Final = 86400.0  # not seen for a day: the session is deleted
+DEFAULT_MAX_LOG_EVENTS: Final = 10000  # per session; older messages are pruned
+DEFAULT_SWEEP_INTERVAL_S: Final = 10.0  # how often parking, pruning and expiry run
+
+# --- [metrics] -------------------------------------------------------------------------
+DEFAULT_METRICS_ENABLED: Final = True
+DEFAULT_METRICS_LISTEN: Final = ""  # empty: /metrics on the main listener; else HOST:PORT
+DEFAULT_METRICS_PATH: Final = "/metrics"
+
 # --- [limits] ---------------------------------------------------------------------------
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024  # inbound WebSocket frame; 1009 above it
 DEFAULT_MAX_PENDING_REQUESTS: Final = 1024  # in-flight client requests per session
@@ -109,6 +120,19 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     send_queue_max: int = DEFAULT_SEND_QUEUE_MAX
 
 
+class SessionsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    park_after_s: float = DEFAULT_PARK_AFTER_S
+    expire_after_s: float = DEFAULT_EXPIRE_AFTER_S
+    max_log_events: int = DEFAULT_MAX_LOG_EVENTS
+    sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S
+
+
+class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = DEFAULT_METRICS_ENABLED
+    listen: str = DEFAULT_METRICS_LISTEN
+    path: str = DEFAULT_METRICS_PATH
+
+
 class LogConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     format: Literal["auto", "json", "console"] = DEFAULT_LOG_FORMAT
     level: Literal["debug", "info", "warning", "error"] = DEFAULT_LOG_LEVEL
@@ -119,6 +143,8 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     upstream: UpstreamConfig = UpstreamConfig()
     store: StoreConfig = StoreConfig()
     limits: LimitsConfig = LimitsConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
 
 
@@ -173,6 +199,10 @@ def validate(config: Config) -> Config:
     parse_target(config.upstream.target)
     if not config.server.path.startswith("/"):
         raise ConfigError("server.path must start with '/'")
+    if not config.metrics.path.startswith("/"):
+        raise ConfigError("metrics.path must start with '/'")
+    if config.metrics.listen:
+        parse_listen(config.metrics.listen)
     positive: dict[str, float] = {
         "server.heartbeat_s": config.server.heartbeat_s,
         "server.shutdown_timeout_s": config.server.shutdown_timeout_s,
@@ -186,6 +216,10 @@ def validate(config: Config) -> Config:
         "limits.max_pending_requests": config.limits.max_pending_requests,
         "limits.dedupe_window": config.limits.dedupe_window,
         "limits.send_queue_max": config.limits.send_queue_max,
+        "sessions.park_after_s": config.sessions.park_after_s,
+        "sessions.expire_after_s": config.sessions.expire_after_s,
+        "sessions.max_log_events": config.sessions.max_log_events,
+        "sessions.sweep_interval_s": config.sessions.sweep_interval_s,
     }
     for name, value in positive.items():
         if value <= 0:

@@ -1,10 +1,14 @@
-"""The composition root: builds every long-lived object from the Config, owns the signals and
-the shutdown order. Nothing else wires concrete classes together.
+"""The composition root: builds every long-lived object from the Config, owns the signals, the
+periodic tasks and the shutdown order. Nothing else wires concrete classes together.
+
+Start-up: open the database, drop orphan rows, resolve what a crash left in flight
+(``Hub.recover``), run one sweep, then listen (on a socket systemd passed in, if any) and
+report READY to systemd.
 
 Shutdown on SIGTERM/SIGINT (docs/ARCHITECTURE.md "Shutdown"):
-1. stop accepting connections;
-2. close every client socket with 1012 (service restart), so reconnecting clients come back
-   at once to the next process;
+1. stop accepting connections (systemd STOPPING=1);
+2. end every SSE stream and close every WebSocket with 1012 (service restart), so clients
+   come back at once to the next process;
 3. stop every upstream (close stdin → SIGTERM → SIGKILL, bounded) and persist each session;
 4. commit what is queued in the log and close the database.
 Each step is bounded by ``server.shutdown_timeout_s``; a second signal skips the grace.
@@ -14,21 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
 
-from mcproxy.app import build_app
+from mcproxy.app import build_app, build_metrics_app
 from mcproxy.config import Config, db_path, parse_listen, parse_target
+from mcproxy.errors import MCProxyError
 from mcproxy.guard import HostPolicy
 from mcproxy.hub import Hub
+from mcproxy.metrics import Metrics, WorldState
 from mcproxy.runner import short_id
+from mcproxy.sdnotify import Notifier, listen_fds
 from mcproxy.store import Store
 from mcproxy.streamable import StreamableHttpFront
+from mcproxy.tasks import TaskSet
 from mcproxy.upstream import Upstream, UpstreamFactory, UpstreamHandler
-from mcproxy.upstream_stdio import StdioUpstream
+from mcproxy.upstream_stdio import StdioUpstream, command_available
 from mcproxy.ws import CLOSE_SERVICE_RESTART, WebSocketFront
 
 log = structlog.get_logger("mcproxy")
@@ -43,69 +54,172 @@ def upstream_factory(config: Config) -> UpstreamFactory:
     return factory
 
 
+@dataclass
+class _Daemon:
+    """The long-lived objects, and the probes that read them."""
+
+    config: Config
+    store: Store
+    hub: Hub
+    metrics: Metrics
+    ws_front: WebSocketFront
+    http_front: StreamableHttpFront
+    notifier: Notifier
+    listening: bool = False
+    tasks: TaskSet = field(default_factory=lambda: TaskSet("daemon"))
+
+    async def readiness(self) -> dict[str, bool]:
+        """/readyz: the log is writable and readable, the listener is up (and not draining),
+        and the upstream command can be found."""
+        argv = parse_target(self.config.upstream.target).argv
+        return {
+            "database": await self.store.ping(),
+            "listener": self.listening,
+            "upstream": command_available(argv),
+        }
+
+    async def scrape(self) -> bytes:
+        stats = await self.store.stats()
+        runners = list(self.hub.runners.values())
+        attached = sum(1 for r in runners if r.conn is not None or r.streams)
+        self.metrics.refresh(
+            WorldState(
+                sessions_attached=attached,
+                sessions_idle=len(runners) - attached,
+                sessions_stored=stats.sessions,
+                connections_ws=len(self.ws_front.connections),
+                connections_http=len(self.http_front.streams),
+                commits=self.store.commits,
+                log_rows=stats.log_rows,
+                log_bytes=stats.log_bytes,
+                db_bytes=stats.file_bytes,
+            )
+        )
+        return self.metrics.render()
+
+    def status_line(self) -> str:
+        runners = self.hub.runners.values()
+        attached = sum(1 for r in runners if r.conn is not None or r.streams)
+        return f"{len(self.hub.runners)} sessions in memory, {attached} with a client"
+
+    async def sweeper(self) -> None:
+        interval = self.config.sessions.sweep_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.hub.sweep()
+            except MCProxyError as exc:  # the store failed: /readyz and the watchdog say so
+                log.error("daemon.sweep_failed", error=str(exc))
+            self.notifier.status(self.status_line())
+
+    async def watchdog(self, interval: float) -> None:
+        # On the event loop, not a thread: a stalled loop stops the pings and systemd restarts
+        # us. A failed log does too: the process cannot keep its promises any more.
+        while True:
+            if self.store.healthy:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+
 async def serve(config: Config, on_ready: Callable[[str, int], None] | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Read (and unset, so MCP children do not inherit them) systemd's variables first.
+    notifier = Notifier.from_env(os.environ, unset_environment=True)
+    inherited = listen_fds(os.environ)
 
     path = db_path(config)
     store = await Store.open(path, config.store.durability, config.store.max_batch)
-    hub = Hub(store, config, upstream_factory(config))
+    metrics = Metrics()
+    hub = Hub(store, config, upstream_factory(config), metrics)
     host, port = parse_listen(config.server.listen)
+    if inherited:
+        host = str(inherited[0].getsockname()[0])
     guard = HostPolicy(config.server.allowed_hosts, config.server.allowed_origins, host)
     ws_front = WebSocketFront(hub, config, guard)
     http_front = StreamableHttpFront(hub, config, guard)
-    app = build_app(config, ws_front, http_front)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    daemon = _Daemon(config, store, hub, metrics, ws_front, http_front, notifier)
+    scrape = daemon.scrape if config.metrics.enabled else None
+    app = build_app(
+        config, ws_front, http_front, daemon.readiness, None if config.metrics.listen else scrape
+    )
+    runners = [
+        web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=config.server.shutdown_timeout_s,
+        )
+    ]
+    if scrape is not None and config.metrics.listen:
+        runners.append(web.AppRunner(build_metrics_app(config, scrape), access_log=None))
     try:
+        notifier.status("recovering sessions")
+        await store.delete_orphans()
         recovered = await hub.recover()
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-        bound = _bound_port(runner, port)
+        await hub.sweep()
+        for runner in runners:
+            await runner.setup()
+        if inherited:
+            for sock in inherited:  # socket activation: clients queued while we started
+                await web.SockSite(runners[0], sock, backlog=socket.SOMAXCONN).start()
+        else:
+            await web.TCPSite(runners[0], host, port, reuse_address=True).start()
+        if len(runners) > 1:
+            metrics_host, metrics_port = parse_listen(config.metrics.listen)
+            await web.TCPSite(runners[1], metrics_host, metrics_port, reuse_address=True).start()
+        bound = _bound_port(runners[0], port)
+        daemon.listening = True
         log.info(
             "daemon.listening",
             host=host,
             port=bound,
+            socket_activated=bool(inherited),
             db=str(path),
             upstream=config.upstream.target,
             recovered_sessions=recovered,
         )
+        notifier.ready(f"listening on {host}:{bound}, {recovered} sessions recovered")
+        daemon.tasks.spawn(daemon.sweeper(), "sweeper")
+        if notifier.watchdog_interval_s:
+            daemon.tasks.spawn(daemon.watchdog(notifier.watchdog_interval_s), "watchdog")
         if on_ready is not None:
             on_ready(host, bound)
         await stop.wait()
         log.info("daemon.stopping")
+        daemon.listening = False
+        notifier.stopping("draining: closing client connections")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _force_exit)
-        await _shutdown(config, runner, ws_front, http_front, hub)
+        await _shutdown(daemon, runners[0])
     finally:
-        with contextlib.suppress(Exception):
-            await runner.cleanup()
+        await daemon.tasks.cancel_all()
+        for runner in runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        notifier.status("flushing the log")
         await store.aclose()
+        notifier.close()
         log.info("daemon.stopped")
 
 
-async def _shutdown(
-    config: Config,
-    runner: web.AppRunner,
-    ws_front: WebSocketFront,
-    http_front: StreamableHttpFront,
-    hub: Hub,
-) -> None:
-    grace = config.server.shutdown_timeout_s
+async def _shutdown(daemon: _Daemon, runner: web.AppRunner) -> None:
+    grace = daemon.config.server.shutdown_timeout_s
     for site in list(runner.sites):
         await site.stop()  # 1. stop accepting
-    http_front.close_all()  # 2. tell clients to come back (SSE: resume after `retry`)
+    daemon.http_front.close_all()  # 2. tell clients to come back (SSE: resume after `retry`)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(
-            ws_front.close_all(CLOSE_SERVICE_RESTART, "server restarting"), grace
+            daemon.ws_front.close_all(CLOSE_SERVICE_RESTART, "server restarting"), grace
         )
+    daemon.notifier.status("stopping upstreams")
     with contextlib.suppress(TimeoutError):  # 3. stop upstreams, persist sessions
-        await asyncio.wait_for(hub.aclose(), grace)
-    await ws_front.aclose()
-    await http_front.aclose()
+        await asyncio.wait_for(daemon.hub.aclose(), grace)
+    await daemon.ws_front.aclose()
+    await daemon.http_front.aclose()
 
 
 def _force_exit() -> None:
@@ -114,8 +228,6 @@ def _force_exit() -> None:
 
 
 def _bound_port(runner: web.AppRunner, requested: int) -> int:
-    if requested:
-        return requested
     for address in runner.addresses:
         if isinstance(address, tuple):
             return int(address[1])

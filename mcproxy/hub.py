@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from typing import Final
 
 import structlog
 
 from mcproxy.config import SESSION_ID_MAX, SESSION_ID_MIN, Config
+from mcproxy.metrics import Metrics
 from mcproxy.runner import SessionRunner, short_id
 from mcproxy.session import Limits, Session
 from mcproxy.store import Store
@@ -36,21 +38,33 @@ def valid_session_id(value: str) -> bool:
 
 
 class Hub:
-    def __init__(self, store: Store, config: Config, upstream_factory: UpstreamFactory) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        upstream_factory: UpstreamFactory,
+        metrics: Metrics,
+    ) -> None:
         self.store = store
         self.config = config
         self.upstream_factory = upstream_factory
+        self.metrics = metrics
         self.limits = Limits(
             max_pending_requests=config.limits.max_pending_requests,
             dedupe_window=config.limits.dedupe_window,
         )
         self.runners: dict[str, SessionRunner] = {}
         self._loading: dict[str, asyncio.Future[SessionRunner | None]] = {}
+        self._parking: dict[str, asyncio.Future[None]] = {}
 
     def create(self, session_id: str) -> SessionRunner:
         """A new, empty session (its row is written when ``initialize`` arrives)."""
         runner = SessionRunner(
-            Session(session_id, self.limits), self.store, self.upstream_factory, self.config
+            Session(session_id, self.limits),
+            self.store,
+            self.upstream_factory,
+            self.config,
+            self.metrics,
         )
         self.runners[session_id] = runner
         log.info("session.created", session=short_id(session_id))
@@ -61,6 +75,10 @@ class Hub:
         runner = self.runners.get(session_id)
         if runner is not None:
             return runner
+        parking = self._parking.get(session_id)
+        if parking is not None:  # let its last state reach the database first
+            await asyncio.shield(parking)
+            return await self.get(session_id)
         loading = self._loading.get(session_id)
         if loading is not None:
             return await asyncio.shield(loading)
@@ -84,7 +102,14 @@ class Hub:
         core, actions = Session.restore(
             session_id, self.limits, loaded.record, loaded.pending, loaded.answered
         )
-        runner = SessionRunner(core, self.store, self.upstream_factory, self.config)
+        runner = SessionRunner(
+            core,
+            self.store,
+            self.upstream_factory,
+            self.config,
+            self.metrics,
+            log_floor=loaded.log_floor,
+        )
         self.runners[session_id] = runner
         log.info(
             "session.restored",
@@ -119,6 +144,48 @@ class Hub:
         await self.store.delete_session(session_id)
         self.runners.pop(session_id, None)
         log.info("session.terminated", session=short_id(session_id))
+
+    async def sweep(self) -> None:
+        """Periodic housekeeping (the daemon calls it every ``sessions.sweep_interval_s``).
+
+        - Park: a session idle for ``park_after_s`` (no client attached, nothing in flight on
+          either side) has its upstream stopped and leaves memory; it is loaded again, and its
+          upstream respawned and re-initialized, the next time a client uses it.
+        - Bound the log: keep at most ``max_log_events`` messages per session.
+        - Expire: delete sessions not seen for ``expire_after_s``.
+        """
+        cfg = self.config.sessions
+        now = asyncio.get_running_loop().time()
+        for session_id, runner in list(self.runners.items()):
+            head = runner.core.next_lsn - 1
+            if head - runner.log_floor > cfg.max_log_events:
+                floor = head - cfg.max_log_events
+                self.store.prune(session_id, floor)
+                self.metrics.log_pruned.inc(floor - runner.log_floor)
+                runner.log_floor = floor
+            if runner.idle and now - runner.last_active >= cfg.park_after_s:
+                await self.park(session_id)
+        cutoff = time.time() - cfg.expire_after_s
+        for session_id in await self.store.expired_sessions(cutoff):
+            if session_id in self.runners or session_id in self._loading:
+                continue  # in use: its row is refreshed when it parks or detaches
+            await self.store.delete_session(session_id)
+            self.metrics.sessions_expired.inc()
+            log.info("session.expired", session=short_id(session_id))
+
+    async def park(self, session_id: str) -> None:
+        runner = self.runners.pop(session_id, None)
+        if runner is None:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._parking[session_id] = done
+        try:
+            await runner.aclose()
+            self.metrics.upstream_events.labels("parked").inc()
+            log.info("session.parked", session=runner.label, head_lsn=runner.core.next_lsn - 1)
+        finally:
+            del self._parking[session_id]
+            done.set_result(None)
 
     async def aclose(self) -> None:
         runners = list(self.runners.values())

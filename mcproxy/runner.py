@@ -26,6 +26,7 @@ from mcproxy import jsonrpc
 from mcproxy.config import Config
 from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
 from mcproxy.jsonrpc import Message
+from mcproxy.metrics import Metrics
 from mcproxy.session import (
     GENERAL_STREAM,
     Action,
@@ -39,6 +40,7 @@ from mcproxy.session import (
     SendUpstream,
     Session,
     StartUpstream,
+    Tally,
     UpstreamState,
 )
 from mcproxy.store import Store
@@ -114,6 +116,7 @@ class Outbox:
         self._wakeup = asyncio.Event()
         self._overflowed = False
         self.sent_lsn = 0
+        self.caught_up: Callable[[], None] | None = None  # called once the replay is done
 
     def push_live(self, lsn: int, data: bytes, committed: asyncio.Future[None]) -> None:
         if self._overflowed:
@@ -145,6 +148,8 @@ class Outbox:
             await self.send(data, None)
         self.sent_lsn = after_lsn
         await self._catch_up()
+        if self.caught_up is not None:
+            self.caught_up()
         if ended:
             return
         while True:
@@ -218,11 +223,16 @@ class SessionRunner:
         store: Store,
         upstream_factory: UpstreamFactory,
         config: Config,
+        metrics: Metrics,
+        log_floor: int = 0,
     ) -> None:
         self.core = core
         self.store = store
         self.upstream_factory = upstream_factory
         self.config = config
+        self.metrics = metrics
+        # LSNs up to here were pruned from the log: a cursor below it cannot be served exactly.
+        self.log_floor = log_floor
         self.label = short_id(core.id)
         # Where messages go: one connection taking every stream (a WebSocket), or any number
         # of Streamable HTTP streams, each taking its own. Never both: whichever kind attaches
@@ -239,6 +249,7 @@ class SessionRunner:
         self._backoff: Iterator[float] | None = None
         self._spawned_at: float | None = None
         self._closed = False
+        self.last_active = asyncio.get_running_loop().time()
 
     @property
     def id(self) -> str:
@@ -275,12 +286,19 @@ class SessionRunner:
             after_lsn=after,
             head_lsn=self.core.next_lsn - 1,
         )
+        if cursor is not None:
+            self._measure_resume(outbox, after)
+            self._acknowledged(after, None)
+        self.touch()
         conn.start(outbox, after, prelude, False)
         self._spawn_if_initialized()
 
-    def attach_stream(self, conn: Attachment, stream: int, after: int) -> None:
+    def attach_stream(
+        self, conn: Attachment, stream: int, after: int, resume: bool = False
+    ) -> None:
         """Bind ``conn`` to one stream: replay it after LSN ``after``, then live, and end it
-        once its request is done (the general stream never ends)."""
+        once its request is done (the general stream never ends). ``resume``: the client
+        asked for it with a cursor (Last-Event-ID)."""
         if self.conn is not None:
             log.info("session.superseded", session=self.label, old=self.conn.label, new=conn.label)
             self.conn.supersede()
@@ -307,8 +325,38 @@ class SessionRunner:
             after_lsn=after,
             ended=ended,
         )
+        if resume:
+            self._measure_resume(outbox, after)
+            self._acknowledged(after, stream)
+        self.touch()
         conn.start(outbox, after, [], ended)
         self._spawn_if_initialized()
+
+    def _measure_resume(self, outbox: Outbox, after: int) -> None:
+        m = self.metrics
+        m.resumes.labels("partial" if after < self.log_floor else "exact").inc()
+        m.replay_depth.observe(max(self.core.next_lsn - 1 - after, 0))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        outbox.caught_up = lambda: m.resume_seconds.observe(loop.time() - started)
+
+    def _acknowledged(self, lsn: int, stream: int | None) -> None:
+        """A client resumed from ``lsn``: it holds everything before, which may go."""
+        through = min(lsn, self.core.next_lsn - 1)
+        if through <= self.log_floor:
+            return
+        self.store.prune(self.core.id, through, stream)
+        if stream is None:
+            self.log_floor = through
+
+    def touch(self) -> None:
+        """Activity: postpones parking (see ``Hub.sweep``)."""
+        self.last_active = asyncio.get_running_loop().time()
+
+    @property
+    def idle(self) -> bool:
+        """No client attached, nothing in flight either way: the upstream may be stopped."""
+        return self.conn is None and not self.streams and self.core.quiescent
 
     def _drop_streams(self, only: int | None) -> None:
         """Supersede the HTTP stream ``only`` (or all of them, if None)."""
@@ -336,7 +384,8 @@ class SessionRunner:
             conn=conn.label,
             delivered_lsn=self.core.delivered_lsn,
         )
-        if self.core.init_request is not None:
+        self.touch()
+        if self.core.init_request is not None and not self._closed:
             self.store.save_session(self.core.id, self.core.snapshot())
 
     def client_message(self, msg: Message) -> list[Reply | Resend]:
@@ -344,6 +393,8 @@ class SessionRunner:
         front delivers those in order with whatever else it is sending that client)."""
         if self._closed:
             return []
+        self.metrics.client_in.inc()
+        self.touch()
         direct: list[Reply | Resend] = []
         rest: list[Action] = []
         for action in self.core.client_message(msg):
@@ -374,9 +425,11 @@ class SessionRunner:
                 line=line[:200].decode("utf-8", "replace"),
             )
             return
+        self.metrics.upstream_in.inc()
         self.execute(self.core.upstream_message(msg))
 
     def on_upstream_lost(self, reason: str) -> None:
+        self.metrics.upstream_events.labels("lost").inc()
         self.upstream = None
         self._up_pending.clear()
         self._ready.clear()
@@ -388,6 +441,7 @@ class SessionRunner:
         store, sid = self.store, self.core.id
         for action in actions:
             if isinstance(action, Emit):
+                self.metrics.client_out.inc()
                 committed = store.append(sid, action.lsn, action.data, action.stream)
                 outbox = self.outbox
                 if outbox is None and action.stream in self.streams:
@@ -395,6 +449,7 @@ class SessionRunner:
                 if outbox is not None:
                     outbox.push_live(action.lsn, action.data, committed)
             elif isinstance(action, SendUpstream):
+                self.metrics.upstream_out.inc()
                 self._send_upstream(action.data, action.durable)
             elif isinstance(action, Reply | Resend):
                 raise AssertionError("direct answers are returned by client_message")
@@ -417,11 +472,23 @@ class SessionRunner:
                 store.save_session(sid, self.core.snapshot())
             elif isinstance(action, StartUpstream):
                 self._ensure_upstream()
+            elif isinstance(action, Tally):
+                self._tally(action)
             elif isinstance(action, RestartUpstream):
+                self.metrics.upstream_events.labels("restarted").inc()
                 log.warning("upstream.restart", session=self.label, reason=action.reason)
                 self._tasks.spawn(self._restart(action.reason), f"restart:{self.label}")
         if self.core.state is UpstreamState.READY:
             self._ready.set()
+
+    def _tally(self, tally: Tally) -> None:
+        m = self.metrics
+        if tally.name == "error":
+            m.error(tally.code)
+        elif tally.name == "deduplicated":
+            m.deduplicated.inc()
+        else:  # reissued, outcome_unknown
+            m.inflight_resolved.labels(tally.name).inc()
 
     def _send_upstream(self, data: bytes, durable: bool) -> None:
         # A durable message waits until every store write issued before it has committed;
@@ -468,9 +535,11 @@ class SessionRunner:
             try:
                 await upstream.start()
             except UpstreamError as exc:
+                self.metrics.upstream_events.labels("spawn_failed").inc()
                 log.error("upstream.spawn_failed", session=self.label, error=str(exc))
                 self.execute(self.core.upstream_unavailable("spawn failed"))
                 return
+            self.metrics.upstream_events.labels("spawned").inc()
             self.upstream = upstream
             self._spawned_at = loop.time()
             self._ready.clear()

@@ -179,6 +179,15 @@ class RestartUpstream:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Something worth counting happened (the driver feeds its metrics): ``deduplicated``,
+    ``reissued``, ``outcome_unknown``, or ``error`` with the JSON-RPC ``code`` answered."""
+
+    name: str
+    code: int = 0
+
+
 Action = (
     SendUpstream
     | Emit
@@ -189,6 +198,7 @@ Action = (
     | SaveSession
     | StartUpstream
     | RestartUpstream
+    | Tally
 )
 
 
@@ -351,6 +361,11 @@ class Session:
         return bool(self._queue) or bool(self._inflight)
 
     @property
+    def quiescent(self) -> bool:
+        """Nothing waits on either side: no client request, no server request unanswered."""
+        return not self.has_work and not self._server_pending
+
+    @property
     def protocol_version(self) -> str | None:
         """The version the upstream negotiated (lifecycle §Version Negotiation), once known."""
         return None if self.init_result is None else jsonrpc.protocol_version(self.init_result)
@@ -388,24 +403,20 @@ class Session:
             return self._client_initialize(msg, key)
         if self.init_request is None:
             # lifecycle §Initialization: initialize MUST be the first interaction.
-            return [
-                self._reply_error(
-                    client_id,
-                    jsonrpc.INVALID_REQUEST,
-                    "session not initialized: send initialize first",
-                )
-            ]
+            return self._reply_error(
+                client_id,
+                jsonrpc.INVALID_REQUEST,
+                "session not initialized: send initialize first",
+            )
         retry = self._retry(client_id, key, method)
         if retry is not None:
             return retry
         if len(self._by_client) >= self.limits.max_pending_requests:
-            return [
-                self._reply_error(
-                    client_id,
-                    jsonrpc.TOO_MANY_PENDING,
-                    "too many requests in flight for this session",
-                )
-            ]
+            return self._reply_error(
+                client_id,
+                jsonrpc.TOO_MANY_PENDING,
+                "too many requests in flight for this session",
+            )
         safe = method in SAFE_METHODS or (
             method == "tools/call" and jsonrpc.tool_name(msg) in self.safe_tools
         )
@@ -426,9 +437,9 @@ class Session:
         if self.init_request is not None:
             if key in self._by_client:
                 return []  # a retry of the initialize still in flight
-            return [
-                self._reply_error(msg.id, jsonrpc.INVALID_REQUEST, "initialize already in progress")
-            ]
+            return self._reply_error(
+                msg.id, jsonrpc.INVALID_REQUEST, "initialize already in progress"
+            )
         stripped = jsonrpc.strip_session_hints(msg)
         self.init_request = stripped
         actions: list[Action] = [SaveSession()]
@@ -438,22 +449,19 @@ class Session:
     def _retry(self, client_id: RequestId, key: str, method: str) -> list[Action] | None:
         """A request id seen before in this session is a retry, never a second execution."""
         if key in self._by_client:
-            return []  # still running: its response will be emitted to whoever is attached
+            # Still running: its response will be emitted to whoever is attached.
+            return [Tally("deduplicated")]
         seen = self._answered.get(key)
         if seen is None:
             return None
         lsn, seen_method = seen
         if seen_method != method:
-            return [
-                self._reply_error(
-                    client_id, jsonrpc.INVALID_REQUEST, "request id already used in this session"
-                )
-            ]
+            return self._reply_error(
+                client_id, jsonrpc.INVALID_REQUEST, "request id already used in this session"
+            )
         if lsn is None:
-            return [
-                self._reply_error(client_id, jsonrpc.REQUEST_CANCELLED, "request was cancelled")
-            ]
-        return [Resend(lsn)]
+            return self._reply_error(client_id, jsonrpc.REQUEST_CANCELLED, "request was cancelled")
+        return [Tally("deduplicated"), Resend(lsn)]
 
     def _forward_request(
         self, msg: Message, key: str, client_id: RequestId, safe: bool
@@ -752,6 +760,7 @@ class Session:
                 actions.append(
                     SaveRequest(flight.key, new_id, flight.method, True, body, flight.stream)
                 )
+                actions.append(Tally("reissued"))
                 reissue.append(flight.msg)
                 continue
             del self._by_client[flight.key]
@@ -778,7 +787,9 @@ class Session:
         )
         emit = self._emit(error, flight.stream)
         self._remember(flight.key, emit.lsn, flight.method)
-        return [emit, FinishRequest(flight.key, emit.lsn, flight.stream)]
+        unknown = code == jsonrpc.OUTCOME_UNKNOWN
+        tally = Tally("outcome_unknown") if unknown else Tally("error", code)
+        return [tally, emit, FinishRequest(flight.key, emit.lsn, flight.stream)]
 
     def delivered(self, lsn: int) -> None:
         """The driver wrote ``lsn`` to a socket (used for replay when no cursor is given)."""
@@ -831,5 +842,5 @@ class Session:
             self._answered.popitem(last=False)
 
     @staticmethod
-    def _reply_error(request_id: RequestId, code: int, message: str) -> Reply:
-        return Reply(jsonrpc.error_bytes(request_id, code, message))
+    def _reply_error(request_id: RequestId, code: int, message: str) -> list[Action]:
+        return [Tally("error", code), Reply(jsonrpc.error_bytes(request_id, code, message))]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ _MIGRATIONS: Final = {
         "ALTER TABLE requests ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
     ),
 }
+_PRUNE: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ?"
+_PRUNE_STREAM: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND stream = ?"
 _BARRIER: Final = ""  # an op with no statement: resolves with its batch's commit
 _APPEND: Final = (
     "INSERT INTO events (session_id, lsn, created_at, payload, stream) VALUES (?, ?, ?, ?, ?)"
@@ -117,6 +120,15 @@ class LoadedSession:
     record: SessionRecord
     pending: list[PendingRow]
     answered: list[tuple[str, int | None, str]]
+    log_floor: int  # every LSN up to here is gone from the log (pruned)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    sessions: int
+    log_rows: int
+    log_bytes: int
+    file_bytes: int  # the database and its WAL
 
 
 @dataclass(slots=True)
@@ -131,11 +143,13 @@ class Store:
 
     def __init__(
         self,
+        path: Path,
         writer: aiosqlite.Connection,
         reader: aiosqlite.Connection,
         max_batch: int,
         in_loop: bool,
     ) -> None:
+        self.path = path
         self._writer = writer
         self._in_loop = in_loop
         self._reader = reader
@@ -179,7 +193,7 @@ class Store:
             await reader.execute("PRAGMA busy_timeout=5000")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {path}: {exc}") from exc
-        store = cls(writer, reader, max_batch, in_loop=durability != "full")
+        store = cls(path, writer, reader, max_batch, in_loop=durability != "full")
         if not store._in_loop:
             store._writer_task = store._tasks.spawn(store._write_loop(), "store-writer")
         return store
@@ -250,6 +264,14 @@ class Store:
         for table, column in (("events", "session_id"), ("requests", "session_id")):
             self._submit(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
         return self._submit("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+    def prune(
+        self, session_id: str, through_lsn: int, stream: int | None = None
+    ) -> asyncio.Future[None]:
+        """Drop logged messages up to ``through_lsn`` (of one stream only, if given)."""
+        if stream is None:
+            return self._submit(_PRUNE, (session_id, through_lsn))
+        return self._submit(_PRUNE_STREAM, (session_id, through_lsn, stream))
 
     def barrier(self) -> asyncio.Future[None]:
         """A future that resolves once every write submitted so far has committed."""
@@ -369,6 +391,7 @@ class Store:
             "SELECT max(lsn) FROM events WHERE session_id = ?", (session_id,)
         ) as cur:
             head = await cur.fetchone()
+        last_lsn = int(head[0]) if head and head[0] is not None else 0
         # Upstream ids are persisted with each request row, not per request in the session
         # row; the highest one ever recorded bounds the counter (pruning keeps that row).
         async with db.execute(
@@ -376,7 +399,10 @@ class Store:
         ) as cur:
             top = await cur.fetchone()
         top_id = int(top[0]) if top and top[0] is not None else 0
-        last_lsn = int(head[0]) if head and head[0] is not None else 0
+        async with db.execute(
+            "SELECT min(lsn) FROM events WHERE session_id = ?", (session_id,)
+        ) as cur:
+            first = await cur.fetchone()
         record = SessionRecord(
             init_request=None if row[0] is None else bytes(row[0]),
             init_result=None if row[1] is None else bytes(row[1]),
@@ -407,7 +433,57 @@ class Store:
                 (str(r[0]), None if r[1] is None else int(r[1]), str(r[2]))
                 for r in reversed(list(await cur.fetchall()))
             ]
-        return LoadedSession(record, pending, answered)
+        # With no rows left, everything before the next LSN is gone (or never existed).
+        floor = int(first[0]) - 1 if first and first[0] is not None else record.next_lsn - 1
+        return LoadedSession(record, pending, answered, floor)
+
+    async def expired_sessions(self, last_seen_before: float) -> list[str]:
+        """Sessions not seen since the given wall-clock time (seconds since the epoch)."""
+        async with self._reader.execute(
+            "SELECT id FROM sessions WHERE last_seen_at < ?", (last_seen_before,)
+        ) as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    async def stats(self) -> StoreStats:
+        """For the metrics: counts read from committed data, sizes from the file system."""
+        try:
+            async with self._reader.execute("SELECT count(*) FROM sessions") as cur:
+                sessions = await cur.fetchone()
+            async with self._reader.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
+            ) as cur:
+                events = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read statistics: {exc}") from exc
+        size = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                size += os.stat(f"{self.path}{suffix}").st_size
+        assert sessions is not None and events is not None
+        return StoreStats(int(sessions[0]), int(events[0]), int(events[1]), size)
+
+    def delete_orphans(self) -> asyncio.Future[None]:
+        """Startup: rows whose session row is gone (a crash between deletes, an old bug)."""
+        for table in ("events", "requests"):
+            self._submit(
+                f"DELETE FROM {table} WHERE session_id NOT IN (SELECT id FROM sessions)", ()
+            )
+        return self.barrier()
+
+    @property
+    def healthy(self) -> bool:
+        return self._failed is None and not self._closed
+
+    async def ping(self) -> bool:
+        """Readiness: writable, and the file answers a read."""
+        if not self.healthy:
+            return False
+        try:
+            async with self._reader.execute("SELECT 1") as cur:
+                await cur.fetchone()
+        except sqlite3.Error:
+            return False
+        return True
 
     async def sessions_with_pending(self) -> list[str]:
         """Sessions that had requests in flight (to resolve right after a restart)."""

@@ -135,21 +135,21 @@ class StreamableHttpFront:
         if refused is not None:
             return refused
         if request.content_type != _JSON:
-            return _status(415, "Content-Type must be application/json")
+            return self._status(415, "Content-Type must be application/json")
         if not _accepts(request, _JSON) or not _accepts(request, _SSE):
-            return _status(406, "Accept must list application/json and text/event-stream")
+            return self._status(406, "Accept must list application/json and text/event-stream")
         body = await request.read()
         try:
             msg = jsonrpc.decode(body)
         except ProtocolError as exc:
-            return _error(400, None, exc.code, str(exc)[:200])
+            return self._error(400, None, exc.code, str(exc)[:200])
         request_id = msg.id if isinstance(msg.id, int | str) else None
         kind = jsonrpc.kind_of(msg)
         session_id = request.headers.get(HEADER_SESSION)
         created = False
         if session_id is None:
             if kind is not Kind.REQUEST or msg.method != "initialize":
-                return _error(
+                return self._error(
                     400, request_id, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required"
                 )
             session_id = mint_session_id()
@@ -181,7 +181,7 @@ class StreamableHttpFront:
             return web.Response(body=data, content_type=_JSON, headers=headers)
         located = runner.core.stream_of(request_id)
         if located is None:  # cannot happen: a request is answered directly or in flight
-            return _error(500, request_id, jsonrpc.INTERNAL_ERROR, "request was not accepted")
+            return self._error(500, request_id, jsonrpc.INTERNAL_ERROR, "request was not accepted")
         stream, start = located
         if created:
             log.info("http.session_created", session=runner.label, peer=request.remote)
@@ -199,15 +199,19 @@ class StreamableHttpFront:
         if refused is not None:
             return refused
         if not _accepts(request, _SSE):
-            return _status(406, "Accept must list text/event-stream")
+            return self._status(406, "Accept must list text/event-stream")
         session_id = request.headers.get(HEADER_SESSION)
         if session_id is None:
-            return _error(400, None, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required")
+            return self._error(
+                400, None, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required"
+            )
+        last = request.headers.get(HEADER_LAST_EVENT)
         found = await self._session(session_id, None)
         if isinstance(found, web.Response):
+            if found.status == 404 and last is not None:
+                self.hub.metrics.resumes.labels("unknown_session").inc()
             return found
         runner = found
-        last = request.headers.get(HEADER_LAST_EVENT)
         if last is None:
             # A new general stream: from what no GET stream carried yet, so nothing the
             # upstream said between `initialized` and this GET is lost.
@@ -221,7 +225,7 @@ class StreamableHttpFront:
             )
         cursor = parse_event_id(last)
         if cursor is None:
-            return _error(400, None, jsonrpc.INVALID_REQUEST, "malformed Last-Event-ID")
+            return self._error(400, None, jsonrpc.INVALID_REQUEST, "malformed Last-Event-ID")
         stream, after = cursor
         return await self._stream(request, runner, stream, after, None, {})
 
@@ -233,7 +237,9 @@ class StreamableHttpFront:
             return refused
         session_id = request.headers.get(HEADER_SESSION)
         if session_id is None:
-            return _error(400, None, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required")
+            return self._error(
+                400, None, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required"
+            )
         found = await self._session(session_id, None)
         if isinstance(found, web.Response):
             return found
@@ -242,16 +248,30 @@ class StreamableHttpFront:
 
     # --- shared -----------------------------------------------------------------------
 
+    def _error(
+        self,
+        status: int,
+        request_id: jsonrpc.RequestId | None,
+        code: int,
+        message: str,
+        data: object = None,
+    ) -> web.Response:
+        self.hub.metrics.error(f"http_{status}")
+        return _error_response(status, request_id, code, message, data)
+
+    def _status(self, status: int, reason: str) -> web.Response:
+        return self._error(status, None, jsonrpc.INVALID_REQUEST, reason)
+
     def _check(self, request: web.Request) -> web.Response | None:
         refusal = self.guard.check(request.host, request.headers.get("Origin"))
         if refusal is not None:
             log.warning("http.refused", reason=refusal.reason, peer=request.remote)
-            return _error(refusal.status, None, jsonrpc.INVALID_REQUEST, refusal.reason)
+            return self._error(refusal.status, None, jsonrpc.INVALID_REQUEST, refusal.reason)
         version = request.headers.get(HEADER_VERSION)
         if version is not None and version not in SUPPORTED_VERSIONS:
             # transports §"Protocol Version Header": an unsupported version MUST get 400.
             # The body names what we speak, so a 2026-era client falls back to initialize.
-            return _error(
+            return self._error(
                 400,
                 None,
                 jsonrpc.INVALID_REQUEST,
@@ -264,13 +284,13 @@ class StreamableHttpFront:
         self, session_id: str, request_id: jsonrpc.RequestId | None
     ) -> SessionRunner | web.Response:
         if not valid_session_id(session_id):
-            return _error(
+            return self._error(
                 400, request_id, jsonrpc.INVALID_REQUEST, "malformed Mcp-Session-Id header"
             )
         runner = await self.hub.get(session_id)
         if runner is None or runner.closed:
             # transports §"Session Management" 3: an ended or unknown session gets 404.
-            return _error(404, request_id, jsonrpc.SESSION_NOT_FOUND, "Session not found")
+            return self._error(404, request_id, jsonrpc.SESSION_NOT_FOUND, "Session not found")
         return runner
 
     async def _stream(
@@ -294,7 +314,7 @@ class StreamableHttpFront:
             if stream is None:
                 runner.attach(conn, after)
             else:
-                runner.attach_stream(conn, stream, after)
+                runner.attach_stream(conn, stream, after, resume=version is None)
             await conn.serve(self.config.server.sse_keepalive_s)
         except (ConnectionError, RuntimeError):
             pass  # the client went away; the log keeps everything for its resume
@@ -337,11 +357,7 @@ def _accepts(request: web.Request, media: str) -> bool:
     return False
 
 
-def _status(status: int, reason: str) -> web.Response:
-    return _error(status, None, jsonrpc.INVALID_REQUEST, reason)
-
-
-def _error(
+def _error_response(
     status: int,
     request_id: jsonrpc.RequestId | None,
     code: int,

@@ -53,6 +53,11 @@ def resolve_command(argv: tuple[str, ...]) -> list[str]:
     return [program, *argv[1:]]
 
 
+def command_available(argv: tuple[str, ...]) -> bool:
+    """Readiness: the command would be found and is executable (it may still fail later)."""
+    return shutil.which(resolve_command(argv)[0]) is not None
+
+
 class StdioUpstream:
     """One child process. Create, ``start()``, ``send()`` lines, ``aclose()``."""
 

@@ -135,6 +135,7 @@ class WebSocketFront:
         cfg = self.config.server
         refusal = self.guard.check(request.host, request.headers.get("Origin"))
         if refusal is not None:
+            self.hub.metrics.error(f"http_{refusal.status}")
             log.warning("ws.refused", reason=refusal.reason, peer=request.remote)
             return web.Response(status=refusal.status, text=refusal.reason + "\n")
         hint = request.query.get(QUERY_SESSION) or request.cookies.get(cfg.cookie_name)
@@ -188,10 +189,12 @@ class WebSocketFront:
         ws = conn.ws
         async for frame in ws:
             if frame.type is WSMsgType.BINARY:
+                self.hub.metrics.error(f"ws_{CLOSE_BINARY}")
                 await conn.close(CLOSE_BINARY, "binary frames are not supported by MCP")
                 return
             if frame.type is WSMsgType.ERROR:
                 # aiohttp already closed with 1009 (too big) or 1002/1007 (bad frame).
+                self.hub.metrics.error(f"ws_{ws.close_code}")
                 log.info("ws.frame_error", conn=conn.label, error=str(ws.exception()))
                 return
             if frame.type is not WSMsgType.TEXT:
@@ -199,6 +202,7 @@ class WebSocketFront:
             try:
                 msg = jsonrpc.decode(frame.data)
             except ProtocolError as exc:
+                self.hub.metrics.error(exc.code)
                 await conn.reply(jsonrpc.error_bytes(None, exc.code, *_public(exc)))
                 continue
             if conn.runner is None:
@@ -241,6 +245,9 @@ class WebSocketFront:
                 )
             return
         runner = await self.hub.get(hint) if hint is not None else None
+        if hint is not None and runner is None and not is_init:
+            # (An unknown id on initialize or on the URL is how a client proposes a new one.)
+            self.hub.metrics.resumes.labels("unknown_session").inc()
         if runner is not None:
             conn.runner = runner
             if is_init:
@@ -254,7 +261,7 @@ class WebSocketFront:
             existing = await self.hub.get(session_id)
             runner = existing or self.hub.create(session_id)
             conn.runner = runner
-            runner.attach(conn, cursor if existing else 0)
+            runner.attach(conn, cursor if existing else None)
             conn.to_session(msg)
             return
         if kind is not Kind.REQUEST:

@@ -14,13 +14,13 @@ LAYERS = {
     "errors": 0,
     "config": 1, "jsonrpc": 1, "framing": 1, "guard": 1,
     "session": 2,
-    "tasks": 3, "log": 3, "upstream": 3,
+    "tasks": 3, "log": 3, "upstream": 3, "sdnotify": 3, "metrics": 3,
     "store": 4, "upstream_stdio": 4,
     "runner": 5,
     "hub": 6,
     "ws": 7, "streamable": 7,
     "app": 8,
-    "daemon": 9,
+    "daemon": 9, "admin": 9,
     "cli": 10,
 }  # fmt: skip
 SANS_IO = {"errors", "config", "jsonrpc", "framing", "guard", "session"}

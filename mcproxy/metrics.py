@@ -1,0 +1,146 @@
+"""Prometheus metrics, on a registry owned by the daemon (never the process-global one).
+
+Labels are low-cardinality by construction: no session ids, no method names from clients, no
+tool names; error codes are the proxy's own short list. Gauges that describe the state of the
+world (sessions by state, connections, the size of the log) are refreshed right before each
+scrape by ``refresh``, so nothing has to keep them in step on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+# A resume on loopback takes about a millisecond; anything near a second is an incident.
+_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_DEPTH_BUCKETS: Final = (0, 1, 5, 10, 50, 100, 500, 1000, 5000, 10000)
+
+
+@dataclass(frozen=True, slots=True)
+class WorldState:
+    """What ``refresh`` sets: counted by the hub, the fronts and the store at scrape time."""
+
+    sessions_attached: int
+    sessions_idle: int
+    sessions_stored: int
+    connections_ws: int
+    connections_http: int
+    commits: int
+    log_rows: int
+    log_bytes: int
+    db_bytes: int
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.sessions = Gauge(
+            "mcproxy_sessions",
+            "Sessions by state: attached (a client connected), idle (in memory, no client),"
+            " parked (only in the database)",
+            ["state"],
+            registry=r,
+        )
+        self.connections = Gauge(
+            "mcproxy_connections", "Open client connections", ["transport"], registry=r
+        )
+        self.client_messages = Counter(
+            "mcproxy_client_messages",
+            "Messages from clients (in) and logged for clients (out)",
+            ["direction"],
+            registry=r,
+        )
+        self.upstream_messages = Counter(
+            "mcproxy_upstream_messages",
+            "Messages read from (in) and written to (out) upstream servers",
+            ["direction"],
+            registry=r,
+        )
+        self.resumes = Counter(
+            "mcproxy_resumes",
+            "Resume attempts by outcome: exact, partial (the log was pruned past the cursor),"
+            " unknown_session",
+            ["outcome"],
+            registry=r,
+        )
+        self.replay_depth = Histogram(
+            "mcproxy_replay_depth",
+            "Messages a resuming connection had to catch up on",
+            buckets=_DEPTH_BUCKETS,
+            registry=r,
+        )
+        self.resume_seconds = Histogram(
+            "mcproxy_resume_seconds",
+            "From a resuming connection's arrival to the end of its replay",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_events = Counter(
+            "mcproxy_upstream_events",
+            "Upstream lifecycle: spawned, spawn_failed, lost, restarted, parked",
+            ["event"],
+            registry=r,
+        )
+        self.inflight_resolved = Counter(
+            "mcproxy_inflight_resolved",
+            "In-flight requests of a lost upstream: reissued (safe) or outcome_unknown",
+            ["outcome"],
+            registry=r,
+        )
+        self.deduplicated = Counter(
+            "mcproxy_deduplicated_requests",
+            "Retried request ids answered from the log or joined to the running request",
+            registry=r,
+        )
+        self.errors = Counter(
+            "mcproxy_errors",
+            "JSON-RPC errors and HTTP refusals produced by the proxy itself, by code",
+            ["code"],
+            registry=r,
+        )
+        self.sessions_expired = Counter(
+            "mcproxy_sessions_expired", "Sessions deleted after their idle lifetime", registry=r
+        )
+        self.log_pruned = Counter(
+            "mcproxy_log_pruned_rows", "Log rows deleted by pruning", registry=r
+        )
+        self.log_rows = Gauge("mcproxy_log_rows", "Messages held in the log", registry=r)
+        self.log_bytes = Gauge("mcproxy_log_bytes", "Payload bytes held in the log", registry=r)
+        self.db_bytes = Gauge(
+            "mcproxy_db_bytes", "Size of the database and its WAL on disk", registry=r
+        )
+        self.store_commits = Counter(
+            "mcproxy_store_commits", "Group-commit transactions", registry=r
+        )
+        self._commits_seen = 0
+        # Pre-bound children for the per-message paths (a labels() lookup costs a dict hit
+        # and a lock; these are plain attribute reads).
+        self.client_in = self.client_messages.labels("in")
+        self.client_out = self.client_messages.labels("out")
+        self.upstream_in = self.upstream_messages.labels("in")
+        self.upstream_out = self.upstream_messages.labels("out")
+
+    def error(self, code: int | str) -> None:
+        """A JSON-RPC error code, or an HTTP status / close code as ``http_404``/``ws_1009``."""
+        self.errors.labels(str(code)).inc()
+
+    def refresh(self, world: WorldState) -> None:
+        self.sessions.labels("attached").set(world.sessions_attached)
+        self.sessions.labels("idle").set(world.sessions_idle)
+        parked = world.sessions_stored - world.sessions_attached - world.sessions_idle
+        self.sessions.labels("parked").set(max(parked, 0))
+        self.connections.labels("websocket").set(world.connections_ws)
+        self.connections.labels("http").set(world.connections_http)
+        self.log_rows.set(world.log_rows)
+        self.log_bytes.set(world.log_bytes)
+        self.db_bytes.set(world.db_bytes)
+        if world.commits > self._commits_seen:
+            self.store_commits.inc(world.commits - self._commits_seen)
+            self._commits_seen = world.commits
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
