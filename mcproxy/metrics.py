@@ -106,7 +106,9 @@ class Metrics:
             "mcproxy_sessions_expired", "Sessions deleted after their idle lifetime", registry=r
         )
         self.log_pruned = Counter(
-            "mcproxy_log_pruned_rows", "Log rows deleted by pruning", registry=r
+            "mcproxy_log_pruned_rows",
+            "Log rows deleted to keep sessions within max_log_events",
+            registry=r,
         )
         self.log_rows = Gauge("mcproxy_log_rows", "Messages held in the log", registry=r)
         self.log_bytes = Gauge("mcproxy_log_bytes", "Payload bytes held in the log", registry=r)

@@ -1,0 +1,244 @@
+"""Operations against the real daemon: metrics, health, systemd notify and socket activation,
+parking, expiry and pruning."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import (
+    MS,
+    ROOT,
+    TIMEOUT,
+    HttpClient,
+    ProxyProcess,
+    WsClient,
+    fixture_upstream,
+    pid_alive,
+    tool_text,
+    wait_until,
+)
+
+
+def write_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "mcproxy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+async def scrape(proxy: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = f"http://127.0.0.1:{proxy.port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_move_through_resume_crash_and_dedupe(proxy: ProxyProcess) -> None:
+    before = await scrape(proxy)
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    rid = await client.call_tool("echo", {"text": "once"})
+    first = await client.response(rid)
+    await client.send({"jsonrpc": "2.0", "id": rid, "method": "tools/call",
+                       "params": {"name": "echo", "arguments": {"text": "once"}}})  # fmt: skip
+    crashed = await client.response(await client.call_tool("crash", {}))
+    assert crashed["error"]["code"] == -32010
+    cursor = max(client.lsns())
+    await client.drop()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor - 2)
+    await back.recv()
+    await back.recv()  # the two messages after the cursor, replayed
+    after = await scrape(proxy)
+    await back.close()
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("mcproxy_resumes_total", outcome="exact") == 1
+    assert moved("mcproxy_replay_depth_count") == 1 and moved("mcproxy_replay_depth_sum") == 2
+    assert moved("mcproxy_resume_seconds_count") == 1
+    assert moved("mcproxy_deduplicated_requests_total") == 1
+    assert moved("mcproxy_inflight_resolved_total", outcome="outcome_unknown") == 1
+    assert moved("mcproxy_upstream_events_total", event="lost") == 1
+    assert moved("mcproxy_upstream_events_total", event="spawned") >= 1
+    assert moved("mcproxy_client_messages_total", direction="in") >= 5
+    assert moved("mcproxy_client_messages_total", direction="out") >= 3
+    assert value(after, "mcproxy_sessions", state="attached") == 1
+    assert value(after, "mcproxy_connections", transport="websocket") == 1
+    # The resume acknowledged everything up to its cursor: only the replayed two remain.
+    assert value(after, "mcproxy_log_rows") == 2 and value(after, "mcproxy_db_bytes") > 0
+    assert tool_text(first) == "once"
+
+
+async def test_health_and_readiness(tmp_path: Path) -> None:
+    good = ProxyProcess(tmp_path / "a.sqlite").start()
+    bad = ProxyProcess(tmp_path / "b.sqlite", "stdio:/nonexistent/mcp-server").start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for proxy, status in ((good, 200), (bad, 503)):
+                base = f"http://127.0.0.1:{proxy.port}"
+                async with http.get(f"{base}/healthz") as resp:
+                    assert resp.status == 200
+                async with http.get(f"{base}/readyz") as resp:
+                    assert resp.status == status
+                    checks = (await resp.json())["checks"]
+                    assert checks["database"] and checks["listener"]
+                    assert checks["upstream"] is (status == 200)
+    finally:
+        good.kill()
+        bad.kill()
+
+
+async def test_sd_notify_ready_watchdog_stopping(tmp_path: Path) -> None:
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    receiver.bind(str(path))
+    receiver.settimeout(TIMEOUT)
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}  # ping every 0.1 s
+    proxy = ProxyProcess(tmp_path / "db.sqlite", env=env).start()
+    try:
+        got: list[str] = []
+        while not any(m.startswith("WATCHDOG=1") for m in got):
+            got.append(receiver.recv(4096).decode())
+        ready = [m for m in got if "READY=1" in m]
+        assert ready and "STATUS=listening on 127.0.0.1" in ready[0]
+        assert proxy.terminate() == 0
+        while not any("STOPPING=1" in m for m in got):
+            got.append(receiver.recv(4096).decode())
+    finally:
+        proxy.kill()
+        receiver.close()
+
+
+async def test_socket_activation_serves_clients_that_connected_before_start(
+    tmp_path: Path,
+) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    # A client connects (and sends its request) before mcproxy even runs: the kernel queues it.
+    early = socket.create_connection(("127.0.0.1", port))
+    early.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    fd = listener.fileno()
+    argv = [sys.executable, "-m", "mcproxy", "--db", str(tmp_path / "db.sqlite"),
+            "--upstream", fixture_upstream(), "--log-format", "json"]  # fmt: skip
+    # LISTEN_PID must be the daemon's pid: exec from a shell keeps it ($$).
+    proc = await asyncio.create_subprocess_exec(
+        *["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", *argv],
+        preexec_fn=lambda: os.dup2(fd, 3),
+        pass_fds=(3,),
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        early.settimeout(TIMEOUT)
+        reply = b""
+        while chunk := early.recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b'"ok"' in reply
+        client = HttpClient(f"http://127.0.0.1:{port}/mcp")
+        try:
+            await client.initialize()
+            echo = await client.call("tools/call", {"name": "echo", "arguments": {"text": "sa"}})
+            assert tool_text(echo) == "sa"
+        finally:
+            await client.close()
+    finally:
+        proc.kill()
+        await proc.wait()
+        early.close()
+        listener.close()
+
+
+async def test_idle_session_parks_and_respawns_on_demand(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "[sessions]\npark_after_s = 0.3\nsweep_interval_s = 0.1\n")
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+    try:
+        client = await WsClient.connect(proxy.url)
+        session_id = (await client.initialize())["result"]["mcpSessionId"]
+        first_pid = (await client.response(await client.call_tool("pid", {})))["result"]
+        cursor = max(client.lsns())
+        await client.close()
+        wait_until(lambda: bool(proxy.events("session.parked")))
+        [pid] = proxy.upstream_pids()
+        wait_until(lambda: not pid_alive(pid))  # the child was stopped
+        back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+        try:
+            again = await back.response(await back.call_tool("pid", {}))
+            assert again["result"] != first_pid  # a new child, re-initialized from the log
+            assert len(proxy.upstream_pids()) == 2
+        finally:
+            await back.close()
+    finally:
+        proxy.kill()
+
+
+async def test_expired_sessions_are_deleted(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        "[sessions]\npark_after_s = 0.1\nexpire_after_s = 0.5\nsweep_interval_s = 0.1\n",
+    )
+    db = tmp_path / "db.sqlite"
+    proxy = ProxyProcess(db, None, "--config", config).start()
+    try:
+        client = HttpClient(proxy.url)
+        try:
+            await client.initialize()
+            wait_until(lambda: bool(proxy.events("session.expired")))
+            resp, _ = await client.request("tools/list")
+            assert resp.status == 404  # gone for good
+        finally:
+            await client.close()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    finally:
+        proxy.kill()
+
+
+async def test_pruning_keeps_the_log_bounded(tmp_path: Path) -> None:
+    cap = 40
+    config = write_config(
+        tmp_path, f"[sessions]\nmax_log_events = {cap}\nsweep_interval_s = 0.05\n"
+    )
+    db = tmp_path / "db.sqlite"
+    proxy = ProxyProcess(db, None, "--config", config).start()
+    sizes: list[int] = []
+    try:
+        client = HttpClient(proxy.url)
+        try:
+            await client.initialize()
+            for burst in range(4):
+                for i in range(150):
+                    text = f"{burst}-{i}" + "x" * 500
+                    await client.call("tools/call", {"name": "echo", "arguments": {"text": text}})
+                await asyncio.sleep(200 * MS)  # a few sweeps
+                with sqlite3.connect(db) as conn:
+                    rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+                    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+                assert rows <= cap + 5
+                sizes.append(pages)
+        finally:
+            await client.close()
+    finally:
+        proxy.kill()
+    # Freed pages are reused: after the first burst the file stops growing.
+    assert sizes[-1] <= sizes[1] * 1.2, sizes
