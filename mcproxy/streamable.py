@@ -256,8 +256,11 @@ class StreamableHttpFront:
         message: str,
         data: object = None,
     ) -> web.Response:
+        """An HTTP error whose body is a JSON-RPC error (transports: "MAY comprise a JSON-RPC
+        error response that has no id"; with the id when we know it, as SDK clients match it)."""
         self.hub.metrics.error(f"http_{status}")
-        return _error_response(status, request_id, code, message, data)
+        body = jsonrpc.error_bytes(request_id, code, message, data)
+        return web.Response(status=status, body=body, content_type=_JSON)
 
     def _status(self, status: int, reason: str) -> web.Response:
         return self._error(status, None, jsonrpc.INVALID_REQUEST, reason)
@@ -355,16 +358,3 @@ def _accepts(request: web.Request, media: str) -> bool:
         if value in (media, f"{major}/*", "*/*"):
             return True
     return False
-
-
-def _error_response(
-    status: int,
-    request_id: jsonrpc.RequestId | None,
-    code: int,
-    message: str,
-    data: object = None,
-) -> web.Response:
-    """An HTTP error whose body is a JSON-RPC error (transports: "MAY comprise a JSON-RPC
-    error response that has no id"; with the id when we know it, as SDK clients match it)."""
-    body = jsonrpc.error_bytes(request_id, code, message, data)
-    return web.Response(status=status, body=body, content_type=_JSON)

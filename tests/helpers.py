@@ -165,6 +165,25 @@ def lsn_of(message: dict[str, Any]) -> int | None:
     return None
 
 
+# The database layout mcproxy 0.1 wrote (schema version 1), for migration and admin tests.
+SCHEMA_V1 = (
+    "CREATE TABLE sessions (id TEXT PRIMARY KEY, created_at REAL NOT NULL,"
+    " last_seen_at REAL NOT NULL, init_request BLOB, init_result BLOB,"
+    " initialized INTEGER NOT NULL DEFAULT 0, log_level TEXT,"
+    " subscriptions TEXT NOT NULL DEFAULT '[]', safe_tools TEXT NOT NULL DEFAULT '[]',"
+    " next_upstream_id INTEGER NOT NULL DEFAULT 1,"
+    " next_server_id INTEGER NOT NULL DEFAULT 1, next_lsn INTEGER NOT NULL DEFAULT 1,"
+    " delivered_lsn INTEGER NOT NULL DEFAULT 0);"
+    "CREATE TABLE events (session_id TEXT NOT NULL, lsn INTEGER NOT NULL,"
+    " created_at REAL NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (session_id, lsn))"
+    " WITHOUT ROWID;"
+    "CREATE TABLE requests (session_id TEXT NOT NULL, client_key TEXT NOT NULL,"
+    " upstream_id INTEGER NOT NULL, method TEXT NOT NULL, safe INTEGER NOT NULL,"
+    " body BLOB, done INTEGER NOT NULL DEFAULT 0, lsn INTEGER,"
+    " PRIMARY KEY (session_id, client_key)) WITHOUT ROWID;"
+    "PRAGMA user_version=1;"
+)
+
 INIT_PARAMS = {
     "protocolVersion": "2025-11-25",
     "capabilities": {"sampling": {}, "elicitation": {"form": {}}},

@@ -11,6 +11,7 @@ import pytest
 from mcproxy.errors import StoreError
 from mcproxy.session import SessionRecord
 from mcproxy.store import Store
+from tests.helpers import SCHEMA_V1
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -60,23 +61,8 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:  # the layout mcproxy 0.1 wrote
         conn.executescript(
-            "CREATE TABLE sessions (id TEXT PRIMARY KEY, created_at REAL NOT NULL,"
-            " last_seen_at REAL NOT NULL, init_request BLOB, init_result BLOB,"
-            " initialized INTEGER NOT NULL DEFAULT 0, log_level TEXT,"
-            " subscriptions TEXT NOT NULL DEFAULT '[]', safe_tools TEXT NOT NULL DEFAULT '[]',"
-            " next_upstream_id INTEGER NOT NULL DEFAULT 1,"
-            " next_server_id INTEGER NOT NULL DEFAULT 1, next_lsn INTEGER NOT NULL DEFAULT 1,"
-            " delivered_lsn INTEGER NOT NULL DEFAULT 0);"
-            "CREATE TABLE events (session_id TEXT NOT NULL, lsn INTEGER NOT NULL,"
-            " created_at REAL NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (session_id, lsn))"
-            " WITHOUT ROWID;"
-            "CREATE TABLE requests (session_id TEXT NOT NULL, client_key TEXT NOT NULL,"
-            " upstream_id INTEGER NOT NULL, method TEXT NOT NULL, safe INTEGER NOT NULL,"
-            " body BLOB, done INTEGER NOT NULL DEFAULT 0, lsn INTEGER,"
-            " PRIMARY KEY (session_id, client_key)) WITHOUT ROWID;"
-            "INSERT INTO sessions (id, created_at, last_seen_at) VALUES ('S', 0, 0);"
+            SCHEMA_V1 + "INSERT INTO sessions (id, created_at, last_seen_at) VALUES ('S', 0, 0);"
             "INSERT INTO events VALUES ('S', 1, 0, x'7b7d');"
-            "PRAGMA user_version=1;"
         )
     store = await Store.open(path)
     assert await store.read_events("S", 0, stream=0) == [(1, b"{}")]

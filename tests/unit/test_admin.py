@@ -14,6 +14,7 @@ import pytest
 from mcproxy import admin
 from mcproxy.session import SessionRecord
 from mcproxy.store import SCHEMA_VERSION, Store
+from tests.helpers import SCHEMA_V1
 
 A = "sessA-0123456789abcdefghijklmnop"  # full-length ids: the tool prints them whole
 B = "sessB-0123456789abcdefghijklmnop"
@@ -344,24 +345,9 @@ def test_version_1_database_is_read_without_migrating(
     path = tmp_path / "old.db"
     with contextlib.closing(sqlite3.connect(path)) as conn:  # the layout mcproxy 0.1 wrote
         conn.executescript(
-            "CREATE TABLE sessions (id TEXT PRIMARY KEY, created_at REAL NOT NULL,"
-            " last_seen_at REAL NOT NULL, init_request BLOB, init_result BLOB,"
-            " initialized INTEGER NOT NULL DEFAULT 0, log_level TEXT,"
-            " subscriptions TEXT NOT NULL DEFAULT '[]', safe_tools TEXT NOT NULL DEFAULT '[]',"
-            " next_upstream_id INTEGER NOT NULL DEFAULT 1,"
-            " next_server_id INTEGER NOT NULL DEFAULT 1, next_lsn INTEGER NOT NULL DEFAULT 1,"
-            " delivered_lsn INTEGER NOT NULL DEFAULT 0);"
-            "CREATE TABLE events (session_id TEXT NOT NULL, lsn INTEGER NOT NULL,"
-            " created_at REAL NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (session_id, lsn))"
-            " WITHOUT ROWID;"
-            "CREATE TABLE requests (session_id TEXT NOT NULL, client_key TEXT NOT NULL,"
-            " upstream_id INTEGER NOT NULL, method TEXT NOT NULL, safe INTEGER NOT NULL,"
-            " body BLOB, done INTEGER NOT NULL DEFAULT 0, lsn INTEGER,"
-            " PRIMARY KEY (session_id, client_key)) WITHOUT ROWID;"
-            "INSERT INTO sessions (id, created_at, last_seen_at) VALUES ('S', 0, 0);"
+            SCHEMA_V1 + "INSERT INTO sessions (id, created_at, last_seen_at) VALUES ('S', 0, 0);"
             "INSERT INTO events VALUES ('S', 1, 0, x'7b7d');"
             "INSERT INTO requests VALUES ('S', '1', 1, 'ping', 1, x'7b7d', 0, NULL);"
-            "PRAGMA user_version=1;"
         )
     assert call(path, "events", "S", "--stream", "0") == 0
     assert capsys.readouterr().out == "1 0 1970-01-01T00:00:00.000Z {}\n"
