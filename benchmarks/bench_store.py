@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,19 +47,26 @@ EVENTS = (
     " PRIMARY KEY (session_id, lsn)) WITHOUT ROWID"
 )
 INSERT = "INSERT INTO events (session_id, lsn, created_at, payload, stream) VALUES (?,?,?,?,?)"
-INIT_REQUEST = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-    "protocolVersion": "2025-11-25", "clientInfo": {"name": "claude-code", "version": "2.1.3"},
-    "capabilities": {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}}}).encode()  # fmt: skip
-INIT_RESULT = json.dumps({"protocolVersion": "2025-11-25", "capabilities": {
-    "tools": {"listChanged": True}, "resources": {"subscribe": True, "listChanged": True},
-    "prompts": {"listChanged": True}, "logging": {}, "completions": {}},
+INIT_PARAMS = {
+    "protocolVersion": "2025-11-25",
+    "clientInfo": {"name": "claude-code", "version": "2.1.3"},
+    "capabilities": {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}},
+}
+INIT_REQUEST = json.dumps(
+    {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT_PARAMS}
+).encode()
+INIT_RESULT = json.dumps({
+    "protocolVersion": "2025-11-25",
+    "capabilities": {"tools": {"listChanged": True}, "logging": {}, "completions": {},
+                     "resources": {"subscribe": True, "listChanged": True}},
     "serverInfo": {"name": "example-files-server", "version": "1.4.0"},
-    "instructions": "Read, search and edit files in the workspace. " * 12}).encode()  # fmt: skip
+    "instructions": "Read, search and edit files in the workspace. " * 12,
+}).encode()  # fmt: skip
 
 
 def payload(n: int) -> bytes:
     """A tools/call result of ~300 bytes, as the upstream would send it."""
-    text = f"result {n}: " + "lorem ipsum dolor sit amet " * 8
+    text = f"result {n}: " + "lorem ipsum dolor sit amet " * 6
     body = {"jsonrpc": "2.0", "id": n, "result": {"content": [{"type": "text", "text": text}],
             "isError": False, "_meta": {"io.mcproxy/lsn": n}}}  # fmt: skip
     return json.dumps(body).encode()
@@ -120,11 +126,11 @@ async def populate(db: Path, sessions: int) -> None:
     store = await Store.open(db)
     responses = [(0, "initialize", INIT_RESULT), (1, "tools/list", payload(1) * 4),
                  (2, "tools/call", payload(2))]  # fmt: skip
+    record = SessionRecord(INIT_REQUEST, INIT_RESULT, True, safe_tools=["read_file", "search"],
+                           next_upstream_id=4, next_lsn=4, delivered_lsn=3)  # fmt: skip
     for _ in range(sessions):
         sid = mint_session_id()
-        store.save_session(sid, SessionRecord(
-            init_request=INIT_REQUEST, init_result=INIT_RESULT, initialized=True,
-            safe_tools=["read_file", "search"], next_upstream_id=4, next_lsn=4, delivered_lsn=3))  # fmt: skip
+        store.save_session(sid, record)
         for client_id, method, body in responses:
             key, lsn = jsonrpc.id_key(client_id), client_id + 1
             store.save_request(sid, key, lsn, method, True, b"{}", lsn)
@@ -210,7 +216,9 @@ async def main() -> None:
         await populate(db, args.sessions + 1)  # +1: warm-up session
         sys.stdout.flush()
         child = [sys.executable, __file__, "--memory-of", str(db)]
-        subprocess.run(child, check=True)
+        proc = await asyncio.create_subprocess_exec(*child)
+        if await proc.wait():
+            raise SystemExit(f"the memory measurement failed: exit status {proc.returncode}")
 
 
 if __name__ == "__main__":

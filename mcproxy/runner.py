@@ -413,7 +413,7 @@ class SessionRunner:
 
     # --- upstream side ----------------------------------------------------------------
 
-    def on_upstream_message(self, line: bytes) -> None:
+    def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
         try:
             msg = jsonrpc.decode(line)
         except ProtocolError as exc:
@@ -426,7 +426,7 @@ class SessionRunner:
             )
             return
         self.metrics.upstream_in.inc()
-        self.execute(self.core.upstream_message(msg))
+        self.execute(self.core.upstream_message(msg, related))
 
     def on_upstream_lost(self, reason: str) -> None:
         self.metrics.upstream_events.labels("lost").inc()

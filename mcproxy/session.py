@@ -561,13 +561,15 @@ class Session:
             return [self._send(self._queue.popleft())]
         return []
 
-    def upstream_message(self, msg: Message) -> list[Action]:
+    def upstream_message(self, msg: Message, related: int | None = None) -> list[Action]:
+        """``related``: the upstream request id this message arrived with, when the upstream
+        says so (a Streamable HTTP upstream's POST stream); it beats every heuristic."""
         kind = jsonrpc.kind_of(msg)
         if kind is Kind.RESPONSE:
             return self._upstream_response(msg)
         if kind is Kind.REQUEST:
-            return self._upstream_request(msg)
-        return self._upstream_notification(msg)
+            return self._upstream_request(msg, related)
+        return self._upstream_notification(msg, related)
 
     def _upstream_response(self, msg: Message) -> list[Action]:
         upstream_id = msg.id
@@ -647,19 +649,19 @@ class Session:
         self._inflight[upstream_id] = InFlight("internal", method, msg, sent=True)
         return SendUpstream(jsonrpc.encode(msg))
 
-    def _upstream_request(self, msg: Message) -> list[Action]:
+    def _upstream_request(self, msg: Message, related: int | None) -> list[Action]:
         # Server→client request (sampling, elicitation, roots): give it an id of ours so the
         # ids the client sees never repeat, even across upstream restarts.
         assert isinstance(msg.id, int | str)
         client_facing = self.next_server_id
         self.next_server_id += 1
-        stream = self._route(msg)
+        stream = self._route(msg, related)
         self._server_pending[client_facing] = msg.id
         self._server_by_upstream[jsonrpc.id_key(msg.id)] = client_facing
         self._server_stream[client_facing] = stream
         return [SaveSession(), self._emit(msgspec.structs.replace(msg, id=client_facing), stream)]
 
-    def _upstream_notification(self, msg: Message) -> list[Action]:
+    def _upstream_notification(self, msg: Message, related: int | None) -> list[Action]:
         if msg.method == "notifications/cancelled":
             upstream_id = jsonrpc.cancelled_request_id(msg)
             if upstream_id is None:
@@ -670,9 +672,9 @@ class Session:
             self._server_pending.pop(client_facing, None)
             stream = self._withdrawal_stream(client_facing)
             return [self._emit(jsonrpc.with_cancelled_request_id(msg, client_facing), stream)]
-        return [self._emit(msg, self._route(msg))]
+        return [self._emit(msg, self._route(msg, related))]
 
-    def _route(self, msg: Message) -> int:
+    def _route(self, msg: Message, related: int | None = None) -> int:
         """The stream an upstream request or notification belongs to.
 
         A stdio upstream says nothing about which client request a message relates to
@@ -681,6 +683,10 @@ class Session:
         message tagged with a related task goes with the in-flight request about that task;
         anything else goes with the newest request in flight, else to the general stream.
         """
+        if related is not None:
+            flight = self._inflight.get(related)
+            if flight is not None and flight.kind == "client":
+                return flight.stream
         flights = [f for f in self._inflight.values() if f.kind == "client"]
         if not flights:
             return GENERAL_STREAM
@@ -691,8 +697,8 @@ class Session:
                     return flight.stream
             return GENERAL_STREAM  # a late progress note of a finished request
         if task is not None:
-            related = [f.stream for f in flights if f.task == task]
-            return max(related) if related else GENERAL_STREAM
+            about = [f.stream for f in flights if f.task == task]
+            return max(about) if about else GENERAL_STREAM
         return max(f.stream for f in flights)
 
     def _withdrawal_stream(self, client_facing: int) -> int:

@@ -15,8 +15,9 @@ from typing import Protocol
 class UpstreamHandler(Protocol):
     """Callbacks an upstream makes into its session, on the event loop, in order."""
 
-    def on_upstream_message(self, line: bytes) -> None:
-        """One complete message (a stdio line or an SSE event's data)."""
+    def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
+        """One complete message (a stdio line or an SSE event's data). ``related``: the
+        upstream request id whose response stream carried it, if the transport knows."""
 
     def on_upstream_lost(self, reason: str) -> None:
         """The upstream is gone (exited, broke its framing). Not called after ``aclose``."""

@@ -306,3 +306,12 @@ def test_an_upstream_loss_withdraws_server_requests_before_failing_their_request
     kinds = [(m.get("method"), m.get("id")) for m in emitted(actions)]
     assert kinds == [("notifications/cancelled", None), (None, "c")]
     assert streams(actions) == [call["id"], call["id"]]
+
+
+def test_an_upstream_that_names_the_related_request_beats_the_heuristics() -> None:
+    s = ready_session()
+    [a] = sent(s.client_message(msg(id="a", method="tools/call", params={"name": "t"})))
+    s.client_message(msg(id="b", method="tools/call", params={"name": "t"}))
+    note = msg(method="notifications/message", params={"level": "info", "data": "x"})
+    assert streams(s.upstream_message(note, related=a["id"])) == [a["id"]]
+    assert streams(s.upstream_message(note, related=999)) != [a["id"]]  # unknown: heuristic
