@@ -23,6 +23,7 @@ import os
 import platform
 import sqlite3
 import sys
+import sysconfig
 import tempfile
 import time
 import tracemalloc
@@ -40,6 +41,7 @@ from mcproxy.session import SessionRecord
 from mcproxy.store import Store
 from mcproxy.upstream import Upstream, UpstreamHandler
 
+ROOT = Path(__file__).resolve().parent.parent
 BASELINE_BUDGET_S = 10.0
 EVENTS = (
     "CREATE TABLE events (session_id TEXT NOT NULL, lsn INTEGER NOT NULL, created_at REAL"
@@ -47,14 +49,10 @@ EVENTS = (
     " PRIMARY KEY (session_id, lsn)) WITHOUT ROWID"
 )
 INSERT = "INSERT INTO events (session_id, lsn, created_at, payload, stream) VALUES (?,?,?,?,?)"
-INIT_PARAMS = {
-    "protocolVersion": "2025-11-25",
-    "clientInfo": {"name": "claude-code", "version": "2.1.3"},
-    "capabilities": {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}},
-}
-INIT_REQUEST = json.dumps(
-    {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT_PARAMS}
-).encode()
+INIT_REQUEST = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "clientInfo": {"name": "claude-code", "version": "2.1.3"},
+    "capabilities": {"roots": {"listChanged": True}, "sampling": {}, "elicitation": {}}},
+}).encode()  # fmt: skip
 INIT_RESULT = json.dumps({
     "protocolVersion": "2025-11-25",
     "capabilities": {"tools": {"listChanged": True}, "logging": {}, "completions": {},
@@ -147,9 +145,9 @@ def traced() -> int:
 
 
 def short(filename: str) -> str:
-    for marker in ("site-packages/", "/mcproxy/", "/lib/python"):
-        if marker in filename:
-            return filename.split(marker, 1)[1]
+    for prefix in (sysconfig.get_path("purelib"), str(ROOT), sysconfig.get_path("stdlib")):
+        if filename.startswith(prefix):
+            return filename[len(prefix) + 1 :]
     return filename
 
 
