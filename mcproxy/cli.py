@@ -3,6 +3,7 @@
 mcproxy [--config FILE] [--upstream TARGET] [--listen HOST:PORT] [--db PATH] ...
 mcproxy check-config [--config FILE] [...]     print the effective config and exit
 mcproxy [--config FILE | --db PATH] sessions list|show|events|delete ...   (see admin.py)
+mcproxy connect ws://HOST:PORT/mcp       stdio <-> reconnecting WebSocket bridge (bridge.py)
 """
 
 from __future__ import annotations
@@ -98,10 +99,36 @@ def _sessions(argv: list[str]) -> int:
     return admin.run(args, Path(config.db_path(cfg)))
 
 
+def _connect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="mcproxy connect",
+        description="Bridge stdio to a durable mcproxy session over a reconnecting WebSocket:"
+        " put this command where a desktop MCP client expects a stdio server.",
+    )
+    p.add_argument("url", help="the proxy's WebSocket endpoint, e.g. ws://127.0.0.1:8765/mcp")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
+    args = p.parse_args(argv[argv.index("connect") + 1 :])
+    if not args.url.startswith(("ws://", "wss://")):
+        p.error("the URL must start with ws:// or wss://")
+    log.configure("json", args.log_level)  # stderr: stdout belongs to the MCP stream
+
+    import uvloop
+
+    from mcproxy.bridge import run
+
+    try:
+        return uvloop.run(run(args.url))
+    except KeyboardInterrupt:
+        return EXIT_RUNTIME
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if _first_command(argv) == "sessions":
+    command = _first_command(argv)
+    if command == "sessions":
         return _sessions(argv)
+    if command == "connect":
+        return _connect(argv)
     args = _parser().parse_args(argv)
     try:
         cfg = config.load(args.config, _overrides(args))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,15 @@ import pytest
 
 from mcproxy.client import MCPClient
 from mcproxy.reconnect import QueueFull, ReconnectOptions, Superseded
-from tests.helpers import MS, TIMEOUT, ProxyProcess, free_port, logged, wait_until
+from tests.helpers import (
+    INIT_PARAMS,
+    MS,
+    TIMEOUT,
+    ProxyProcess,
+    free_port,
+    logged,
+    wait_until,
+)
 
 FAST = ReconnectOptions(min_reconnection_delay_s=0.05, max_reconnection_delay_s=0.5)
 
@@ -210,3 +220,82 @@ async def eventually(predicate: Any, timeout: float = TIMEOUT) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(10 * MS)
+
+
+async def test_the_sdk_session_never_sees_a_cut(proxy: ProxyProcess) -> None:
+    """The official ClientSession over mcproxy.client_sdk: reconnects stay below it."""
+    from mcp import ClientSession
+    from mcp.types import TextContent
+
+    from mcproxy.client_sdk import reconnecting_transport
+
+    relay = await Relay(proxy.port).start()
+    progress: list[float] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+        if value == 2:
+            relay.cut()
+
+    try:
+        async with (
+            reconnecting_transport(relay.url, options=FAST) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            result = await session.call_tool(
+                "slow", {"steps": 5, "delay": 0.1}, progress_callback=on_progress
+            )
+            assert isinstance(result.content[0], TextContent)
+            assert result.content[0].text == "slow done after 5"
+            assert progress == [1, 2, 3, 4, 5] and relay.cuts == 1
+            relay.cut()  # between calls too
+            echo = await session.call_tool("echo", {"text": "still"})
+            assert isinstance(echo.content[0], TextContent) and echo.content[0].text == "still"
+    finally:
+        await relay.close()
+
+
+async def test_the_stdio_bridge_carries_a_session_across_a_cut(proxy: ProxyProcess) -> None:
+    relay = await Relay(proxy.port).start()
+    bridge = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcproxy", "connect", relay.url,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert bridge.stdin is not None and bridge.stdout is not None
+
+    async def send(message: dict[str, Any]) -> None:
+        assert bridge.stdin is not None
+        bridge.stdin.write(json.dumps(message).encode() + b"\n")
+        await bridge.stdin.drain()
+
+    async def answer(rid: int) -> dict[str, Any]:
+        assert bridge.stdout is not None
+        while True:
+            line = await asyncio.wait_for(bridge.stdout.readline(), TIMEOUT)
+            message: dict[str, Any] = json.loads(line)
+            if message.get("id") == rid and "method" not in message:
+                return message
+
+    try:
+        await send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INIT_PARAMS})
+        assert "serverInfo" in (await answer(1))["result"]
+        await send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        call = {"name": "slow", "arguments": {"steps": 4, "delay": 0.15}}
+        await send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call})
+        await asyncio.sleep(200 * MS)  # not waiting for anything: lands the cut mid-call
+        relay.cut()  # mid-call: the bridge resumes, the answer still comes, once
+        assert text((await answer(2))["result"]) == "slow done after 4"
+        await send({"jsonrpc": "2.0", "id": 3, "method": "bogus/method"})
+        assert (await answer(3))["error"]["code"] == -32601
+        bridge.stdin.write(b"not json\n")
+        await bridge.stdin.drain()
+        parse_error = json.loads(await asyncio.wait_for(bridge.stdout.readline(), TIMEOUT))
+        assert parse_error["error"]["code"] == -32700
+        bridge.stdin.close()
+        assert await asyncio.wait_for(bridge.wait(), TIMEOUT) == 0  # stdin's end: clean exit
+    finally:
+        if bridge.returncode is None:
+            bridge.kill()
+            await bridge.wait()
+        await relay.close()
