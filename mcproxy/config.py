@@ -12,6 +12,7 @@ import shlex
 import tomllib
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -42,7 +43,22 @@ DEFAULT_RESPAWN_INITIAL_DELAY_S: Final = 0.05  # first respawn after a crash (ji
 DEFAULT_RESPAWN_MAX_DELAY_S: Final = 30.0  # cap of the exponential backoff
 DEFAULT_RESPAWN_STABLE_S: Final = 10.0  # a child up this long resets the backoff
 DEFAULT_INIT_TIMEOUT_S: Final = 30.0  # a respawned child must answer `initialize` within this
-DEFAULT_MAX_LINE_BYTES: Final = 16 * 1024 * 1024  # one stdio line = one JSON-RPC message
+# The largest message accepted from the upstream: a stdio line, an SSE event or a JSON body.
+DEFAULT_MAX_LINE_BYTES: Final = 16 * 1024 * 1024
+# Streamable HTTP upstreams (transports §"Streamable HTTP", client side).
+DEFAULT_HEADERS: Final[dict[str, str]] = {}  # static, non-secret request headers
+DEFAULT_BEARER_TOKEN_ENV: Final = ""  # name of an environment variable holding the token
+DEFAULT_BEARER_TOKEN_FILE: Final = ""  # path of a file holding it (re-read per upstream session)
+DEFAULT_TLS_VERIFY: Final = True  # verify the upstream's certificate and host name
+DEFAULT_TLS_CA_FILE: Final = ""  # empty: the system trust store
+DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0  # TCP + TLS handshake of one upstream connection
+# Longest silence accepted on an upstream connection: waiting for a JSON answer, or between
+# two SSE events. Not a bound on a tool call: a silent SSE stream is resumed (Last-Event-ID),
+# and the SDK's servers send an SSE comment every 15 s, so 5 minutes of nothing is a dead peer.
+DEFAULT_READ_TIMEOUT_S: Final = 300.0
+# Resumption attempts for one dropped SSE stream (waiting `retry`, doubling) before the
+# upstream counts as lost.
+DEFAULT_SSE_MAX_RECONNECTS: Final = 5
 
 # --- [store] ----------------------------------------------------------------------------
 DEFAULT_DB_PATH: Final = (
@@ -105,6 +121,14 @@ class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     respawn_stable_s: float = DEFAULT_RESPAWN_STABLE_S
     init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    headers: dict[str, str] = msgspec.field(default_factory=lambda: dict(DEFAULT_HEADERS))
+    bearer_token_env: str = DEFAULT_BEARER_TOKEN_ENV
+    bearer_token_file: str = DEFAULT_BEARER_TOKEN_FILE
+    tls_verify: bool = DEFAULT_TLS_VERIFY
+    tls_ca_file: str = DEFAULT_TLS_CA_FILE
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    sse_max_reconnects: int = DEFAULT_SSE_MAX_RECONNECTS
 
 
 class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -154,8 +178,38 @@ class StdioTarget(msgspec.Struct, frozen=True):
     argv: tuple[str, ...]
 
 
-def parse_target(target: str) -> StdioTarget:
-    """Parse ``stdio:<command line>`` (the only upstream kind of this release)."""
+class HttpTarget(msgspec.Struct, frozen=True):
+    """A remote upstream speaking MCP over Streamable HTTP at ``url`` (its MCP endpoint)."""
+
+    url: str
+
+
+# Headers the HTTP upstream client sets itself (transports §"Streamable HTTP"); a static
+# header must not override them. Authorization has its own keys, so that a secret never sits
+# in the config file, on the command line or in `mcproxy check-config` output.
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "accept",
+        "authorization",
+        "connection",
+        "content-length",
+        "content-type",
+        "host",
+        "last-event-id",
+        "mcp-protocol-version",
+        "mcp-session-id",
+        "transfer-encoding",
+    }
+)
+_TOKEN_CHARS: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+def parse_target(target: str) -> StdioTarget | HttpTarget:
+    """Parse ``stdio:<command line>`` or an ``http://`` / ``https://`` MCP endpoint URL."""
+    if target.startswith(("http://", "https://")):
+        return _parse_http_target(target)
     if target.startswith("stdio:"):
         try:
             argv = tuple(shlex.split(target[len("stdio:") :]))
@@ -164,9 +218,41 @@ def parse_target(target: str) -> StdioTarget:
         if not argv:
             raise ConfigError("upstream: 'stdio:' needs a command")
         return StdioTarget(argv=argv)
-    if target.startswith(("http://", "https://")):
-        raise ConfigError("upstream: Streamable HTTP upstreams are not supported yet")
-    raise ConfigError(f"upstream: expected 'stdio:<command>', got {target!r}")
+    raise ConfigError(f"upstream: expected 'stdio:<command>' or an http(s):// URL, got {target!r}")
+
+
+def _parse_http_target(target: str) -> HttpTarget:
+    try:
+        url = urlsplit(target)
+        url.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ConfigError(f"upstream: bad URL {target!r}: {exc}") from exc
+    if not url.hostname:
+        raise ConfigError(f"upstream: URL {target!r} has no host")
+    if url.username is not None or url.password is not None:
+        # Credentials in the URL would show in logs, `ps` and check-config output.
+        raise ConfigError(
+            "upstream: no credentials in the URL; use upstream.bearer_token_env or"
+            " upstream.bearer_token_file"
+        )
+    if url.fragment:
+        raise ConfigError(f"upstream: URL {target!r} must not have a fragment")
+    return HttpTarget(url=target)
+
+
+def _validate_headers(headers: dict[str, str]) -> None:
+    for name, value in headers.items():
+        if not name or not set(name) <= _TOKEN_CHARS:  # RFC 9110 §5.1: a header name is a token
+            raise ConfigError(f"upstream.headers: {name!r} is not a valid header name")
+        if name.lower() in RESERVED_HEADERS:
+            hint = (
+                " (use upstream.bearer_token_env or upstream.bearer_token_file)"
+                if name.lower() == "authorization"
+                else " (mcproxy sets it)"
+            )
+            raise ConfigError(f"upstream.headers: {name!r} cannot be set here{hint}")
+        if any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"upstream.headers: the value of {name!r} contains a line break")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -197,6 +283,9 @@ def validate(config: Config) -> Config:
     """Cross-field checks that types alone cannot express."""
     parse_listen(config.server.listen)
     parse_target(config.upstream.target)
+    _validate_headers(config.upstream.headers)
+    if config.upstream.bearer_token_env and config.upstream.bearer_token_file:
+        raise ConfigError("upstream: set bearer_token_env or bearer_token_file, not both")
     if not config.server.path.startswith("/"):
         raise ConfigError("server.path must start with '/'")
     if not config.metrics.path.startswith("/"):
@@ -211,6 +300,8 @@ def validate(config: Config) -> Config:
         "upstream.init_timeout_s": config.upstream.init_timeout_s,
         "upstream.max_line_bytes": config.upstream.max_line_bytes,
         "upstream.respawn_max_delay_s": config.upstream.respawn_max_delay_s,
+        "upstream.connect_timeout_s": config.upstream.connect_timeout_s,
+        "upstream.read_timeout_s": config.upstream.read_timeout_s,
         "store.max_batch": config.store.max_batch,
         "limits.max_message_bytes": config.limits.max_message_bytes,
         "limits.max_pending_requests": config.limits.max_pending_requests,
@@ -226,6 +317,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{name} must be positive, got {value}")
     if config.upstream.respawn_initial_delay_s < 0:
         raise ConfigError("upstream.respawn_initial_delay_s must not be negative")
+    if config.upstream.sse_max_reconnects < 0:
+        raise ConfigError("upstream.sse_max_reconnects must not be negative")
     return config
 
 

@@ -9,7 +9,8 @@ Shutdown on SIGTERM/SIGINT (docs/ARCHITECTURE.md "Shutdown"):
 1. stop accepting connections (systemd STOPPING=1);
 2. end every SSE stream and close every WebSocket with 1012 (service restart), so clients
    come back at once to the next process;
-3. stop every upstream (close stdin → SIGTERM → SIGKILL, bounded) and persist each session;
+3. stop every upstream (close stdin → SIGTERM → SIGKILL, or DELETE the upstream's HTTP
+   session; bounded) and persist each session;
 4. commit what is queued in the log and close the database.
 Each step is bounded by ``server.shutdown_timeout_s``; a second signal skips the grace.
 """
@@ -29,8 +30,8 @@ import structlog
 from aiohttp import web
 
 from mcproxy.app import build_app, build_metrics_app
-from mcproxy.config import Config, db_path, parse_listen, parse_target
-from mcproxy.errors import MCProxyError
+from mcproxy.config import Config, HttpTarget, db_path, parse_listen, parse_target
+from mcproxy.errors import ConfigError, MCProxyError
 from mcproxy.guard import HostPolicy
 from mcproxy.hub import Hub
 from mcproxy.metrics import Metrics, WorldState
@@ -40,17 +41,53 @@ from mcproxy.store import Store
 from mcproxy.streamable import StreamableHttpFront
 from mcproxy.tasks import TaskSet
 from mcproxy.upstream import Upstream, UpstreamFactory, UpstreamHandler
+from mcproxy.upstream_http import HttpOptions, HttpUpstream
 from mcproxy.upstream_stdio import StdioUpstream, command_available
 from mcproxy.ws import CLOSE_SERVICE_RESTART, WebSocketFront
 
 log = structlog.get_logger("mcproxy")
 
 
-def upstream_factory(config: Config) -> UpstreamFactory:
+class _UpstreamState:
+    """An HTTP upstream's ``StateSlot``: the ``upstream_state`` column of its session's row."""
+
+    def __init__(self, store: Store, session_id: str) -> None:
+        self.store = store
+        self.session_id = session_id
+
+    async def load(self) -> str | None:
+        await self.store.barrier()  # this process's own earlier saves first
+        return await self.store.load_upstream_state(self.session_id)
+
+    def save(self, value: str | None) -> None:
+        self.store.save_upstream_state(self.session_id, value)
+
+
+def upstream_factory(config: Config, store: Store) -> UpstreamFactory:
+    """How each session reaches the upstream: a child process, or an upstream MCP session of
+    its own at a Streamable HTTP endpoint (one per proxy session: docs/ARCHITECTURE.md).
+
+    Raises:
+        ConfigError: the HTTP upstream's credentials or CA file cannot be used.
+    """
     target = parse_target(config.upstream.target)
+    if isinstance(target, HttpTarget):
+        options = HttpOptions.from_config(target.url, config.upstream, os.environ)
+
+        def http_factory(session_id: str, handler: UpstreamHandler) -> Upstream:
+            return HttpUpstream(
+                options,
+                handler,
+                config.upstream,
+                short_id(session_id),
+                _UpstreamState(store, session_id),
+            )
+
+        return http_factory
+    argv = target.argv
 
     def factory(session_id: str, handler: UpstreamHandler) -> Upstream:
-        return StdioUpstream(target.argv, handler, config.upstream, short_id(session_id))
+        return StdioUpstream(argv, handler, config.upstream, short_id(session_id))
 
     return factory
 
@@ -71,12 +108,14 @@ class _Daemon:
 
     async def readiness(self) -> dict[str, bool]:
         """/readyz: the log is writable and readable, the listener is up (and not draining),
-        and the upstream command can be found."""
-        argv = parse_target(self.config.upstream.target).argv
+        and the upstream command can be found. A remote (HTTP) upstream is not probed: its
+        outages are answered per request (-32011), and must not take this proxy out of a
+        load balancer that could not route around them anyway."""
+        target = parse_target(self.config.upstream.target)
         return {
             "database": await self.store.ping(),
             "listener": self.listening,
-            "upstream": command_available(argv),
+            "upstream": isinstance(target, HttpTarget) or command_available(target.argv),
         }
 
     async def scrape(self) -> bytes:
@@ -134,8 +173,13 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
 
     path = db_path(config)
     store = await Store.open(path, config.store.durability, config.store.max_batch)
+    try:
+        factory = upstream_factory(config, store)
+    except ConfigError:
+        await store.aclose()
+        raise
     metrics = Metrics()
-    hub = Hub(store, config, upstream_factory(config), metrics)
+    hub = Hub(store, config, factory, metrics)
     host, port = parse_listen(config.server.listen)
     if inherited:
         host = str(inherited[0].getsockname()[0])

@@ -77,7 +77,7 @@ class ReconnectOptions:
     """Knobs, named after PartySocket's (camelCase there), with the differences documented
     in docs/CLIENT.md: an immediate first retry, full jitter, and a bounded queue."""
 
-    min_reconnection_delay_s: float = 0.25
+    min_reconnection_delay_s: float = 0.1
     max_reconnection_delay_s: float = 10.0
     reconnection_delay_grow_factor: float = 2.0
     min_uptime_s: float = 5.0
@@ -88,9 +88,7 @@ class ReconnectOptions:
 
 
 def delays(options: ReconnectOptions, rng: Callable[[], float] = random.random) -> Any:
-    """Waits before successive attempts after a healthy connection dropped: 0 first, then
-    full jitter under an exponentially growing cap."""
-    yield 0.0
+    """Backed-off waits: full jitter under a cap that grows exponentially to the maximum."""
     cap = options.min_reconnection_delay_s
     while True:
         yield rng() * cap
@@ -206,13 +204,17 @@ class ReconnectingConnection:
                 if terminal is not None:
                     self.closed = terminal
                     break
-                if loop.time() - started >= self.options.min_uptime_s:
+                healthy = loop.time() - started >= self.options.min_uptime_s
+                if healthy:
                     waits, retries = delays(self.options), 0  # a stable run resets the count
                 retries += 1
                 if self.options.max_retries is not None and retries > self.options.max_retries:
                     self.closed = ConnectionClosed(f"gave up after {retries - 1} retries")
                     break
-                wait = 0.0 if code in _IMMEDIATE and retries == 1 else next(waits)
+                # Once at once (after a healthy connection, or a close that invites it), then
+                # backed off: a peer that keeps failing is not hammered.
+                immediate = retries == 1 and (healthy or code in _IMMEDIATE)
+                wait = 0.0 if immediate else next(waits)
                 log.info("client.reconnecting", code=code, reason=reason, wait_s=round(wait, 3))
                 await asyncio.sleep(wait)
         finally:

@@ -38,7 +38,13 @@ from mcproxy.errors import StoreError
 from mcproxy.session import PendingRow, SessionRecord
 from mcproxy.tasks import TaskSet
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+# With durability "normal" the writer commits on the event loop, so SQLite's automatic WAL
+# checkpoint (which copies pages back into the database file, and fsyncs it) would stall the
+# loop for milliseconds. It is turned off there; instead, after this many writes (about SQLite's
+# default of 1000 WAL pages), one transaction and a checkpoint go to the writer's own thread
+# together while later writes wait in memory, so the next transaction can restart the WAL.
+CHECKPOINT_EVERY_WRITES: Final = 1000
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -54,7 +60,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     next_upstream_id INTEGER NOT NULL DEFAULT 1,
     next_server_id   INTEGER NOT NULL DEFAULT 1,
     next_lsn         INTEGER NOT NULL DEFAULT 1,
-    delivered_lsn    INTEGER NOT NULL DEFAULT 0
+    delivered_lsn    INTEGER NOT NULL DEFAULT 0,
+    upstream_state   TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     session_id TEXT NOT NULL,
@@ -99,6 +106,9 @@ _MIGRATIONS: Final = {
         "ALTER TABLE events ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
         "ALTER TABLE requests ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
     ),
+    # What an upstream transport keeps about its own side of a session (an HTTP upstream's
+    # Mcp-Session-Id), opaque to the store; NULL for stdio upstreams.
+    3: "ALTER TABLE sessions ADD COLUMN upstream_state TEXT;",
 }
 _PRUNE: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ?"
 _PRUNE_STREAM: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND stream = ?"
@@ -113,6 +123,9 @@ _SAVE_REQUEST: Final = (
 _FINISH_REQUEST: Final = (
     "UPDATE requests SET done = 1, lsn = ?, body = NULL WHERE session_id = ? AND client_key = ?"
 )
+# An UPDATE, not an upsert: the row is written when `initialize` arrives, before any upstream
+# session can exist, and a deleted session must not come back through its upstream's state.
+_SAVE_UPSTREAM_STATE: Final = "UPDATE sessions SET upstream_state = ? WHERE id = ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +164,8 @@ class Store:
     ) -> None:
         self.path = path
         self._writer = writer
+        self._writes_since_checkpoint = 0
+        self._checkpointing: asyncio.Task[None] | None = None
         self._in_loop = in_loop
         self._reader = reader
         self._max_batch = max_batch
@@ -191,9 +206,12 @@ class Store:
             await writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=5000")
+            in_loop = durability != "full"
+            if in_loop:
+                await writer.execute("PRAGMA wal_autocheckpoint=0")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {path}: {exc}") from exc
-        store = cls(path, writer, reader, max_batch, in_loop=durability != "full")
+        store = cls(path, writer, reader, max_batch, in_loop)
         if not store._in_loop:
             store._writer_task = store._tasks.spawn(store._write_loop(), "store-writer")
         return store
@@ -259,6 +277,10 @@ class Store:
             },
         )
 
+    def save_upstream_state(self, session_id: str, value: str | None) -> asyncio.Future[None]:
+        """Record what the upstream transport needs after a restart (opaque text, or None)."""
+        return self._submit(_SAVE_UPSTREAM_STATE, (value, session_id))
+
     def delete_session(self, session_id: str) -> asyncio.Future[None]:
         """Forget a session: its row, its log and its requests (one transaction)."""
         for table, column in (("events", "session_id"), ("requests", "session_id")):
@@ -279,7 +301,15 @@ class Store:
 
     def _flush_in_loop(self) -> None:
         self._flush_scheduled = False
+        if self._checkpointing is not None:
+            return  # the writer is busy in its thread; it flushes the rest when done
         batch, self._batch = self._batch[: self._max_batch], self._batch[self._max_batch :]
+        if batch and self._writes_since_checkpoint >= CHECKPOINT_EVERY_WRITES:
+            self._writes_since_checkpoint = 0
+            self._checkpointing = self._tasks.spawn(
+                self._commit(batch, checkpoint=True), "store-checkpoint"
+            )
+            return
         if self._batch:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_in_loop)
@@ -309,19 +339,26 @@ class Store:
             if stop:
                 return
 
-    async def _commit(self, batch: list[_Op]) -> None:
-        """Durability "full": the transaction fsyncs, so it must not block the loop."""
+    async def _commit(self, batch: list[_Op], checkpoint: bool = False) -> None:
+        """In the writer's thread: every transaction with durability "full" (it fsyncs), and
+        with "normal" the occasional one that also checkpoints (see CHECKPOINT_EVERY_WRITES)."""
         statements = [(op.sql, op.params) for op in batch]
         try:
             # The whole transaction goes to aiosqlite's thread in one hop, not one hop per
             # statement. aiosqlite has no public "run this function on the connection" call;
             # `_execute` is the one its own methods use.
             await self._writer._execute(  # type: ignore[no-untyped-call]
-                _run_transaction, self._writer._conn, statements
+                _run_transaction, self._writer._conn, statements, checkpoint
             )
         except sqlite3.Error as exc:
             self._fail(batch, exc)
             return
+        finally:
+            if checkpoint:
+                self._checkpointing = None
+                if self._batch and not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._flush_in_loop)
         self._succeed(batch)
 
     def _succeed(self, batch: list[_Op]) -> None:
@@ -329,6 +366,7 @@ class Store:
         for op in batch:
             if not op.future.done():
                 op.future.set_result(None)
+        self._writes_since_checkpoint += len(batch)
 
     def _fail(self, batch: list[_Op], exc: sqlite3.Error) -> None:
         # litestream's rule: return errors, don't log and go on. Every waiter learns the log
@@ -437,6 +475,17 @@ class Store:
         floor = int(first[0]) - 1 if first and first[0] is not None else record.next_lsn - 1
         return LoadedSession(record, pending, answered, floor)
 
+    async def load_upstream_state(self, session_id: str) -> str | None:
+        """The last committed ``save_upstream_state`` value (None if none, or no such row)."""
+        try:
+            async with self._reader.execute(
+                "SELECT upstream_state FROM sessions WHERE id = ?", (session_id,)
+            ) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot load upstream state: {exc}") from exc
+        return None if row is None or row[0] is None else str(row[0])
+
     async def expired_sessions(self, last_seen_before: float) -> list[str]:
         """Sessions not seen since the given wall-clock time (seconds since the epoch)."""
         async with self._reader.execute(
@@ -499,6 +548,9 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        if self._checkpointing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._checkpointing)
         while self._batch and self._failed is None:
             self._flush_in_loop()
         self._queue.put_nowait(None)
@@ -511,8 +563,11 @@ class Store:
                 await db.close()
 
 
-def _run_transaction(conn: sqlite3.Connection, statements: list[tuple[str, Any]]) -> None:
-    """Runs in the writer thread: one transaction, consecutive equal statements batched."""
+def _run_transaction(
+    conn: sqlite3.Connection, statements: list[tuple[str, Any]], checkpoint: bool = False
+) -> None:
+    """One transaction, consecutive equal statements batched; then, if asked, a PASSIVE
+    checkpoint (it never waits for readers; what it cannot copy now waits for the next)."""
     try:
         conn.execute("BEGIN")
         i = 0
@@ -532,6 +587,8 @@ def _run_transaction(conn: sqlite3.Connection, statements: list[tuple[str, Any]]
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
+    if checkpoint:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _consume_exception(future: asyncio.Future[None]) -> None:

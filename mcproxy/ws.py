@@ -170,7 +170,7 @@ class WebSocketFront:
         await ws.prepare(request)
         conn = WsConnection(ws, self._tasks)
         self.connections.add(conn)
-        log.info("ws.connected", conn=conn.label, resumed=runner is not None, peer=request.remote)
+        log.info("ws.connected", conn=conn.label, bound=runner is not None, peer=request.remote)
         try:
             if runner is not None:
                 conn.runner = runner

@@ -10,7 +10,7 @@ import pytest
 
 from mcproxy.errors import StoreError
 from mcproxy.session import SessionRecord
-from mcproxy.store import Store
+from mcproxy.store import SCHEMA_VERSION, Store
 from tests.helpers import SCHEMA_V1
 
 
@@ -70,7 +70,33 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     assert await store.read_events("S", 0, stream=3) == [(2, b"[]")]
     await store.aclose()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+async def test_a_version_2_database_gains_the_upstream_state_column(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite"
+    with sqlite3.connect(path) as conn:  # the layout mcproxy wrote before HTTP upstreams
+        conn.executescript(
+            SCHEMA_V1.replace("PRAGMA user_version=1;", "")
+            + "ALTER TABLE events ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
+            "ALTER TABLE requests ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
+            "PRAGMA user_version=2;"
+            "INSERT INTO sessions (id, created_at, last_seen_at) VALUES ('S', 0, 0);"
+        )
+    store = await Store.open(path)
+    assert await store.load_upstream_state("S") is None
+    await store.save_upstream_state("S", '{"session":"u-1"}')
+    await store.save_upstream_state("gone", "x")  # no row: nothing is created
+    assert await store.load_upstream_state("S") == '{"session":"u-1"}'
+    assert await store.load_upstream_state("gone") is None
+    # The rest of the session row is not the upstream state's business, and vice versa.
+    await store.save_session("S", SessionRecord(log_level="info"))
+    assert await store.load_upstream_state("S") == '{"session":"u-1"}'
+    await store.save_upstream_state("S", None)
+    assert await store.load_upstream_state("S") is None
+    await store.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -96,3 +122,20 @@ async def test_barriers_in_one_batch(tmp_path: Path, durability: str) -> None:
     assert await store.read_events("S", 0) == [(1, b"one")]
     await store.append("S", 2, b"two")  # still writable
     await store.aclose()
+
+
+async def test_the_wal_is_checkpointed_off_the_loop(tmp_path: Path) -> None:
+    """Durability normal turns SQLite's own checkpoint off (it would run on the loop); the
+    store's must keep the WAL from growing with the log."""
+    store = await Store.open(tmp_path / "db.sqlite", "normal")
+    wal = tmp_path / "db.sqlite-wal"
+    payload = b"x" * 2000
+    largest = 0
+    for round_no in range(20):
+        await asyncio.gather(*(store.append(f"S{i}", round_no + 1, payload) for i in range(500)))
+        largest = max(largest, wal.stat().st_size)
+    await store.aclose()
+    # Unchecked, the WAL holds every page ever written: ~5x the payload here. Checkpointed,
+    # it restarts and stays near what one checkpoint interval writes.
+    written = 20 * 500 * len(payload)
+    assert largest < written, (largest, written)

@@ -28,6 +28,18 @@ def test_example_file_lists_every_key_with_its_default() -> None:
         ("[store]\ndurability = 'sometimes'\n", "durability"),
         ("[upstream]\ntarget = 'ftp://x'\n", "stdio:"),
         ("[upstream]\ntarget = 'stdio:'\n", "needs a command"),
+        ("[upstream]\ntarget = 'https://'\n", "has no host"),
+        ("[upstream]\ntarget = 'http://h:99999/mcp'\n", "bad URL"),
+        ("[upstream]\ntarget = 'https://u:secret@h/mcp'\n", "no credentials in the URL"),
+        ("[upstream]\nheaders = {Authorization = 'Bearer x'}\n", "bearer_token_env"),
+        ("[upstream]\nheaders = {'Mcp-Session-Id' = 'x'}\n", "mcproxy sets it"),
+        ("[upstream]\nheaders = {'bad name' = 'x'}\n", "not a valid header name"),
+        ('[upstream]\nheaders = {X-A = "a\\r\\nX-B: b"}\n', "line break"),
+        ("[upstream]\nbearer_token_env = 'A'\nbearer_token_file = '/f'\n", "not both"),
+        ("[upstream]\nread_timeout_s = 0\n", "positive"),
+        ("[upstream]\nconnect_timeout_s = -1\n", "positive"),
+        ("[upstream]\nsse_max_reconnects = -1\n", "must not be negative"),
+        ("[upstream]\ntls_verify = 'no'\n", "tls_verify"),
         ("[server\n", "config.toml"),
     ],
 )
@@ -48,3 +60,21 @@ def test_overrides_and_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert config.db_path(cfg) == tmp_path / "xdg" / "mcproxy" / "mcproxy.db"
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"server": {"listen": 1}}, config.Config)
+
+
+def test_http_targets() -> None:
+    cfg = config.load(
+        None,
+        {
+            "upstream": {
+                "target": "https://mcp.example.com:8443/mcp?tenant=a",
+                "headers": {"X-Tenant": "a"},
+            }
+        },
+    )
+    assert config.parse_target(cfg.upstream.target) == config.HttpTarget(
+        "https://mcp.example.com:8443/mcp?tenant=a"
+    )
+    assert cfg.upstream.headers == {"X-Tenant": "a"}
+    assert cfg.upstream.tls_verify is True  # on unless switched off
+    assert isinstance(config.parse_target("http://127.0.0.1:9/mcp"), config.HttpTarget)
