@@ -68,6 +68,12 @@ DEFAULT_DB_FILENAME: Final = "mcproxy.db"
 DEFAULT_DURABILITY: Final = "normal"  # WAL + synchronous=NORMAL survives a process kill
 DEFAULT_MAX_BATCH: Final = 512  # most writes committed in one group-commit transaction
 
+# --- [auth] ----------------------------------------------------------------------------
+DEFAULT_TOKENS_FILE: Final = ""  # lines "principal:token" or "principal:sha256:<hex>"
+DEFAULT_TOKENS_ENV: Final = ""  # name of an environment variable holding such lines
+# Listening beyond loopback with no tokens is refused unless this is set (docs/SECURITY.md).
+DEFAULT_ALLOW_UNAUTHENTICATED_REMOTE: Final = False
+
 # --- [sessions] ------------------------------------------------------------------------
 DEFAULT_PARK_AFTER_S: Final = 300.0  # idle (no client, nothing in flight): stop the child
 DEFAULT_EXPIRE_AFTER_S: Final = 86400.0  # not seen for a day: the session is deleted
@@ -83,6 +89,13 @@ DEFAULT_METRICS_PATH: Final = "/metrics"
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024  # inbound WebSocket frame; 1009 above it
 DEFAULT_MAX_PENDING_REQUESTS: Final = 1024  # in-flight client requests per session
 DEFAULT_DEDUPE_WINDOW: Final = 1024  # answered request ids remembered per session for retries
+DEFAULT_MAX_SESSIONS: Final = 10000  # stored sessions in total; more: initialize refused
+DEFAULT_MAX_SESSIONS_PER_PRINCIPAL: Final = 1000
+DEFAULT_CONNECTIONS_PER_S: Final = 20.0  # new WebSockets, GET streams, sessions per address
+DEFAULT_CONNECTION_BURST: Final = 60
+DEFAULT_MESSAGES_PER_S: Final = 500.0  # client messages per session (token bucket)
+DEFAULT_MESSAGE_BURST: Final = 1000
+DEFAULT_BIND_TIMEOUT_S: Final = 10.0  # a WebSocket must bind a session within this
 DEFAULT_SEND_QUEUE_MAX: Final = (
     4096  # live messages buffered per socket before reading back from the log
 )
@@ -91,6 +104,7 @@ DEFAULT_SEND_QUEUE_MAX: Final = (
 DEFAULT_LOG_FORMAT: Final = "auto"  # json when stderr is not a terminal (journald), else console
 DEFAULT_LOG_LEVEL: Final = "info"
 
+LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 SESSION_ID_MIN: Final = 16
 SESSION_ID_MAX: Final = 128
 
@@ -142,6 +156,19 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS
     dedupe_window: int = DEFAULT_DEDUPE_WINDOW
     send_queue_max: int = DEFAULT_SEND_QUEUE_MAX
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_sessions_per_principal: int = DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
+    connections_per_s: float = DEFAULT_CONNECTIONS_PER_S
+    connection_burst: int = DEFAULT_CONNECTION_BURST
+    messages_per_s: float = DEFAULT_MESSAGES_PER_S
+    message_burst: int = DEFAULT_MESSAGE_BURST
+    bind_timeout_s: float = DEFAULT_BIND_TIMEOUT_S
+
+
+class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    tokens_file: str = DEFAULT_TOKENS_FILE
+    tokens_env: str = DEFAULT_TOKENS_ENV
+    allow_unauthenticated_remote: bool = DEFAULT_ALLOW_UNAUTHENTICATED_REMOTE
 
 
 class SessionsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -167,6 +194,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     upstream: UpstreamConfig = UpstreamConfig()
     store: StoreConfig = StoreConfig()
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
     sessions: SessionsConfig = SessionsConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
@@ -281,7 +309,19 @@ def db_path(config: Config) -> Path:
 
 def validate(config: Config) -> Config:
     """Cross-field checks that types alone cannot express."""
-    parse_listen(config.server.listen)
+    host, _ = parse_listen(config.server.listen)
+    auth = config.auth
+    if (
+        host not in LOOPBACK_HOSTS
+        and not (auth.tokens_file or auth.tokens_env)
+        and not auth.allow_unauthenticated_remote
+    ):
+        # MCP transports §Security Warning: bind to localhost or authenticate everyone.
+        raise ConfigError(
+            f"server.listen {config.server.listen!r} is not loopback and [auth] has no tokens;"
+            " configure auth.tokens_file or auth.tokens_env (or set"
+            " auth.allow_unauthenticated_remote = true if something in front authenticates)"
+        )
     parse_target(config.upstream.target)
     _validate_headers(config.upstream.headers)
     if config.upstream.bearer_token_env and config.upstream.bearer_token_file:
@@ -307,6 +347,13 @@ def validate(config: Config) -> Config:
         "limits.max_pending_requests": config.limits.max_pending_requests,
         "limits.dedupe_window": config.limits.dedupe_window,
         "limits.send_queue_max": config.limits.send_queue_max,
+        "limits.max_sessions": config.limits.max_sessions,
+        "limits.max_sessions_per_principal": config.limits.max_sessions_per_principal,
+        "limits.connections_per_s": config.limits.connections_per_s,
+        "limits.connection_burst": config.limits.connection_burst,
+        "limits.messages_per_s": config.limits.messages_per_s,
+        "limits.message_burst": config.limits.message_burst,
+        "limits.bind_timeout_s": config.limits.bind_timeout_s,
         "sessions.park_after_s": config.sessions.park_after_s,
         "sessions.expire_after_s": config.sessions.expire_after_s,
         "sessions.max_log_events": config.sessions.max_log_events,

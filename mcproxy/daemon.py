@@ -25,11 +25,13 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
 from mcproxy.app import build_app, build_metrics_app
+from mcproxy.auth import TokenTable
 from mcproxy.config import Config, HttpTarget, db_path, parse_listen, parse_target
 from mcproxy.errors import ConfigError, MCProxyError
 from mcproxy.guard import HostPolicy
@@ -61,6 +63,31 @@ class _UpstreamState:
 
     def save(self, value: str | None) -> None:
         self.store.save_upstream_state(self.session_id, value)
+
+
+def load_tokens(config: Config) -> TokenTable:
+    """[auth]: token lines from the file and the variable (docs/SECURITY.md).
+
+    Raises:
+        ConfigError: unreadable file, unset variable, a malformed line, or a source that
+            is configured but holds no token (an empty file must not mean "no auth").
+    """
+    auth = config.auth
+    tables: list[TokenTable] = []
+    if auth.tokens_file:
+        try:
+            text = Path(auth.tokens_file).expanduser().read_text()
+        except OSError as exc:
+            raise ConfigError(f"auth.tokens_file: {exc}") from exc
+        tables.append(TokenTable.parse(text, auth.tokens_file))
+    if auth.tokens_env:
+        value = os.environ.get(auth.tokens_env)
+        if value is None:
+            raise ConfigError(f"auth.tokens_env: ${auth.tokens_env} is not set")
+        tables.append(TokenTable.parse(value.replace(",", "\n"), f"${auth.tokens_env}"))
+    if tables and not any(t.enabled for t in tables):
+        raise ConfigError("[auth] is configured but holds no token")
+    return TokenTable([entry for table in tables for entry in table.entries])
 
 
 def upstream_factory(config: Config, store: Store) -> UpstreamFactory:
@@ -171,6 +198,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
     notifier = Notifier.from_env(os.environ, unset_environment=True)
     inherited = listen_fds(os.environ)
 
+    tokens = load_tokens(config)
     path = db_path(config)
     store = await Store.open(path, config.store.durability, config.store.max_batch)
     try:
@@ -179,7 +207,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         await store.aclose()
         raise
     metrics = Metrics()
-    hub = Hub(store, config, factory, metrics)
+    hub = Hub(store, config, factory, metrics, tokens)
     host, port = parse_listen(config.server.listen)
     if inherited:
         host = str(inherited[0].getsockname()[0])
@@ -204,6 +232,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
     try:
         notifier.status("recovering sessions")
         await store.delete_orphans()
+        await hub.load_counts()
         recovered = await hub.recover()
         await hub.sweep()
         for runner in runners:

@@ -56,5 +56,13 @@ class LineTooLong(UpstreamError):
     """A stdio line exceeded ``upstream.max_line_bytes`` (the framing cannot resync)."""
 
 
+class LimitExceeded(MCProxyError):
+    """A configured limit refuses the operation; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class StoreError(MCProxyError):
     """A write to or read from the event log failed."""

@@ -60,3 +60,44 @@ class HostPolicy:
         if parts.scheme in ("http", "https") and _hostname(parts.netloc) in self._hosts:
             return None
         return Refusal(403, "Origin not allowed (server.allowed_origins)")
+
+
+class TokenBucket:
+    """``rate`` per second, up to ``burst`` at once. The caller passes the clock in."""
+
+    __slots__ = ("_level", "_stamp", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._level = float(burst)
+        self._stamp = now
+
+    def take(self, now: float) -> bool:
+        self._level = min(self.burst, self._level + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._level >= 1.0:
+            self._level -= 1.0
+            return True
+        return False
+
+
+class AddressLimiter:
+    """One bucket per client address, for new connections. The table is bounded: when full,
+    the least recently seen address is forgotten (it starts again with a full bucket)."""
+
+    def __init__(self, rate: float, burst: int, max_addresses: int = 65536) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_addresses = max_addresses
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def allow(self, address: str | None, now: float) -> bool:
+        key = address or "?"
+        bucket = self._buckets.pop(key, None)  # re-inserted last: dict order is recency
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.burst, now)
+            while len(self._buckets) >= self.max_addresses:
+                del self._buckets[next(iter(self._buckets))]
+        self._buckets[key] = bucket
+        return bucket.take(now)

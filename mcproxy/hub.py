@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import Counter
 from typing import Final
 
 import structlog
 
+from mcproxy.auth import ANONYMOUS, TokenTable
 from mcproxy.config import SESSION_ID_MAX, SESSION_ID_MIN, Config
+from mcproxy.errors import LimitExceeded
+from mcproxy.guard import AddressLimiter
 from mcproxy.metrics import Metrics
 from mcproxy.runner import SessionRunner, short_id
 from mcproxy.session import Limits, Session
@@ -44,6 +48,7 @@ class Hub:
         config: Config,
         upstream_factory: UpstreamFactory,
         metrics: Metrics,
+        tokens: TokenTable | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -54,13 +59,37 @@ class Hub:
             dedupe_window=config.limits.dedupe_window,
         )
         self.runners: dict[str, SessionRunner] = {}
+        self.counts: Counter[str] = Counter()  # stored sessions per principal
+        self.tokens = tokens or TokenTable([])
+        limits = config.limits
+        self.new_connections = AddressLimiter(limits.connections_per_s, limits.connection_burst)
         self._loading: dict[str, asyncio.Future[SessionRunner | None]] = {}
         self._parking: dict[str, asyncio.Future[None]] = {}
 
-    def create(self, session_id: str) -> SessionRunner:
-        """A new, empty session (its row is written when ``initialize`` arrives)."""
+    async def load_counts(self) -> None:
+        """Start-up: how many sessions each principal has stored (for the limits)."""
+        self.counts = Counter()
+        for principal, count in (await self.store.session_counts()).items():
+            self.counts[principal or ANONYMOUS] += count
+
+    def owns(self, runner: SessionRunner, principal: str) -> bool:
+        """Only the principal that created a session may use it (docs/SECURITY.md)."""
+        return (runner.core.principal or ANONYMOUS) == principal
+
+    def create(self, session_id: str, principal: str = ANONYMOUS) -> SessionRunner:
+        """A new, empty session (its row is written when ``initialize`` arrives).
+
+        Raises:
+            LimitExceeded: ``limits.max_sessions`` or ``max_sessions_per_principal``.
+        """
+        limits = self.config.limits
+        if sum(self.counts.values()) >= limits.max_sessions:
+            raise LimitExceeded("too many sessions on this proxy", 503)
+        if self.counts[principal] >= limits.max_sessions_per_principal:
+            raise LimitExceeded("too many sessions for this principal", 429)
+        self.counts[principal] += 1
         runner = SessionRunner(
-            Session(session_id, self.limits),
+            Session(session_id, self.limits, principal),
             self.store,
             self.upstream_factory,
             self.config,
@@ -141,6 +170,7 @@ class Hub:
         if runner is not None:
             runner.terminate()
             await runner.aclose(persist=False)
+            self._forget(runner.core.principal)
         await self.store.delete_session(session_id)
         self.runners.pop(session_id, None)
         log.info("session.terminated", session=short_id(session_id))
@@ -166,12 +196,18 @@ class Hub:
             if runner.idle and now - runner.last_active >= cfg.park_after_s:
                 await self.park(session_id)
         cutoff = time.time() - cfg.expire_after_s
-        for session_id in await self.store.expired_sessions(cutoff):
+        for session_id, principal in await self.store.expired_sessions(cutoff):
             if session_id in self.runners or session_id in self._loading:
                 continue  # in use: its row is refreshed when it parks or detaches
             await self.store.delete_session(session_id)
+            self._forget(principal)
             self.metrics.sessions_expired.inc()
             log.info("session.expired", session=short_id(session_id))
+
+    def _forget(self, principal: str | None) -> None:
+        key = principal or ANONYMOUS
+        if self.counts[key] > 0:
+            self.counts[key] -= 1
 
     async def park(self, session_id: str) -> None:
         runner = self.runners.pop(session_id, None)

@@ -36,6 +36,8 @@ SESSION_NOT_FOUND: Final = -32001
 OUTCOME_UNKNOWN: Final = -32010
 UPSTREAM_UNAVAILABLE: Final = -32011
 TOO_MANY_PENDING: Final = -32012
+TOO_MANY_SESSIONS: Final = -32013
+RATE_LIMITED: Final = -32014
 REQUEST_CANCELLED: Final = -32800
 
 # The `_meta` keys mcproxy adds to what it sends. `io.mcproxy/` is our own reverse-DNS prefix

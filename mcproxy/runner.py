@@ -20,11 +20,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import structlog
 
 from mcproxy import jsonrpc
 from mcproxy.config import Config
 from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
+from mcproxy.guard import TokenBucket
 from mcproxy.jsonrpc import Message
 from mcproxy.metrics import Metrics
 from mcproxy.session import (
@@ -250,6 +252,8 @@ class SessionRunner:
         self._spawned_at: float | None = None
         self._closed = False
         self.last_active = asyncio.get_running_loop().time()
+        limits = config.limits
+        self._rate = TokenBucket(limits.messages_per_s, limits.message_burst, self.last_active)
 
     @property
     def id(self) -> str:
@@ -395,6 +399,13 @@ class SessionRunner:
             return []
         self.metrics.client_in.inc()
         self.touch()
+        if not self._rate.take(self.last_active):
+            # limits.messages_per_s: a request learns why; a notification is dropped.
+            self.metrics.error(jsonrpc.RATE_LIMITED)
+            if isinstance(msg.id, int | str) and msg.method is not msgspec.UNSET:
+                error = jsonrpc.error_bytes(msg.id, jsonrpc.RATE_LIMITED, "rate limited")
+                return [Reply(error)]
+            return []
         direct: list[Reply | Resend] = []
         rest: list[Action] = []
         for action in self.core.client_message(msg):

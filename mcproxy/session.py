@@ -236,6 +236,7 @@ class SessionRecord:
     next_server_id: int = 1
     next_lsn: int = 1
     delivered_lsn: int = 0
+    principal: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,9 +265,10 @@ class Session:
     actions in order before feeding the next event.
     """
 
-    def __init__(self, session_id: str, limits: Limits) -> None:
+    def __init__(self, session_id: str, limits: Limits, principal: str | None = None) -> None:
         self.id = session_id
         self.limits = limits
+        self.principal = principal  # who created it: only they may use it (docs/SECURITY.md)
         self.state = UpstreamState.DOWN
         self.init_request: Message | None = None
         self.init_result: msgspec.Raw | None = None
@@ -301,6 +303,7 @@ class Session:
             next_server_id=self.next_server_id,
             next_lsn=self.next_lsn,
             delivered_lsn=self.delivered_lsn,
+            principal=self.principal,
         )
 
     @classmethod
@@ -317,7 +320,7 @@ class Session:
         The previous proxy's upstream died with it, so every persisted in-flight request is
         resolved at once as if the upstream had been lost (``upstream_lost``).
         """
-        s = cls(session_id, limits)
+        s = cls(session_id, limits, record.principal)
         if record.init_request is not None:
             s.init_request = jsonrpc.decode(record.init_request)
         if record.init_result is not None:

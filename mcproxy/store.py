@@ -38,7 +38,7 @@ from mcproxy.errors import StoreError
 from mcproxy.session import PendingRow, SessionRecord
 from mcproxy.tasks import TaskSet
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 # With durability "normal" the writer commits on the event loop, so SQLite's automatic WAL
 # checkpoint (which copies pages back into the database file, and fsyncs it) would stall the
 # loop for milliseconds. It is turned off there; instead, after this many writes (about SQLite's
@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     next_server_id   INTEGER NOT NULL DEFAULT 1,
     next_lsn         INTEGER NOT NULL DEFAULT 1,
     delivered_lsn    INTEGER NOT NULL DEFAULT 0,
-    upstream_state   TEXT
+    upstream_state   TEXT,
+    principal        TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     session_id TEXT NOT NULL,
@@ -89,9 +90,10 @@ CREATE INDEX IF NOT EXISTS requests_pending ON requests (done, session_id);
 _UPSERT_SESSION: Final = """
 INSERT INTO sessions (id, created_at, last_seen_at, init_request, init_result, initialized,
     log_level, subscriptions, safe_tools, next_upstream_id, next_server_id, next_lsn,
-    delivered_lsn)
+    delivered_lsn, principal)
 VALUES (:id, :now, :now, :init_request, :init_result, :initialized, :log_level,
-    :subscriptions, :safe_tools, :next_upstream_id, :next_server_id, :next_lsn, :delivered_lsn)
+    :subscriptions, :safe_tools, :next_upstream_id, :next_server_id, :next_lsn, :delivered_lsn,
+    :principal)
 ON CONFLICT (id) DO UPDATE SET
     last_seen_at = :now, init_request = :init_request, init_result = :init_result,
     initialized = :initialized, log_level = :log_level, subscriptions = :subscriptions,
@@ -109,6 +111,8 @@ _MIGRATIONS: Final = {
     # What an upstream transport keeps about its own side of a session (an HTTP upstream's
     # Mcp-Session-Id), opaque to the store; NULL for stdio upstreams.
     3: "ALTER TABLE sessions ADD COLUMN upstream_state TEXT;",
+    # Who created the session (docs/SECURITY.md); NULL for sessions of before version 4.
+    4: "ALTER TABLE sessions ADD COLUMN principal TEXT;",
 }
 _PRUNE: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ?"
 _PRUNE_STREAM: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND stream = ?"
@@ -274,6 +278,7 @@ class Store:
                 "next_server_id": record.next_server_id,
                 "next_lsn": record.next_lsn,
                 "delivered_lsn": record.delivered_lsn,
+                "principal": record.principal,
             },
         )
 
@@ -418,7 +423,7 @@ class Store:
         db = self._reader
         async with db.execute(
             "SELECT init_request, init_result, initialized, log_level, subscriptions,"
-            " safe_tools, next_upstream_id, next_server_id, next_lsn, delivered_lsn"
+            " safe_tools, next_upstream_id, next_server_id, next_lsn, delivered_lsn, principal"
             " FROM sessions WHERE id = ?",
             (session_id,),
         ) as cur:
@@ -452,6 +457,7 @@ class Store:
             next_server_id=int(row[7]),
             next_lsn=max(int(row[8]), last_lsn + 1),
             delivered_lsn=min(int(row[9]), last_lsn),
+            principal=row[10],
         )
         async with db.execute(
             "SELECT client_key, upstream_id, method, safe, body, stream FROM requests"
@@ -486,12 +492,19 @@ class Store:
             raise StoreError(f"cannot load upstream state: {exc}") from exc
         return None if row is None or row[0] is None else str(row[0])
 
-    async def expired_sessions(self, last_seen_before: float) -> list[str]:
-        """Sessions not seen since the given wall-clock time (seconds since the epoch)."""
+    async def session_counts(self) -> dict[str | None, int]:
+        """Stored sessions per principal (for the session limits after a restart)."""
         async with self._reader.execute(
-            "SELECT id FROM sessions WHERE last_seen_at < ?", (last_seen_before,)
+            "SELECT principal, count(*) FROM sessions GROUP BY principal"
         ) as cur:
-            return [str(r[0]) for r in await cur.fetchall()]
+            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+
+    async def expired_sessions(self, last_seen_before: float) -> list[tuple[str, str | None]]:
+        """(id, principal) of sessions not seen since the given wall-clock time."""
+        async with self._reader.execute(
+            "SELECT id, principal FROM sessions WHERE last_seen_at < ?", (last_seen_before,)
+        ) as cur:
+            return [(str(r[0]), r[1]) for r in await cur.fetchall()]
 
     async def stats(self) -> StoreStats:
         """For the metrics: counts read from committed data, sizes from the file system."""

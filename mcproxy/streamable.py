@@ -30,7 +30,7 @@ from aiohttp import web
 
 from mcproxy import jsonrpc
 from mcproxy.config import Config
-from mcproxy.errors import ProtocolError, StoreError
+from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
 from mcproxy.guard import HostPolicy
 from mcproxy.hub import Hub, mint_session_id, valid_session_id
 from mcproxy.jsonrpc import Kind
@@ -131,9 +131,10 @@ class StreamableHttpFront:
     # --- POST -------------------------------------------------------------------------
 
     async def post(self, request: web.Request) -> web.StreamResponse:
-        refused = self._check(request)
-        if refused is not None:
-            return refused
+        admitted = self._admit(request)
+        if isinstance(admitted, web.Response):
+            return admitted
+        principal = admitted
         if request.content_type != _JSON:
             return self._status(415, "Content-Type must be application/json")
         if not _accepts(request, _JSON) or not _accepts(request, _SSE):
@@ -152,11 +153,16 @@ class StreamableHttpFront:
                 return self._error(
                     400, request_id, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required"
                 )
+            if not self._new_connection(request):
+                return self._status(429, "too many new sessions from this address")
             session_id = mint_session_id()
-            runner = self.hub.create(session_id)
+            try:
+                runner = self.hub.create(session_id, principal)
+            except LimitExceeded as exc:
+                return self._error(exc.status, request_id, jsonrpc.TOO_MANY_SESSIONS, str(exc))
             created = True
         else:
-            found = await self._session(session_id, request_id)
+            found = await self._session(session_id, request_id, principal)
             if isinstance(found, web.Response):
                 return found
             runner = found
@@ -195,9 +201,10 @@ class StreamableHttpFront:
     # --- GET --------------------------------------------------------------------------
 
     async def get(self, request: web.Request) -> web.StreamResponse:
-        refused = self._check(request)
-        if refused is not None:
-            return refused
+        admitted = self._admit(request)
+        if isinstance(admitted, web.Response):
+            return admitted
+        principal = admitted
         if not _accepts(request, _SSE):
             return self._status(406, "Accept must list text/event-stream")
         session_id = request.headers.get(HEADER_SESSION)
@@ -206,7 +213,9 @@ class StreamableHttpFront:
                 400, None, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required"
             )
         last = request.headers.get(HEADER_LAST_EVENT)
-        found = await self._session(session_id, None)
+        if not self._new_connection(request):
+            return self._status(429, "too many new streams from this address")
+        found = await self._session(session_id, None, principal)
         if isinstance(found, web.Response):
             if found.status == 404 and last is not None:
                 self.hub.metrics.resumes.labels("unknown_session").inc()
@@ -232,15 +241,16 @@ class StreamableHttpFront:
     # --- DELETE -----------------------------------------------------------------------
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
-        refused = self._check(request)
-        if refused is not None:
-            return refused
+        admitted = self._admit(request)
+        if isinstance(admitted, web.Response):
+            return admitted
+        principal = admitted
         session_id = request.headers.get(HEADER_SESSION)
         if session_id is None:
             return self._error(
                 400, None, jsonrpc.INVALID_REQUEST, "Mcp-Session-Id header is required"
             )
-        found = await self._session(session_id, None)
+        found = await self._session(session_id, None, principal)
         if isinstance(found, web.Response):
             return found
         await self.hub.terminate(session_id)
@@ -265,11 +275,18 @@ class StreamableHttpFront:
     def _status(self, status: int, reason: str) -> web.Response:
         return self._error(status, None, jsonrpc.INVALID_REQUEST, reason)
 
-    def _check(self, request: web.Request) -> web.Response | None:
+    def _admit(self, request: web.Request) -> web.Response | str:
+        """Host/Origin, protocol version and authentication: the principal, or a refusal."""
         refusal = self.guard.check(request.host, request.headers.get("Origin"))
         if refusal is not None:
             log.warning("http.refused", reason=refusal.reason, peer=request.remote)
             return self._error(refusal.status, None, jsonrpc.INVALID_REQUEST, refusal.reason)
+        principal = self.hub.tokens.authenticate(request.headers.get("Authorization"), None)
+        if principal is None:
+            log.warning("http.refused", reason="no valid bearer token", peer=request.remote)
+            response = self._error(401, None, jsonrpc.INVALID_REQUEST, "Unauthorized")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="mcproxy"'
+            return response
         version = request.headers.get(HEADER_VERSION)
         if version is not None and version not in SUPPORTED_VERSIONS:
             # transports §"Protocol Version Header": an unsupported version MUST get 400.
@@ -281,18 +298,27 @@ class StreamableHttpFront:
                 f"Unsupported protocol version: {version[:40]}",
                 {"supported": list(SUPPORTED_VERSIONS)},
             )
-        return None
+        return principal
+
+    def _new_connection(self, request: web.Request) -> bool:
+        """limits.connections_per_s: new sessions and new SSE streams per client address."""
+        now = asyncio.get_running_loop().time()
+        return self.hub.new_connections.allow(request.remote, now)
 
     async def _session(
-        self, session_id: str, request_id: jsonrpc.RequestId | None
+        self, session_id: str, request_id: jsonrpc.RequestId | None, principal: str
     ) -> SessionRunner | web.Response:
         if not valid_session_id(session_id):
             return self._error(
                 400, request_id, jsonrpc.INVALID_REQUEST, "malformed Mcp-Session-Id header"
             )
         runner = await self.hub.get(session_id)
-        if runner is None or runner.closed:
-            # transports §"Session Management" 3: an ended or unknown session gets 404.
+        foreign = runner is not None and not self.hub.owns(runner, principal)
+        if foreign:
+            log.warning("session.foreign", session=session_id[:8] + "…", principal=principal)
+        if runner is None or runner.closed or foreign:
+            # transports §"Session Management" 3: an ended or unknown session gets 404; so does
+            # another principal's (docs/SECURITY.md: no oracle for which ids exist).
             return self._error(404, request_id, jsonrpc.SESSION_NOT_FOUND, "Session not found")
         return runner
 

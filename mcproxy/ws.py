@@ -29,7 +29,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from mcproxy import jsonrpc
 from mcproxy.config import Config
-from mcproxy.errors import ProtocolError, StoreError
+from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
 from mcproxy.guard import HostPolicy
 from mcproxy.hub import Hub, mint_session_id, valid_session_id
 from mcproxy.jsonrpc import Kind, Message
@@ -46,6 +46,7 @@ QUERY_SESSION: Final = "mcp_session_id"
 QUERY_CURSOR: Final = "mcp_last_lsn"
 CLOSE_BINARY: Final = 1003
 CLOSE_SERVICE_RESTART: Final = 1012
+CLOSE_FORBIDDEN: Final = 4403  # 4000-4999 are for applications (RFC 6455 §7.4.2)
 
 
 class WsConnection:
@@ -53,8 +54,9 @@ class WsConnection:
 
     _ids = itertools.count(1)
 
-    def __init__(self, ws: web.WebSocketResponse, tasks: TaskSet) -> None:
+    def __init__(self, ws: web.WebSocketResponse, tasks: TaskSet, principal: str) -> None:
         self.ws = ws
+        self.principal = principal
         self.label = f"ws#{next(self._ids)}"
         self._tasks = tasks
         self._pump: asyncio.Task[None] | None = None
@@ -135,9 +137,15 @@ class WebSocketFront:
         cfg = self.config.server
         refusal = self.guard.check(request.host, request.headers.get("Origin"))
         if refusal is not None:
-            self.hub.metrics.error(f"http_{refusal.status}")
-            log.warning("ws.refused", reason=refusal.reason, peer=request.remote)
-            return web.Response(status=refusal.status, text=refusal.reason + "\n")
+            return self._refuse(request, refusal.status, refusal.reason)
+        now = asyncio.get_running_loop().time()
+        if not self.hub.new_connections.allow(request.remote, now):
+            return self._refuse(request, 429, "too many new connections from this address")
+        principal = self.hub.tokens.authenticate(
+            request.headers.get("Authorization"), request.headers.get("Sec-WebSocket-Protocol")
+        )
+        if principal is None:
+            return self._refuse(request, 401, "a valid bearer token is required")
         hint = request.query.get(QUERY_SESSION) or request.cookies.get(cfg.cookie_name)
         if hint is not None and not valid_session_id(hint):
             return _bad_request("mcp_session_id must be 16-128 visible ASCII characters")
@@ -168,8 +176,12 @@ class WebSocketFront:
                 cfg.cookie_name, proposed, path=cfg.path, httponly=True, samesite="Strict"
             )
         await ws.prepare(request)
-        conn = WsConnection(ws, self._tasks)
+        conn = WsConnection(ws, self._tasks, principal)
         self.connections.add(conn)
+        if runner is not None and not self.hub.owns(runner, principal):
+            await self._foreign(conn, runner)
+            self.connections.discard(conn)
+            return ws
         log.info("ws.connected", conn=conn.label, bound=runner is not None, peer=request.remote)
         try:
             if runner is not None:
@@ -187,7 +199,20 @@ class WebSocketFront:
 
     async def _serve(self, conn: WsConnection, proposed: str, url_cursor: int | None) -> None:
         ws = conn.ws
-        async for frame in ws:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.limits.bind_timeout_s
+        while True:
+            try:
+                # limits.bind_timeout_s: a socket that never binds a session costs us for
+                # nothing; once bound, aiohttp's heartbeat watches it instead.
+                left = None if conn.runner is not None else max(deadline - loop.time(), 0)
+                frame = await ws.receive(timeout=left)
+            except TimeoutError:
+                self.hub.metrics.error("ws_1008")
+                await conn.close(WSCloseCode.POLICY_VIOLATION, "no session bound in time")
+                return
+            if frame.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
             if frame.type is WSMsgType.BINARY:
                 self.hub.metrics.error(f"ws_{CLOSE_BINARY}")
                 await conn.close(CLOSE_BINARY, "binary frames are not supported by MCP")
@@ -245,6 +270,9 @@ class WebSocketFront:
                 )
             return
         runner = await self.hub.get(hint) if hint is not None else None
+        if runner is not None and not self.hub.owns(runner, conn.principal):
+            await self._foreign(conn, runner)
+            return
         if hint is not None and runner is None and not is_init:
             # (An unknown id on initialize or on the URL is how a client proposes a new one.)
             self.hub.metrics.resumes.labels("unknown_session").inc()
@@ -259,7 +287,16 @@ class WebSocketFront:
         if is_init:
             session_id = hint or proposed
             existing = await self.hub.get(session_id)
-            runner = existing or self.hub.create(session_id)
+            if existing is not None and not self.hub.owns(existing, conn.principal):
+                await self._foreign(conn, existing)
+                return
+            try:
+                runner = existing or self.hub.create(session_id, conn.principal)
+            except LimitExceeded as exc:
+                self.hub.metrics.error(jsonrpc.TOO_MANY_SESSIONS)
+                assert isinstance(msg.id, int | str)
+                await conn.reply(jsonrpc.error_bytes(msg.id, jsonrpc.TOO_MANY_SESSIONS, str(exc)))
+                return
             conn.runner = runner
             runner.attach(conn, cursor if existing else None)
             conn.to_session(msg)
@@ -279,6 +316,18 @@ class WebSocketFront:
                     msg.id, jsonrpc.INVALID_REQUEST, "no session: send initialize first"
                 )
             )
+
+    def _refuse(self, request: web.Request, status: int, reason: str) -> web.Response:
+        self.hub.metrics.error(f"http_{status}")
+        log.warning("ws.refused", status=status, reason=reason, peer=request.remote)
+        headers = {"WWW-Authenticate": 'Bearer realm="mcproxy"'} if status == 401 else None
+        return web.Response(status=status, text=reason + "\n", headers=headers)
+
+    async def _foreign(self, conn: WsConnection, runner: SessionRunner) -> None:
+        """Another principal's session: refuse without saying whether it exists (4403)."""
+        self.hub.metrics.error(f"ws_{CLOSE_FORBIDDEN}")
+        log.warning("session.foreign", session=runner.label, principal=conn.principal)
+        await conn.close(CLOSE_FORBIDDEN, "session not available to this principal")
 
     async def close_all(self, code: int, reason: str) -> None:
         await asyncio.gather(

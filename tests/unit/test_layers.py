@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mcproxy"
 # module -> layer; a module may import mcproxy modules of a lower layer (or leaf utilities).
 LAYERS = {
     "errors": 0,
-    "config": 1, "jsonrpc": 1, "framing": 1, "guard": 1,
+    "config": 1, "jsonrpc": 1, "framing": 1, "guard": 1, "auth": 1,
     "session": 2,
     "tasks": 3, "log": 3, "upstream": 3, "sdnotify": 3, "metrics": 3, "reconnect": 3,
     "store": 4, "upstream_stdio": 4, "upstream_http": 4, "client": 4,
@@ -23,7 +23,7 @@ LAYERS = {
     "daemon": 9, "admin": 9,
     "cli": 10,
 }  # fmt: skip
-SANS_IO = {"errors", "config", "jsonrpc", "framing", "guard", "session"}
+SANS_IO = {"errors", "config", "jsonrpc", "framing", "guard", "auth", "session"}
 FORBIDDEN_IN_CORE = {"asyncio", "aiohttp", "aiosqlite", "sqlite3", "structlog",
                      "prometheus_client", "time", "uvloop", "datetime"}  # fmt: skip
 
