@@ -1,0 +1,180 @@
+"""Every refusal of docs/SECURITY.md against the real daemon: authentication, principal
+binding, the non-loopback guard, and each limit."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.helpers import (
+    INIT_PARAMS,
+    ROOT,
+    SSE_HEADERS,
+    TIMEOUT,
+    HttpClient,
+    ProxyProcess,
+    WsClient,
+    tool_text,
+)
+
+ALICE = "alice-token-0123456789abcdef"
+BOB = "bob-token-0123456789abcdefgh"
+
+
+def config_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "mcproxy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> ProxyProcess:
+    tokens = tmp_path / "tokens"
+    # bob's token is stored hashed: the file never holds it.
+    tokens.write_text(
+        f"# principals\nalice:{ALICE}\nbob:sha256:{hashlib.sha256(BOB.encode()).hexdigest()}\n"
+    )
+    config = config_file(tmp_path, f'[auth]\ntokens_file = "{tokens}"\n')
+    return ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_tokens_are_required_and_principals_own_their_sessions(
+    secured: ProxyProcess,
+) -> None:
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INIT_PARAMS}
+            for headers in ({}, bearer("wrong-token-0123456789"), {"Authorization": ALICE}):
+                async with http.post(
+                    secured.url, json=body, headers={**SSE_HEADERS, **headers}
+                ) as r:
+                    assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(secured.url, protocols=("mcp",))
+            assert refused.value.status == 401
+
+        alice = HttpClient(secured.url, bearer(ALICE))
+        bob = HttpClient(secured.url, bearer(BOB))  # hashed at rest, accepted all the same
+        try:
+            await alice.initialize()
+            await bob.initialize()
+            bob.session_id = alice.session_id  # bob tries alice's session: as if it did not exist
+            resp, _ = await bob.request("tools/list")
+            assert resp.status == 404
+            async with bob.http.get(bob.url, headers=bob.headers(Accept="text/event-stream")) as r:
+                assert r.status == 404
+        finally:
+            await alice.close()
+            await bob.close()
+
+        # Browsers put the token in a subprotocol; it is never echoed back.
+        offered = "mcp.auth." + base64.urlsafe_b64encode(BOB.encode()).decode().rstrip("=")
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(
+                secured.url,
+                protocols=("mcp", offered),
+                params={"mcp_session_id": alice.session_id or ""},
+            )
+            assert ws.protocol == "mcp"
+            await ws.receive(timeout=TIMEOUT)
+            assert ws.close_code == 4403  # alice's session, bob's socket
+        assert secured.events("session.foreign")
+        assert not any(ALICE in str(e) or BOB in str(e) for e in secured.logs)  # never logged
+    finally:
+        secured.kill()
+
+
+async def test_a_v3_resume_of_another_principals_session_is_refused(secured: ProxyProcess) -> None:
+    try:
+        alice = HttpClient(secured.url, bearer(ALICE))
+        try:
+            await alice.initialize()
+        finally:
+            await alice.close()
+        async with aiohttp.ClientSession(headers=bearer(BOB)) as http:
+            ws = await http.ws_connect(secured.url, protocols=("mcp",))
+            await ws.send_json(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "initialize",
+                    "params": INIT_PARAMS,
+                    "mcpSessionId": alice.session_id,
+                }
+            )
+            await ws.receive(timeout=TIMEOUT)
+            assert ws.close_code == 4403
+    finally:
+        secured.kill()
+
+
+def test_no_unauthenticated_listener_beyond_loopback(tmp_path: Path) -> None:
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mcproxy", "check-config", *args],
+            capture_output=True, text=True, cwd=ROOT, check=False,
+        )  # fmt: skip
+
+    refused = check("--listen", "0.0.0.0:8765")
+    assert refused.returncode == 2 and "not loopback" in refused.stderr
+    allowed = config_file(tmp_path, "[auth]\nallow_unauthenticated_remote = true\n")
+    assert check("--listen", "0.0.0.0:8765", "--config", allowed).returncode == 0
+
+
+async def test_session_and_rate_limits(tmp_path: Path) -> None:
+    config = config_file(
+        tmp_path,
+        "[limits]\nmax_sessions_per_principal = 2\nconnections_per_s = 0.01\n"
+        "connection_burst = 4\nmessages_per_s = 0.01\nmessage_burst = 6\n",
+    )
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+    clients: list[HttpClient] = []
+    try:
+        for _ in range(2):
+            client = HttpClient(proxy.url)
+            clients.append(client)
+            await client.initialize()
+        third = HttpClient(proxy.url)
+        clients.append(third)
+        resp, _events = await third.request("initialize", INIT_PARAMS)
+        assert resp.status == 429  # max_sessions_per_principal
+        # Message rate: the session's bucket holds 6 (initialize and initialized took 2).
+        answers = [await clients[0].call("ping") for _ in range(5)]
+        assert [a.get("error", {}).get("code") for a in answers] == [None] * 4 + [-32014]
+        # New connections per address: 3 creations used the burst of 4; one WebSocket more.
+        ws = await WsClient.connect(proxy.url)
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as limited:
+            await WsClient.connect(proxy.url)
+        assert limited.value.status == 429
+    finally:
+        for client in clients:
+            await client.close()
+        proxy.kill()
+
+
+async def test_a_socket_that_never_binds_is_closed(tmp_path: Path) -> None:
+    config = config_file(tmp_path, "[limits]\nbind_timeout_s = 0.3\n")
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+    try:
+        idle = await WsClient.connect(proxy.url)
+        frame = await idle.ws.receive(timeout=TIMEOUT)
+        assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == 1008
+        await idle.close()
+        bound = await WsClient.connect(proxy.url)  # one that binds in time stays
+        await bound.initialize()
+        echo = await bound.response(await bound.call_tool("echo", {"text": "kept"}))
+        assert tool_text(echo) == "kept"
+        await bound.close()
+    finally:
+        proxy.kill()
