@@ -89,12 +89,14 @@ DEFAULT_METRICS_PATH: Final = "/metrics"
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024  # inbound WebSocket frame; 1009 above it
 DEFAULT_MAX_PENDING_REQUESTS: Final = 1024  # in-flight client requests per session
 DEFAULT_DEDUPE_WINDOW: Final = 1024  # answered request ids remembered per session for retries
-DEFAULT_MAX_SESSIONS: Final = 10000  # stored sessions in total; more: initialize refused
-DEFAULT_MAX_SESSIONS_PER_PRINCIPAL: Final = 1000
-DEFAULT_CONNECTIONS_PER_S: Final = 20.0  # new WebSockets, GET streams, sessions per address
-DEFAULT_CONNECTION_BURST: Final = 60
-DEFAULT_MESSAGES_PER_S: Final = 500.0  # client messages per session (token bucket)
-DEFAULT_MESSAGE_BURST: Final = 1000
+DEFAULT_MAX_SESSIONS: Final = 100_000  # stored sessions in total; more: initialize refused
+DEFAULT_MAX_SESSIONS_PER_PRINCIPAL: Final = 20_000
+# New WebSockets, GET streams and sessions per client address. Generous: on loopback every
+# local client shares one address, and after a proxy restart they all reconnect at once.
+DEFAULT_CONNECTIONS_PER_S: Final = 200.0
+DEFAULT_CONNECTION_BURST: Final = 2000
+DEFAULT_MESSAGES_PER_S: Final = 5000.0  # client messages per session (token bucket)
+DEFAULT_MESSAGE_BURST: Final = 10000
 DEFAULT_BIND_TIMEOUT_S: Final = 10.0  # a WebSocket must bind a session within this
 DEFAULT_SEND_QUEUE_MAX: Final = (
     4096  # live messages buffered per socket before reading back from the log
