@@ -246,8 +246,10 @@ class SessionRunner:
         self.upstream: Upstream | None = None
         self._tasks = TaskSet(f"session:{self.label}")
         self._spawning: asyncio.Task[None] | None = None
-        self._up_pending: deque[tuple[asyncio.Future[None], bytes]] = deque()
-        self._ready = asyncio.Event()
+        # Lists and a lazily made Event rather than deques: idle sessions are the many, and
+        # an empty deque is 760 bytes (benchmarks/bench_store.py measures per-session memory).
+        self._up_pending: list[tuple[asyncio.Future[None], bytes]] = []
+        self._ready: asyncio.Event | None = None  # set once a spawned upstream is READY
         self._backoff: Iterator[float] | None = None
         self._spawned_at: float | None = None
         self._closed = False
@@ -443,7 +445,7 @@ class SessionRunner:
         self.metrics.upstream_events.labels("lost").inc()
         self.upstream = None
         self._up_pending.clear()
-        self._ready.clear()
+        self._ready = None
         self.execute(self.core.upstream_lost(reason))
 
     # --- action execution -------------------------------------------------------------
@@ -489,7 +491,7 @@ class SessionRunner:
                 self.metrics.upstream_events.labels("restarted").inc()
                 log.warning("upstream.restart", session=self.label, reason=action.reason)
                 self._tasks.spawn(self._restart(action.reason), f"restart:{self.label}")
-        if self.core.state is UpstreamState.READY:
+        if self.core.state is UpstreamState.READY and self._ready is not None:
             self._ready.set()
 
     def _tally(self, tally: Tally) -> None:
@@ -517,7 +519,7 @@ class SessionRunner:
 
     def _drain_upstream(self, _: asyncio.Future[None]) -> None:
         while self._up_pending and self._up_pending[0][0].done():
-            future, data = self._up_pending.popleft()
+            future, data = self._up_pending.pop(0)
             if future.exception() is not None:
                 # The request is not on record: it must not reach the upstream. The store
                 # failure fails the session's connections through the outbox.
@@ -553,12 +555,12 @@ class SessionRunner:
             self.metrics.upstream_events.labels("spawned").inc()
             self.upstream = upstream
             self._spawned_at = loop.time()
-            self._ready.clear()
+            ready = self._ready = asyncio.Event()
             self.execute(self.core.upstream_spawned())
         finally:
             self._spawning = None
         try:
-            await asyncio.wait_for(self._ready.wait(), cfg.init_timeout_s)
+            await asyncio.wait_for(ready.wait(), cfg.init_timeout_s)
         except TimeoutError:
             if self.upstream is upstream:
                 await self._restart("upstream did not answer initialize in time")

@@ -31,7 +31,7 @@ What the session guarantees (docs/PROTOCOL.md has the wire contract):
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -282,7 +282,9 @@ class Session:
         self.delivered_lsn = 0
         self._inflight: dict[int, InFlight] = {}
         self._by_client: dict[str, int] = {}
-        self._queue: deque[Message] = deque()  # waiting for READY, already in upstream ids
+        # Waiting for READY, already in upstream ids. A list, not a deque: it is short-lived
+        # and usually empty, and an empty deque costs 760 bytes in every idle session.
+        self._queue: list[Message] = []
         # Answered client ids -> (response LSN or None if cancelled, method), LRU-bounded.
         self._answered: OrderedDict[str, tuple[int | None, str]] = OrderedDict()
         self._server_pending: dict[int, RequestId] = {}  # client-facing id -> upstream id
@@ -530,7 +532,7 @@ class Session:
             )
             actions += self._to_upstream(forwarded)
         else:
-            self._queue = deque(
+            self._queue = list(
                 m for m in self._queue if m.method is msgspec.UNSET or m.id != upstream_id
             )
         return actions
@@ -561,7 +563,7 @@ class Session:
         # A fresh session: the client's own initialize heads the queue; send it alone and
         # hold the rest until its response (lifecycle §Initialization).
         if self._queue and self._queue[0].method == "initialize":
-            return [self._send(self._queue.popleft())]
+            return [self._send(self._queue.pop(0))]
         return []
 
     def upstream_message(self, msg: Message, related: int | None = None) -> list[Action]:
@@ -781,7 +783,7 @@ class Session:
             )
         # Responses queued for the dead process are moot; requests and notifications stay.
         kept = [m for m in self._queue if m.method is not msgspec.UNSET]
-        self._queue = deque([*reissue, *kept])
+        self._queue = [*reissue, *kept]
         if self.has_work:
             actions.append(StartUpstream())
         return actions
@@ -819,8 +821,9 @@ class Session:
 
     def _flush(self) -> list[Action]:
         actions: list[Action] = []
-        while self._queue:
-            actions.append(self._send(self._queue.popleft()))
+        queued, self._queue = self._queue, []
+        for msg in queued:
+            actions.append(self._send(msg))
         return actions
 
     def _send(self, msg: Message) -> SendUpstream:
