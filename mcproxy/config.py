@@ -37,6 +37,10 @@ DEFAULT_SSE_KEEPALIVE_S: Final = 15.0  # SSE comment line on an idle stream (pro
 
 # --- [upstream] -------------------------------------------------------------------------
 DEFAULT_UPSTREAM: Final = "stdio:mcproxy-demo-server"  # the bundled example server
+# "per-session": a child process per session. "shared": every session multiplexed onto
+# `pool_size` children (stdio only; docs/ARCHITECTURE.md "Shared upstreams").
+DEFAULT_UPSTREAM_MODE: Final = "per-session"
+DEFAULT_POOL_SIZE: Final = 1
 DEFAULT_STDIN_CLOSE_GRACE_S: Final = 2.0  # lifecycle §Shutdown: close stdin, then wait
 DEFAULT_SIGTERM_GRACE_S: Final = 2.0  # then SIGTERM the process group and wait
 DEFAULT_RESPAWN_INITIAL_DELAY_S: Final = 0.05  # first respawn after a crash (jittered)
@@ -130,6 +134,8 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     target: str = DEFAULT_UPSTREAM
+    mode: Literal["per-session", "shared"] = DEFAULT_UPSTREAM_MODE
+    pool_size: int = DEFAULT_POOL_SIZE
     stdin_close_grace_s: float = DEFAULT_STDIN_CLOSE_GRACE_S
     sigterm_grace_s: float = DEFAULT_SIGTERM_GRACE_S
     respawn_initial_delay_s: float = DEFAULT_RESPAWN_INITIAL_DELAY_S
@@ -324,7 +330,9 @@ def validate(config: Config) -> Config:
             " configure auth.tokens_file or auth.tokens_env (or set"
             " auth.allow_unauthenticated_remote = true if something in front authenticates)"
         )
-    parse_target(config.upstream.target)
+    target = parse_target(config.upstream.target)
+    if config.upstream.mode == "shared" and isinstance(target, HttpTarget):
+        raise ConfigError("upstream.mode = 'shared' needs a 'stdio:' target")
     _validate_headers(config.upstream.headers)
     if config.upstream.bearer_token_env and config.upstream.bearer_token_file:
         raise ConfigError("upstream: set bearer_token_env or bearer_token_file, not both")
@@ -344,6 +352,7 @@ def validate(config: Config) -> Config:
         "upstream.respawn_max_delay_s": config.upstream.respawn_max_delay_s,
         "upstream.connect_timeout_s": config.upstream.connect_timeout_s,
         "upstream.read_timeout_s": config.upstream.read_timeout_s,
+        "upstream.pool_size": config.upstream.pool_size,
         "store.max_batch": config.store.max_batch,
         "limits.max_message_bytes": config.limits.max_message_bytes,
         "limits.max_pending_requests": config.limits.max_pending_requests,

@@ -44,6 +44,7 @@ from mcproxy.streamable import StreamableHttpFront
 from mcproxy.tasks import TaskSet
 from mcproxy.upstream import Upstream, UpstreamFactory, UpstreamHandler
 from mcproxy.upstream_http import HttpOptions, HttpUpstream
+from mcproxy.upstream_shared import SharedPool
 from mcproxy.upstream_stdio import StdioUpstream, command_available
 from mcproxy.ws import CLOSE_SERVICE_RESTART, WebSocketFront
 
@@ -112,6 +113,12 @@ def upstream_factory(config: Config, store: Store) -> UpstreamFactory:
 
         return http_factory
     argv = target.argv
+    if config.upstream.mode == "shared":  # one pool of children for every session
+
+        def child(handler: UpstreamHandler, label: str) -> Upstream:
+            return StdioUpstream(argv, handler, config.upstream, label)
+
+        return SharedPool(child, config.upstream.pool_size, config.upstream.init_timeout_s)
 
     def factory(session_id: str, handler: UpstreamHandler) -> Upstream:
         return StdioUpstream(argv, handler, config.upstream, short_id(session_id))
@@ -249,6 +256,10 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # GC's scans, whose full passes otherwise stall every stream for ~15 ms (measured).
         gc.freeze()
+        # Thousands of sessions mean about a million tracked objects; the default young-
+        # generation threshold (700) triggers full passes that stalled every stream for
+        # 0.6-0.9 s at 10,000 sessions (benchmarks/bench_scale.py). Collect less often.
+        gc.set_threshold(50_000, 20, 100)
         daemon.listening = True
         log.info(
             "daemon.listening",
@@ -277,6 +288,8 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         for runner in runners:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
+        if isinstance(factory, SharedPool):
+            await factory.aclose()  # the shared children (their sessions detached in _shutdown)
         notifier.status("flushing the log")
         await store.aclose()
         notifier.close()

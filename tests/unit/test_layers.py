@@ -15,7 +15,7 @@ LAYERS = {
     "config": 1, "jsonrpc": 1, "framing": 1, "guard": 1, "auth": 1,
     "session": 2,
     "tasks": 3, "log": 3, "upstream": 3, "sdnotify": 3, "metrics": 3, "reconnect": 3,
-    "store": 4, "upstream_stdio": 4, "upstream_http": 4, "client": 4,
+    "store": 4, "upstream_stdio": 4, "upstream_http": 4, "upstream_shared": 4, "client": 4,
     "runner": 5, "client_sdk": 5, "bridge": 5,
     "hub": 6,
     "ws": 7, "streamable": 7,
