@@ -29,7 +29,7 @@ from pathlib import Path
 
 import aiohttp
 from bench_http import HttpSession, sequential
-from bench_ws import ROOT, Proxy, _listening_port, report, through_proxy
+from bench_ws import ROOT, Proxy, report, through_proxy
 
 FIXTURE = ROOT / "tests" / "fixtures" / "server.py"
 
@@ -77,14 +77,7 @@ class HttpUpstreamProxy(Proxy):
              "--upstream", self.upstream, "--log-format", "json", "--log-level", "warning"],
             stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=ROOT,
         )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            port = _listening_port(self.proc.pid)
-            if port:
-                self.port = port
-                return
-            time.sleep(0.005)
-        raise RuntimeError("proxy did not start")
+        self.wait_listening()
 
 
 async def direct_http(url: str, calls: int, first: int) -> list[float]:

@@ -110,8 +110,11 @@ class Proxy:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
             env={**os.environ, "FIXTURE_COUNTER_DIR": str(self.db.parent)},
         )  # fmt: skip
-        assert self.proc.stderr is not None
-        # warning level hides the listening line; ask the kernel instead
+        self.wait_listening()
+
+    def wait_listening(self) -> None:
+        """Warning-level logs hide the listening line; ask the kernel for the port."""
+        assert self.proc is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             port = _listening_port(self.proc.pid)

@@ -155,7 +155,7 @@ class _Daemon:
     async def scrape(self) -> bytes:
         stats = await self.store.stats()
         runners = list(self.hub.runners.values())
-        attached = sum(1 for r in runners if r.conn is not None or r.streams)
+        attached = sum(1 for r in runners if r.attached)
         self.metrics.refresh(
             WorldState(
                 sessions_attached=attached,
@@ -172,8 +172,7 @@ class _Daemon:
         return self.metrics.render()
 
     def status_line(self) -> str:
-        runners = self.hub.runners.values()
-        attached = sum(1 for r in runners if r.conn is not None or r.streams)
+        attached = sum(1 for r in self.hub.runners.values() if r.attached)
         return f"{len(self.hub.runners)} sessions in memory, {attached} with a client"
 
     async def sweeper(self) -> None:

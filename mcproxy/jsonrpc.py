@@ -48,6 +48,9 @@ META_LAST_LSN: Final = "io.mcproxy/lastLsn"
 META_HEAD_LSN: Final = "io.mcproxy/headLsn"
 META_RESUMED: Final = "io.mcproxy/resumed"
 SESSION_ID_FIELD: Final = "mcpSessionId"
+# WebSocket close reasons the proxy sends and its client library acts on (docs/PROTOCOL.md).
+SUPERSEDED_REASON: Final = "MCP session reconnected on another connection"  # SEP, verbatim
+TERMINATED_REASON: Final = "MCP session terminated"
 
 NO_RAW: Final = Raw()
 """Sentinel for an absent params/result/error; ``"result": null`` is ``Raw(b"null")``."""

@@ -35,14 +35,16 @@ import msgspec
 import structlog
 
 from mcproxy.errors import MCProxyError
+from mcproxy.jsonrpc import (
+    META_LAST_LSN,
+    META_LSN,
+    META_RESUMED,
+    SUPERSEDED_REASON,
+    TERMINATED_REASON,
+)
 
 log = structlog.get_logger("mcproxy.client")
 
-SUPERSEDED_REASON: Final = "MCP session reconnected on another connection"
-TERMINATED_REASON: Final = "MCP session terminated"
-META_LSN: Final = "io.mcproxy/lsn"
-META_LAST_LSN: Final = "io.mcproxy/lastLsn"
-META_RESUMED: Final = "io.mcproxy/resumed"
 # Close codes after which reconnecting at once is right (RFC 6455 §7.4.1; 1012 per IANA).
 _IMMEDIATE: Final = frozenset({1001, 1006, 1011, 1012, 1013})
 _AUTH_REFUSED: Final = frozenset({4401, 4403})
@@ -307,7 +309,7 @@ class ReconnectingConnection:
             self._queue.popleft()
 
     async def _deliver(self, message: Message) -> None:
-        lsn = _lsn_of(message)
+        lsn = lsn_of(message)
         if lsn is not None:
             if lsn <= self.cursor:
                 return  # already delivered (a replay overlapping a live send)
@@ -328,7 +330,8 @@ def _key(request_id: Any) -> str:
     return msgspec.json.encode(request_id).decode()
 
 
-def _lsn_of(message: Message) -> int | None:
+def lsn_of(message: Message) -> int | None:
+    """The LSN the proxy put in a decoded message's ``_meta`` (or ``error.data``)."""
     for holder in (message.get("result"), message.get("params")):
         if isinstance(holder, dict):
             meta = holder.get("_meta")

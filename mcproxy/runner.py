@@ -360,9 +360,14 @@ class SessionRunner:
         self.last_active = asyncio.get_running_loop().time()
 
     @property
+    def attached(self) -> bool:
+        """A client connection (WebSocket) or HTTP stream is open."""
+        return self.conn is not None or bool(self.streams)
+
+    @property
     def idle(self) -> bool:
         """No client attached, nothing in flight either way: the upstream may be stopped."""
-        return self.conn is None and not self.streams and self.core.quiescent
+        return not self.attached and self.core.quiescent
 
     def _drop_streams(self, only: int | None) -> None:
         """Supersede the HTTP stream ``only`` (or all of them, if None)."""

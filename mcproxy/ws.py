@@ -40,8 +40,6 @@ from mcproxy.tasks import TaskSet
 log = structlog.get_logger("mcproxy")
 
 SUBPROTOCOL: Final = "mcp"  # what every SDK's WebSocket transport offered
-SUPERSEDED_REASON: Final = "MCP session reconnected on another connection"  # SEP, verbatim
-TERMINATED_REASON: Final = "MCP session terminated"
 QUERY_SESSION: Final = "mcp_session_id"
 QUERY_CURSOR: Final = "mcp_last_lsn"
 CLOSE_BINARY: Final = 1003
@@ -79,11 +77,15 @@ class WsConnection:
 
     def supersede(self) -> None:
         self._stop_pump()
-        self._tasks.spawn(self.close(WSCloseCode.OK, SUPERSEDED_REASON), f"close:{self.label}")
+        self._tasks.spawn(
+            self.close(WSCloseCode.OK, jsonrpc.SUPERSEDED_REASON), f"close:{self.label}"
+        )
 
     def terminated(self) -> None:
         self._stop_pump()
-        self._tasks.spawn(self.close(WSCloseCode.OK, TERMINATED_REASON), f"close:{self.label}")
+        self._tasks.spawn(
+            self.close(WSCloseCode.OK, jsonrpc.TERMINATED_REASON), f"close:{self.label}"
+        )
 
     def _stop_pump(self) -> None:
         if self._pump is not None:

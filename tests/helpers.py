@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 import aiohttp
 
+from mcproxy.reconnect import lsn_of
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_SERVER = ROOT / "tests" / "fixtures" / "server.py"
 # Every wait in the tests is a multiple of this unit; raise it on a slow machine.
@@ -150,19 +152,6 @@ def logged(db: Path, session_id: str, fragment: str) -> bool:
             (session_id, fragment.encode()),
         ).fetchone()
     return bool(rows[0])
-
-
-def lsn_of(message: dict[str, Any]) -> int | None:
-    for holder in (message.get("result"), message.get("params")):
-        if isinstance(holder, dict):
-            meta = holder.get("_meta") or {}
-            if "io.mcproxy/lsn" in meta:
-                return int(meta["io.mcproxy/lsn"])
-    error = message.get("error")
-    if isinstance(error, dict) and isinstance(error.get("data"), dict):
-        value = error["data"].get("io.mcproxy/lsn")
-        return None if value is None else int(value)
-    return None
 
 
 # The database layout mcproxy 0.1 wrote (schema version 1), for migration and admin tests.
