@@ -22,7 +22,6 @@ import contextlib
 import gc
 import os
 import signal
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from mcproxy.config import Config, HttpTarget, db_path, parse_listen, parse_targ
 from mcproxy.errors import ConfigError, MCProxyError
 from mcproxy.guard import HostPolicy
 from mcproxy.hub import Hub
+from mcproxy.listener import listen
 from mcproxy.metrics import Metrics, WorldState
 from mcproxy.runner import short_id
 from mcproxy.sdnotify import Notifier, listen_fds
@@ -46,7 +46,8 @@ from mcproxy.upstream import Upstream, UpstreamFactory, UpstreamHandler
 from mcproxy.upstream_http import HttpOptions, HttpUpstream
 from mcproxy.upstream_shared import SharedPool
 from mcproxy.upstream_stdio import StdioUpstream, command_available
-from mcproxy.ws import CLOSE_SERVICE_RESTART, WebSocketFront
+from mcproxy.ws import WebSocketFront
+from mcproxy.wsproto import CLOSE_SERVICE_RESTART
 
 log = structlog.get_logger("mcproxy")
 
@@ -138,6 +139,7 @@ class _Daemon:
     http_front: StreamableHttpFront
     notifier: Notifier
     listening: bool = False
+    servers: list[asyncio.Server] = field(default_factory=list)
     tasks: TaskSet = field(default_factory=lambda: TaskSet("daemon"))
 
     async def readiness(self) -> dict[str, bool]:
@@ -243,15 +245,13 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         await hub.sweep()
         for runner in runners:
             await runner.setup()
-        if inherited:
-            for sock in inherited:  # socket activation: clients queued while we started
-                await web.SockSite(runners[0], sock, backlog=socket.SOMAXCONN).start()
-        else:
-            await web.TCPSite(runners[0], host, port, reuse_address=True).start()
+        assert runners[0].server is not None
+        # Socket activation (inherited): clients queued while we started are served first.
+        daemon.servers = await listen(ws_front, runners[0].server, host, port, inherited)
         if len(runners) > 1:
             metrics_host, metrics_port = parse_listen(config.metrics.listen)
             await web.TCPSite(runners[1], metrics_host, metrics_port, reuse_address=True).start()
-        bound = _bound_port(runners[0], port)
+        bound = _bound_port(daemon.servers, port)
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # GC's scans, whose full passes otherwise stall every stream for ~15 ms (measured).
         gc.freeze()
@@ -271,6 +271,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         )
         notifier.ready(f"listening on {host}:{bound}, {recovered} sessions recovered")
         daemon.tasks.spawn(daemon.sweeper(), "sweeper")
+        daemon.tasks.spawn(ws_front.heartbeat(), "ws-heartbeat")
         if notifier.watchdog_interval_s:
             daemon.tasks.spawn(daemon.watchdog(notifier.watchdog_interval_s), "watchdog")
         if on_ready is not None:
@@ -281,7 +282,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         notifier.stopping("draining: closing client connections")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _force_exit)
-        await _shutdown(daemon, runners[0])
+        await _shutdown(daemon)
     finally:
         await daemon.tasks.cancel_all()
         for runner in runners:
@@ -295,10 +296,10 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         log.info("daemon.stopped")
 
 
-async def _shutdown(daemon: _Daemon, runner: web.AppRunner) -> None:
+async def _shutdown(daemon: _Daemon) -> None:
     grace = daemon.config.server.shutdown_timeout_s
-    for site in list(runner.sites):
-        await site.stop()  # 1. stop accepting
+    for server in daemon.servers:
+        server.close()  # 1. stop accepting
     daemon.http_front.close_all()  # 2. tell clients to come back (SSE: resume after `retry`)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(
@@ -316,8 +317,10 @@ def _force_exit() -> None:
     raise SystemExit(1)
 
 
-def _bound_port(runner: web.AppRunner, requested: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
+def _bound_port(servers: list[asyncio.Server], requested: int) -> int:
+    for server in servers:
+        for sock in server.sockets:
+            address = sock.getsockname()
+            if isinstance(address, tuple):
+                return int(address[1])
     return requested

@@ -6,7 +6,8 @@
     ├── ConfigError            the operator's configuration is invalid (exit code 2)
     ├── ProtocolError          a peer sent something that is not valid JSON-RPC / MCP
     │   ├── ParseError         not JSON at all                 -> JSON-RPC -32700
-    │   └── InvalidMessage     JSON, but not one JSON-RPC msg  -> JSON-RPC -32600
+    │   ├── InvalidMessage     JSON, but not one JSON-RPC msg  -> JSON-RPC -32600
+    │   └── FrameError         a WebSocket peer broke RFC 6455 -> close code
     ├── UpstreamError          the upstream MCP server cannot be reached or died
     │   └── LineTooLong        the upstream wrote a line over the configured limit
     └── StoreError             the SQLite event log failed; the session cannot go on
@@ -46,6 +47,14 @@ class InvalidMessage(ProtocolError):
     """Valid JSON that is not a single JSON-RPC 2.0 message (-32600)."""
 
     code = -32600
+
+
+class FrameError(ProtocolError):
+    """A WebSocket peer broke RFC 6455: fail the connection with ``close_code`` (§7.1.7)."""
+
+    def __init__(self, close_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.close_code = close_code
 
 
 class UpstreamError(MCProxyError):

@@ -15,6 +15,13 @@ Session selection supports both generations of the SEP (docs/PROTOCOL.md "Sessio
 
 Last connection wins: attaching closes the previous socket of the session with 1000 and the
 SEP's reason; anything that socket does afterwards is ignored.
+
+A connection is an ``asyncio.Protocol`` over the RFC 6455 framing in ``wsproto``: frames are
+handled in ``data_received`` with no task per socket, and liveness is one sweep over every
+socket (``heartbeat``) instead of a timer each. The opening handshake arrives either straight
+from the listener (``listener.Dispatch``: a new TCP connection whose first request is the
+upgrade) or through aiohttp's router (an upgrade on a connection that served plain HTTP
+first); both go through ``WebSocketFront.check`` and ``WebSocketFront.open``.
 """
 
 from __future__ import annotations
@@ -22,94 +29,236 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from dataclasses import dataclass
 from typing import Final
 
 import structlog
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import web
 
 from mcproxy import jsonrpc
 from mcproxy.config import Config
-from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
+from mcproxy.errors import FrameError, LimitExceeded, ProtocolError, StoreError
 from mcproxy.guard import HostPolicy
 from mcproxy.hub import Hub, mint_session_id, valid_session_id
 from mcproxy.jsonrpc import Kind, Message
 from mcproxy.runner import Outbox, SessionRunner
 from mcproxy.session import Reply
 from mcproxy.tasks import TaskSet
+from mcproxy.wsproto import (
+    CLOSE_ABNORMAL,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_INVALID_DATA,
+    CLOSE_NO_STATUS,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_UNSUPPORTED_DATA,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    RequestHead,
+    accept_response,
+    close_payload,
+    frame_header,
+    handshake_problem,
+    http_refusal,
+    offered_protocols,
+    parse_close,
+    valid_text,
+)
 
 log = structlog.get_logger("mcproxy")
 
 SUBPROTOCOL: Final = "mcp"  # what every SDK's WebSocket transport offered
 QUERY_SESSION: Final = "mcp_session_id"
 QUERY_CURSOR: Final = "mcp_last_lsn"
-CLOSE_BINARY: Final = 1003
-CLOSE_SERVICE_RESTART: Final = 1012
 CLOSE_FORBIDDEN: Final = 4403  # 4000-4999 are for applications (RFC 6455 §7.4.2)
+# After our close frame, how long the peer has to answer with its own before the TCP
+# connection is dropped anyway (RFC 6455 §7.1.1: the server closes the TCP connection first).
+CLOSE_WAIT_S: Final = 2.0
+_WRITE_IN_ONE: Final = 16 * 1024  # below this a frame is copied into one write, else two
 
 
-class WsConnection:
-    """One client socket; the ``Attachment`` a ``SessionRunner`` pumps its outbox into."""
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An opening handshake turned down with an HTTP status."""
+
+    status: int
+    reason: str
+    headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What an acceptable opening handshake asked for."""
+
+    principal: str
+    hint: str | None  # the session id proposed in the query or cookie
+    cursor: int | None
+    protocol: str | None  # the subprotocol to echo
+
+
+class WsConnection(asyncio.Protocol):
+    """One client socket after the opening handshake; the ``Attachment`` a
+    ``SessionRunner`` pumps its outbox into."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, ws: web.WebSocketResponse, tasks: TaskSet, principal: str) -> None:
-        self.ws = ws
+    def __init__(
+        self,
+        front: WebSocketFront,
+        transport: asyncio.Transport,
+        principal: str,
+        peer: str | None,
+        previous: asyncio.BaseProtocol | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.front = front
+        self.transport: asyncio.Transport | None = transport
         self.principal = principal
+        self.peer = peer
         self.label = f"ws#{next(self._ids)}"
-        self._tasks = tasks
-        self._pump: asyncio.Task[None] | None = None
         self.runner: SessionRunner | None = None
+        self.close_code: int | None = None
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.last_heard = loop.time()
+        self.ping_sent: float | None = None
+        self._parser = FrameParser(front.config.limits.max_message_bytes)
+        # aiohttp's handler for the connection, when the upgrade came through its router:
+        # told when the socket goes, so it finishes too.
+        self._previous = previous
+        self._proposed = ""
+        self._url_cursor: int | None = None
+        self._reading = False
+        self._early: bytearray | None = None  # bytes that arrived before the 101 was sent
+        self._pump: asyncio.Task[None] | None = None
+        self._binder: asyncio.Task[None] | None = None
+        self._backlog: list[Message] = []
+        self._drained: asyncio.Future[None] | None = None
+        self._closing = False  # our close frame is out, or the peer's came in
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def send(self, data: bytes, lsn: int | None = None) -> None:
-        await self.ws.send_frame(data, WSMsgType.TEXT)
+    # --- asyncio.Protocol --------------------------------------------------------------
 
-    def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
-        self._pump = self._tasks.spawn(self._run(outbox, after_lsn, prelude), f"pump:{self.label}")
-
-    async def _run(self, outbox: Outbox, after_lsn: int, prelude: list[bytes]) -> None:
+    def data_received(self, data: bytes) -> None:
+        if not self._reading:
+            early = self._early if self._early is not None else bytearray()
+            early += data
+            if len(early) > self.front.config.limits.max_message_bytes + 1024:
+                self.abort()  # a client may not send frames before the 101 (RFC 6455 §4.1)
+            self._early = early
+            return
+        self.last_heard = asyncio.get_running_loop().time()
         try:
-            await outbox.run(after_lsn, prelude)
-        except (ConnectionError, RuntimeError):
-            pass  # the socket went away mid-send; the log keeps everything for the resume
-        except StoreError as exc:
-            log.error("ws.store_failed", conn=self.label, error=str(exc))
-            await self.close(WSCloseCode.INTERNAL_ERROR, "event log unavailable")
+            frames = self._parser.feed(data)
+        except FrameError as exc:
+            self._fail(exc.close_code, str(exc))
+            return
+        for opcode, payload in frames:
+            if self.transport is None:
+                return
+            if opcode == OP_TEXT:
+                if not self._closing:
+                    self._text(payload)
+            elif opcode == OP_CLOSE:
+                self._peer_closed(payload)
+                return
+            elif opcode == OP_PING:
+                self._write(OP_PONG, payload)
+            elif opcode == OP_PONG:
+                self.ping_sent = None
+            elif opcode == OP_BINARY and not self._closing:
+                self.front.hub.metrics.error(f"ws_{CLOSE_UNSUPPORTED_DATA}")
+                self.begin_close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported by MCP")
 
-    def supersede(self) -> None:
+    def pause_writing(self) -> None:
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.close_code is None:
+            self.close_code = CLOSE_ABNORMAL
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.resume_writing()
         self._stop_pump()
-        self._tasks.spawn(
-            self.close(WSCloseCode.OK, jsonrpc.SUPERSEDED_REASON), f"close:{self.label}"
-        )
+        if self._binder is not None:
+            self._binder.cancel()
+        self.front.connections.discard(self)
+        if self.runner is not None:
+            self.runner.detach(self)
+        if self._reading:
+            log.info("ws.closed", conn=self.label, code=self.close_code)
+        if self._previous is not None:
+            self._previous.connection_lost(exc)
+            self._previous = None
+        if not self.closed.done():
+            self.closed.set_result(None)
 
-    def terminated(self) -> None:
-        self._stop_pump()
-        self._tasks.spawn(
-            self.close(WSCloseCode.OK, jsonrpc.TERMINATED_REASON), f"close:{self.label}"
-        )
+    # --- reading -----------------------------------------------------------------------
 
-    def _stop_pump(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            self._pump = None
+    def start_reading(self, proposed: str, url_cursor: int | None) -> None:
+        """The 101 is out: frames may be handled (first any that came early)."""
+        self._proposed, self._url_cursor = proposed, url_cursor
+        self._reading = True
+        early, self._early = self._early, None
+        if early and self.transport is not None:
+            self.data_received(bytes(early))
 
-    async def close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.ws.close(code=code, message=reason.encode())
-
-    async def reply(self, data: bytes) -> None:
-        """Answer this connection in order with whatever the session is sending it."""
-        outbox = self._outbox()
-        if outbox is not None:
-            outbox.push_direct(data)
+    def _text(self, payload: bytes) -> None:
+        if not valid_text(payload):
+            self._fail(CLOSE_INVALID_DATA, "text frames must be UTF-8 (RFC 6455 §8.1)")
+            return
+        try:
+            msg = jsonrpc.decode(payload)
+        except ProtocolError as exc:
+            self.front.hub.metrics.error(exc.code)
+            self.reply(jsonrpc.error_bytes(None, exc.code, *_public(exc)))
+            return
+        if self._binder is not None:
+            self._backlog.append(msg)  # keep the order behind a bind that waits on the store
+        elif self.runner is None:
+            self._backlog.append(msg)
+            self._binder = self.front.tasks.spawn(self._bind_backlog(), f"bind:{self.label}")
         else:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send(data)
+            self._bound_message(msg)
 
-    def _outbox(self) -> Outbox | None:
+    async def _bind_backlog(self) -> None:
+        try:
+            while self._backlog and self.transport is not None and not self._closing:
+                msg = self._backlog.pop(0)
+                if self.runner is None:
+                    await self.front.bind(self, msg, self._proposed, self._url_cursor)
+                else:
+                    self._bound_message(msg)
+        finally:
+            self._binder = None
+            self._backlog = []
+
+    def _bound_message(self, msg: Message) -> None:
         runner = self.runner
-        if runner is not None and runner.conn is self:
-            return runner.outbox
-        return None
+        assert runner is not None
+        if isinstance(msg.mcpSessionId, str) and msg.mcpSessionId != runner.id:
+            # One session per socket (SEP gap G11): a second id is an error, not a switch.
+            if jsonrpc.kind_of(msg) is Kind.REQUEST:
+                self.reply(
+                    jsonrpc.error_bytes(
+                        msg.id if isinstance(msg.id, int | str) else None,
+                        jsonrpc.INVALID_REQUEST,
+                        "this connection is bound to another session",
+                    )
+                )
+            return
+        self.to_session(msg)
 
     def to_session(self, msg: Message) -> None:
         """Hand a message to the bound session; answer what it answers directly."""
@@ -126,6 +275,144 @@ class WsConnection:
             else:
                 outbox.push_again(action.lsn)
 
+    def bind_to(self, runner: SessionRunner) -> None:
+        """From now on this socket carries ``runner``'s session (the caller attaches it)."""
+        self.runner = runner
+        if self._timer is not None and not self._closing:
+            self._timer.cancel()  # the bind deadline no longer applies
+            self._timer = None
+
+    def bind_deadline(self) -> None:
+        """limits.bind_timeout_s passed: a socket that never bound a session costs us for
+        nothing (once bound, the heartbeat watches it instead)."""
+        self._timer = None
+        if self.runner is None and self.transport is not None and not self._closing:
+            self.front.hub.metrics.error(f"ws_{CLOSE_POLICY}")
+            self.begin_close(CLOSE_POLICY, "no session bound in time")
+
+    # --- writing -----------------------------------------------------------------------
+
+    def _write(self, opcode: int, payload: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        header = frame_header(opcode, len(payload))
+        if len(payload) < _WRITE_IN_ONE:
+            transport.write(header + payload)
+        else:
+            transport.writelines((header, payload))
+
+    async def send(self, data: bytes, lsn: int | None = None) -> None:
+        if self._closing or self.transport is None:
+            raise ConnectionError("the WebSocket is closing")
+        self._write(OP_TEXT, data)
+        if self._drained is not None:
+            await self._drained  # the kernel buffer is full: wait for the client to read
+
+    def reply(self, data: bytes) -> None:
+        """Answer this connection in order with whatever the session is sending it."""
+        outbox = self._outbox()
+        if outbox is not None:
+            outbox.push_direct(data)
+        elif not self._closing:
+            self._write(OP_TEXT, data)
+
+    def _outbox(self) -> Outbox | None:
+        runner = self.runner
+        if runner is not None and runner.conn is self:
+            return runner.outbox
+        return None
+
+    def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
+        self._pump = self.front.tasks.spawn(
+            self._run(outbox, after_lsn, prelude), f"pump:{self.label}"
+        )
+
+    async def _run(self, outbox: Outbox, after_lsn: int, prelude: list[bytes]) -> None:
+        try:
+            await outbox.run(after_lsn, prelude)
+        except ConnectionError:
+            pass  # the socket went away mid-send; the log keeps everything for the resume
+        except StoreError as exc:
+            log.error("ws.store_failed", conn=self.label, error=str(exc))
+            self.begin_close(CLOSE_INTERNAL_ERROR, "event log unavailable")
+
+    def _stop_pump(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
+
+    # --- closing -----------------------------------------------------------------------
+
+    def supersede(self) -> None:
+        self.begin_close(CLOSE_NORMAL, jsonrpc.SUPERSEDED_REASON)
+
+    def terminated(self) -> None:
+        self.begin_close(CLOSE_NORMAL, jsonrpc.TERMINATED_REASON)
+
+    def begin_close(self, code: int, reason: str) -> None:
+        """Send our close frame (once); the TCP connection goes when the peer answers with
+        its own, or after ``CLOSE_WAIT_S`` (RFC 6455 §7.1.2)."""
+        self._stop_pump()
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        self.close_code = code
+        self._write(OP_CLOSE, close_payload(code, reason))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_WAIT_S, self.abort)
+
+    async def close(self, code: int, reason: str) -> None:
+        """``begin_close`` and wait until the connection is gone."""
+        self.begin_close(code, reason)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.closed), CLOSE_WAIT_S + 1)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _peer_closed(self, payload: bytes) -> None:
+        try:
+            code, _ = parse_close(payload)
+        except FrameError as exc:
+            self._fail(exc.close_code, str(exc))
+            return
+        if not self._closing:  # the peer started: echo its code (§5.5.1), then hang up
+            self._closing = True
+            self.close_code = code
+            echo = CLOSE_NORMAL if code == CLOSE_NO_STATUS else code
+            self._write(OP_CLOSE, close_payload(echo, ""))
+        self._stop_pump()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: say why and drop the connection (§7.1.7)."""
+        self.front.hub.metrics.error(f"ws_{code}")
+        log.info("ws.frame_error", conn=self.label, code=code, error=reason)
+        if not self._closing:
+            self._closing = True
+            self.close_code = code
+            self._write(OP_CLOSE, close_payload(code, reason))
+        self._stop_pump()
+        if self.transport is not None:
+            self.transport.close()
+
+    def check_alive(self, now: float, interval: float) -> None:
+        """One heartbeat tick: ping a socket silent for ``interval``; drop one whose ping
+        went unanswered for half of it (the client resumes on a new one)."""
+        if self.transport is None or not self._reading or self._closing:
+            return
+        if self.ping_sent is not None:
+            if now - self.ping_sent >= interval / 2:
+                log.info("ws.heartbeat_timeout", conn=self.label)
+                self.abort()
+        elif now - self.last_heard >= interval:
+            self.ping_sent = now
+            self._write(OP_PING, b"")
+
 
 class WebSocketFront:
     def __init__(self, hub: Hub, config: Config, guard: HostPolicy) -> None:
@@ -133,122 +420,147 @@ class WebSocketFront:
         self.config = config
         self.guard = guard
         self.connections: set[WsConnection] = set()
-        self._tasks = TaskSet("ws")
+        self.tasks = TaskSet("ws")
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    def wants(self, head: RequestHead) -> bool:
+        """Is this request line and header set an upgrade to this front?"""
+        return head.is_websocket_upgrade() and head.path == self.config.server.path
+
+    def check(self, head: RequestHead, peer: str | None) -> Refused | Accepted:
+        """Everything about an opening handshake decided before the socket is taken."""
         cfg = self.config.server
-        refusal = self.guard.check(request.host, request.headers.get("Origin"))
+        headers = head.headers
+        refusal = self.guard.check(headers.get("host"), headers.get("origin"))
         if refusal is not None:
-            return self._refuse(request, refusal.status, refusal.reason)
+            return self._refused(refusal.status, refusal.reason, peer)
         now = asyncio.get_running_loop().time()
-        if not self.hub.new_connections.allow(request.remote, now):
-            return self._refuse(request, 429, "too many new connections from this address")
+        if not self.hub.new_connections.allow(peer, now):
+            return self._refused(429, "too many new connections from this address", peer)
         principal = self.hub.tokens.authenticate(
-            request.headers.get("Authorization"), request.headers.get("Sec-WebSocket-Protocol")
+            headers.get("authorization"), headers.get("sec-websocket-protocol")
         )
         if principal is None:
-            return self._refuse(request, 401, "a valid bearer token is required")
-        hint = request.query.get(QUERY_SESSION) or request.cookies.get(cfg.cookie_name)
+            return self._refused(
+                401,
+                "a valid bearer token is required",
+                peer,
+                ('WWW-Authenticate: Bearer realm="mcproxy"',),
+            )
+        query = head.query()
+        hint = query.get(QUERY_SESSION) or head.cookie(cfg.cookie_name)
         if hint is not None and not valid_session_id(hint):
-            return _bad_request("mcp_session_id must be 16-128 visible ASCII characters")
+            return Refused(400, "mcp_session_id must be 16-128 visible ASCII characters")
         if hint is None and cfg.require_session_id:
-            return _bad_request("mcp_session_id is required (query parameter or cookie)")
+            return Refused(400, "mcp_session_id is required (query parameter or cookie)")
         cursor: int | None = None
-        raw_cursor = request.query.get(QUERY_CURSOR)
+        raw_cursor = query.get(QUERY_CURSOR)
         if raw_cursor is not None:
             if not raw_cursor.isdigit() or len(raw_cursor) > 18:
-                return _bad_request("mcp_last_lsn must be a non-negative integer")
+                return Refused(400, "mcp_last_lsn must be a non-negative integer")
             cursor = int(raw_cursor)
+        problem = handshake_problem(head)
+        if problem is not None:
+            return Refused(400, problem, ("Sec-WebSocket-Version: 13",))
+        # Only "mcp" is ever echoed: the mcp.auth.* entry carries a token (docs/SECURITY.md).
+        protocol = SUBPROTOCOL if SUBPROTOCOL in offered_protocols(head) else None
+        return Accepted(principal, hint, cursor, protocol)
 
-        ws = web.WebSocketResponse(
-            protocols=(SUBPROTOCOL,),
-            max_msg_size=self.config.limits.max_message_bytes,
-            heartbeat=cfg.heartbeat_s,
-            compress=False,
-            decode_text=False,
-        )
-        if not ws.can_prepare(request).ok:
-            return _bad_request("expected a WebSocket upgrade")
-        runner = await self.hub.get(hint) if hint is not None else None
+    def _refused(
+        self, status: int, reason: str, peer: str | None, headers: tuple[str, ...] = ()
+    ) -> Refused:
+        self.hub.metrics.error(f"http_{status}")
+        log.warning("ws.refused", status=status, reason=reason, peer=peer)
+        return Refused(status, reason, headers)
+
+    def take(
+        self,
+        transport: asyncio.Transport,
+        head: RequestHead,
+        peer: str | None,
+        previous: asyncio.BaseProtocol | None = None,
+    ) -> WsConnection | None:
+        """Handle an opening handshake on ``transport``: answer a refusal and hang up, or
+        take the socket over (its protocol becomes a ``WsConnection``)."""
+        decision = self.check(head, peer)
+        if isinstance(decision, Refused):
+            transport.write(http_refusal(decision.status, decision.reason, list(decision.headers)))
+            transport.close()
+            return None
+        return self.open(transport, head, decision, peer, previous)
+
+    def open(
+        self,
+        transport: asyncio.Transport,
+        head: RequestHead,
+        accepted: Accepted,
+        peer: str | None,
+        previous: asyncio.BaseProtocol | None,
+    ) -> WsConnection:
+        conn = WsConnection(self, transport, accepted.principal, peer, previous)
+        transport.set_protocol(conn)
+        loop = asyncio.get_running_loop()
+        conn._timer = loop.call_later(self.config.limits.bind_timeout_s, conn.bind_deadline)
+        self.tasks.spawn(self._accept(conn, head, accepted), f"accept:{conn.label}")
+        return conn
+
+    async def _accept(self, conn: WsConnection, head: RequestHead, accepted: Accepted) -> None:
+        hint = accepted.hint
+        try:
+            runner = await self.hub.get(hint) if hint is not None else None
+        except StoreError as exc:
+            log.error("ws.store_failed", conn=conn.label, error=str(exc))
+            if conn.transport is not None:
+                conn.transport.write(http_refusal(503, "event log unavailable"))
+                conn.transport.close()
+            return
+        transport = conn.transport
+        if transport is None:
+            return  # the client gave up while the session loaded
+        cfg = self.config.server
+        extra: list[str] = []
         proposed = hint
-        if hint is None:
+        if proposed is None:
             proposed = mint_session_id()
             # SEP draft v0: the id travels in a cookie too, so browsers resume without code.
-            ws.set_cookie(
-                cfg.cookie_name, proposed, path=cfg.path, httponly=True, samesite="Strict"
+            extra.append(
+                f"Set-Cookie: {cfg.cookie_name}={proposed}; HttpOnly; Path={cfg.path};"
+                " SameSite=Strict"
             )
-        await ws.prepare(request)
-        conn = WsConnection(ws, self._tasks, principal)
+        transport.write(accept_response(head, accepted.protocol, extra))
         self.connections.add(conn)
-        if runner is not None and not self.hub.owns(runner, principal):
-            await self._foreign(conn, runner)
-            self.connections.discard(conn)
-            return ws
-        log.info("ws.connected", conn=conn.label, bound=runner is not None, peer=request.remote)
-        try:
-            if runner is not None:
-                conn.runner = runner
-                runner.attach(conn, cursor)
-            assert proposed is not None
-            await self._serve(conn, proposed, cursor)
-        finally:
-            self.connections.discard(conn)
-            conn._stop_pump()
-            if conn.runner is not None:
-                conn.runner.detach(conn)
-            log.info("ws.closed", conn=conn.label, code=ws.close_code)
-        return ws
+        if runner is not None and not self.hub.owns(runner, conn.principal):
+            conn.start_reading(proposed, accepted.cursor)
+            self._foreign(conn, runner)
+            return
+        log.info("ws.connected", conn=conn.label, bound=runner is not None, peer=conn.peer)
+        if runner is not None:
+            conn.bind_to(runner)
+            runner.attach(conn, accepted.cursor)
+        conn.start_reading(proposed, accepted.cursor)
 
-    async def _serve(self, conn: WsConnection, proposed: str, url_cursor: int | None) -> None:
-        ws = conn.ws
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.limits.bind_timeout_s
-        while True:
-            try:
-                # limits.bind_timeout_s: a socket that never binds a session costs us for
-                # nothing; once bound, aiohttp's heartbeat watches it instead.
-                left = None if conn.runner is not None else max(deadline - loop.time(), 0)
-                frame = await ws.receive(timeout=left)
-            except TimeoutError:
-                self.hub.metrics.error("ws_1008")
-                await conn.close(WSCloseCode.POLICY_VIOLATION, "no session bound in time")
-                return
-            if frame.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return
-            if frame.type is WSMsgType.BINARY:
-                self.hub.metrics.error(f"ws_{CLOSE_BINARY}")
-                await conn.close(CLOSE_BINARY, "binary frames are not supported by MCP")
-                return
-            if frame.type is WSMsgType.ERROR:
-                # aiohttp already closed with 1009 (too big) or 1002/1007 (bad frame).
-                self.hub.metrics.error(f"ws_{ws.close_code}")
-                log.info("ws.frame_error", conn=conn.label, error=str(ws.exception()))
-                return
-            if frame.type is not WSMsgType.TEXT:
-                continue
-            try:
-                msg = jsonrpc.decode(frame.data)
-            except ProtocolError as exc:
-                self.hub.metrics.error(exc.code)
-                await conn.reply(jsonrpc.error_bytes(None, exc.code, *_public(exc)))
-                continue
-            if conn.runner is None:
-                await self._bind(conn, msg, proposed, url_cursor)
-                continue
-            if isinstance(msg.mcpSessionId, str) and msg.mcpSessionId != conn.runner.id:
-                # One session per socket (SEP gap G11): a second id is an error, not a switch.
-                if jsonrpc.kind_of(msg) is Kind.REQUEST:
-                    await conn.reply(
-                        jsonrpc.error_bytes(
-                            msg.id if isinstance(msg.id, int | str) else None,
-                            jsonrpc.INVALID_REQUEST,
-                            "this connection is bound to another session",
-                        )
-                    )
-                continue
-            conn.to_session(msg)
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """An upgrade that reached aiohttp's router (the connection served plain HTTP
+        first): the same checks, then the socket is taken from aiohttp until it closes."""
+        headers: dict[str, str] = {}
+        for name in request.headers:
+            key = name.lower()
+            if key not in headers:
+                joiner = "; " if key == "cookie" else ", "
+                headers[key] = joiner.join(request.headers.getall(name))
+        head = RequestHead(request.method, request.raw_path, headers)
+        decision = self.check(head, request.remote)
+        if isinstance(decision, Refused):
+            extra = dict(line.split(": ", 1) for line in decision.headers)
+            return web.Response(status=decision.status, text=decision.reason + "\n", headers=extra)
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the client went away")
+        conn = self.open(transport, head, decision, request.remote, request.protocol)
+        await conn.closed
+        # aiohttp writes this to a closed transport, which it takes as a client that left.
+        return web.Response()
 
-    async def _bind(
+    async def bind(
         self, conn: WsConnection, msg: Message, proposed: str, url_cursor: int | None
     ) -> None:
         """The first messages of a connection not yet bound to a session."""
@@ -263,7 +575,7 @@ class WebSocketFront:
             cursor = url_cursor
         if hint is not None and not valid_session_id(hint):
             if kind is Kind.REQUEST:
-                await conn.reply(
+                conn.reply(
                     jsonrpc.error_bytes(
                         msg.id if isinstance(msg.id, int | str) else None,
                         jsonrpc.INVALID_REQUEST,
@@ -272,14 +584,16 @@ class WebSocketFront:
                 )
             return
         runner = await self.hub.get(hint) if hint is not None else None
+        if conn.transport is None:
+            return
         if runner is not None and not self.hub.owns(runner, conn.principal):
-            await self._foreign(conn, runner)
+            self._foreign(conn, runner)
             return
         if hint is not None and runner is None and not is_init:
             # (An unknown id on initialize or on the URL is how a client proposes a new one.)
             self.hub.metrics.resumes.labels("unknown_session").inc()
         if runner is not None:
-            conn.runner = runner
+            conn.bind_to(runner)
             if is_init:
                 runner.attach(conn, cursor, hello=msg)
             else:
@@ -289,17 +603,19 @@ class WebSocketFront:
         if is_init:
             session_id = hint or proposed
             existing = await self.hub.get(session_id)
+            if conn.transport is None:
+                return
             if existing is not None and not self.hub.owns(existing, conn.principal):
-                await self._foreign(conn, existing)
+                self._foreign(conn, existing)
                 return
             try:
                 runner = existing or self.hub.create(session_id, conn.principal)
             except LimitExceeded as exc:
                 self.hub.metrics.error(jsonrpc.TOO_MANY_SESSIONS)
                 assert isinstance(msg.id, int | str)
-                await conn.reply(jsonrpc.error_bytes(msg.id, jsonrpc.TOO_MANY_SESSIONS, str(exc)))
+                conn.reply(jsonrpc.error_bytes(msg.id, jsonrpc.TOO_MANY_SESSIONS, str(exc)))
                 return
-            conn.runner = runner
+            conn.bind_to(runner)
             runner.attach(conn, cursor if existing else None)
             conn.to_session(msg)
             return
@@ -307,29 +623,31 @@ class WebSocketFront:
             return  # notifications and responses before a session exist have nowhere to go
         assert isinstance(msg.id, int | str)
         if msg.method == "ping":  # basic/utilities/ping: answer promptly, even unbound
-            await conn.reply(jsonrpc.encode(jsonrpc.result_message(msg.id, {})))
+            conn.reply(jsonrpc.encode(jsonrpc.result_message(msg.id, {})))
         elif hint is not None:
-            await conn.reply(
-                jsonrpc.error_bytes(msg.id, jsonrpc.SESSION_NOT_FOUND, "session not found")
-            )
+            conn.reply(jsonrpc.error_bytes(msg.id, jsonrpc.SESSION_NOT_FOUND, "session not found"))
         else:
-            await conn.reply(
+            conn.reply(
                 jsonrpc.error_bytes(
                     msg.id, jsonrpc.INVALID_REQUEST, "no session: send initialize first"
                 )
             )
 
-    def _refuse(self, request: web.Request, status: int, reason: str) -> web.Response:
-        self.hub.metrics.error(f"http_{status}")
-        log.warning("ws.refused", status=status, reason=reason, peer=request.remote)
-        headers = {"WWW-Authenticate": 'Bearer realm="mcproxy"'} if status == 401 else None
-        return web.Response(status=status, text=reason + "\n", headers=headers)
-
-    async def _foreign(self, conn: WsConnection, runner: SessionRunner) -> None:
+    def _foreign(self, conn: WsConnection, runner: SessionRunner) -> None:
         """Another principal's session: refuse without saying whether it exists (4403)."""
         self.hub.metrics.error(f"ws_{CLOSE_FORBIDDEN}")
         log.warning("session.foreign", session=runner.label, principal=conn.principal)
-        await conn.close(CLOSE_FORBIDDEN, "session not available to this principal")
+        conn.begin_close(CLOSE_FORBIDDEN, "session not available to this principal")
+
+    async def heartbeat(self) -> None:
+        """Ping quiet sockets and drop dead ones: one sweep for all (server.heartbeat_s)."""
+        interval = self.config.server.heartbeat_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.check_alive(now, interval)
 
     async def close_all(self, code: int, reason: str) -> None:
         await asyncio.gather(
@@ -337,11 +655,7 @@ class WebSocketFront:
         )
 
     async def aclose(self) -> None:
-        await self._tasks.cancel_all()
-
-
-def _bad_request(reason: str) -> web.Response:
-    return web.Response(status=400, text=reason + "\n")
+        await self.tasks.cancel_all()
 
 
 def _public(exc: ProtocolError) -> tuple[str, str]:

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -379,3 +380,17 @@ class HttpClient:
 def messages(events: list[SseEvent]) -> list[dict[str, Any]]:
     """The JSON-RPC messages among ``events`` (priming events have empty data)."""
     return [e.json() for e in events if e.data.strip()]
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = None) -> bytes:
+    """What a client sends: always masked (RFC 6455 §5.3)."""
+    key = os.urandom(4) if mask is None else mask
+    size = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if size < 126:
+        head = bytes((first, 0x80 | size))
+    elif size < 65536:
+        head = struct.pack("!BBH", first, 0x80 | 126, size)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, size)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))

@@ -13,17 +13,18 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mcproxy"
 LAYERS = {
     "errors": 0,
     "config": 1, "jsonrpc": 1, "framing": 1, "guard": 1, "auth": 1,
+    "wsproto": 1,
     "session": 2,
     "tasks": 3, "log": 3, "upstream": 3, "sdnotify": 3, "metrics": 3, "reconnect": 3,
     "store": 4, "upstream_stdio": 4, "upstream_http": 4, "upstream_shared": 4, "client": 4,
     "runner": 5, "client_sdk": 5, "bridge": 5,
     "hub": 6,
     "ws": 7, "streamable": 7,
-    "app": 8,
+    "app": 8, "listener": 8,
     "daemon": 9, "admin": 9,
     "cli": 10,
 }  # fmt: skip
-SANS_IO = {"errors", "config", "jsonrpc", "framing", "guard", "auth", "session"}
+SANS_IO = {"errors", "config", "jsonrpc", "framing", "guard", "auth", "session", "wsproto"}
 FORBIDDEN_IN_CORE = {"asyncio", "aiohttp", "aiosqlite", "sqlite3", "structlog",
                      "prometheus_client", "time", "uvloop", "datetime"}  # fmt: skip
 
