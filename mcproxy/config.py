@@ -92,7 +92,7 @@ DEFAULT_METRICS_PATH: Final = "/metrics"
 # --- [limits] ---------------------------------------------------------------------------
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024  # inbound WebSocket frame; 1009 above it
 DEFAULT_MAX_PENDING_REQUESTS: Final = 1024  # in-flight client requests per session
-DEFAULT_DEDUPE_WINDOW: Final = 1024  # answered request ids remembered per session for retries
+DEFAULT_DEDUPE_WINDOW: Final = 1024  # answered request ids remembered per session (at least)
 DEFAULT_MAX_SESSIONS: Final = 100_000  # stored sessions in total; more: initialize refused
 DEFAULT_MAX_SESSIONS_PER_PRINCIPAL: Final = 20_000
 # New WebSockets, GET streams and sessions per client address. Generous: on loopback every

@@ -482,7 +482,7 @@ class SessionRunner:
                     action.stream,
                 )
             elif isinstance(action, FinishRequest):
-                store.finish_request(sid, action.key, action.lsn)
+                store.finish_request(sid, action.key, action.lsn, action.forget)
                 entry = self.streams.pop(action.stream, None)
                 if entry is not None:
                     entry[1].push_end()

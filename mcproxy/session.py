@@ -160,6 +160,9 @@ class FinishRequest:
     key: str
     lsn: int | None
     stream: int
+    # Answered requests that fell out of the dedupe window with this one: their rows go too,
+    # so the store keeps about ``dedupe_window`` answered requests per session, not all.
+    forget: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,8 +527,8 @@ class Session:
             self._inflight[upstream_id] = flight
             self._by_client[key] = upstream_id
             return []
-        self._remember(key, None, flight.method)
-        actions: list[Action] = [FinishRequest(key, None, flight.stream)]
+        forget = self._remember(key, None, flight.method)
+        actions: list[Action] = [FinishRequest(key, None, flight.stream, forget)]
         if flight.sent:
             forwarded = jsonrpc.with_cancelled_request_id(
                 jsonrpc.strip_session_hints(msg), upstream_id
@@ -608,8 +611,8 @@ class Session:
         elif ok:
             actions += self._track_state(flight, msg)
         emit = self._emit(out, flight.stream)
-        self._remember(flight.key, emit.lsn, flight.method)
-        actions += [emit, FinishRequest(flight.key, emit.lsn, flight.stream)]
+        forget = self._remember(flight.key, emit.lsn, flight.method)
+        actions += [emit, FinishRequest(flight.key, emit.lsn, flight.stream, forget)]
         if flight.method == "initialize" and not ok:
             actions.append(RestartUpstream("upstream refused initialize"))
         return actions
@@ -797,10 +800,10 @@ class Session:
             flight.client_id, code, message, {"method": flight.method, "reason": reason}
         )
         emit = self._emit(error, flight.stream)
-        self._remember(flight.key, emit.lsn, flight.method)
+        forget = self._remember(flight.key, emit.lsn, flight.method)
         unknown = code == jsonrpc.OUTCOME_UNKNOWN
         tally = Tally("outcome_unknown") if unknown else Tally("error", code)
-        return [tally, emit, FinishRequest(flight.key, emit.lsn, flight.stream)]
+        return [tally, emit, FinishRequest(flight.key, emit.lsn, flight.stream, forget)]
 
     def delivered(self, lsn: int) -> None:
         """The driver wrote ``lsn`` to a socket (used for replay when no cursor is given)."""
@@ -847,11 +850,19 @@ class Session:
         data = jsonrpc.encode(jsonrpc.with_meta(msg, {jsonrpc.META_LSN: lsn}))
         return Emit(lsn, data, stream)
 
-    def _remember(self, key: str, lsn: int | None, method: str) -> None:
-        self._answered[key] = (lsn, method)
-        self._answered.move_to_end(key)
-        while len(self._answered) > self.limits.dedupe_window:
-            self._answered.popitem(last=False)
+    def _remember(self, key: str, lsn: int | None, method: str) -> tuple[str, ...]:
+        """Keep ``key`` for retries. Returns the keys that fell out of the window: an eighth
+        of it at a time, so their rows are deleted in batches rather than one per answer."""
+        answered = self._answered
+        answered[key] = (lsn, method)
+        answered.move_to_end(key)
+        window = self.limits.dedupe_window
+        if len(answered) <= window + max(1, window // 8):
+            return ()
+        forgotten: list[str] = []
+        while len(answered) > window:
+            forgotten.append(answered.popitem(last=False)[0])
+        return tuple(forgotten)
 
     @staticmethod
     def _reply_error(request_id: RequestId, code: int, message: str) -> list[Action]:

@@ -127,6 +127,7 @@ _SAVE_REQUEST: Final = (
 _FINISH_REQUEST: Final = (
     "UPDATE requests SET done = 1, lsn = ?, body = NULL WHERE session_id = ? AND client_key = ?"
 )
+_FORGET_REQUEST: Final = "DELETE FROM requests WHERE session_id = ? AND client_key = ?"
 # An UPDATE, not an upsert: the row is written when `initialize` arrives, before any upstream
 # session can exist, and a deleted session must not come back through its upstream's state.
 _SAVE_UPSTREAM_STATE: Final = "UPDATE sessions SET upstream_state = ? WHERE id = ?"
@@ -259,7 +260,13 @@ class Store:
             _SAVE_REQUEST, (session_id, key, upstream_id, method, int(safe), body, stream)
         )
 
-    def finish_request(self, session_id: str, key: str, lsn: int | None) -> asyncio.Future[None]:
+    def finish_request(
+        self, session_id: str, key: str, lsn: int | None, forget: tuple[str, ...] = ()
+    ) -> asyncio.Future[None]:
+        """Mark a request answered; delete the rows of ``forget`` (answered long ago, out of
+        the dedupe window), so the table holds what is in flight plus that window."""
+        for old in forget:
+            self._submit(_FORGET_REQUEST, (session_id, old))
         return self._submit(_FINISH_REQUEST, (lsn, session_id, key))
 
     def save_session(self, session_id: str, record: SessionRecord) -> asyncio.Future[None]:

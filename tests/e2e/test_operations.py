@@ -220,8 +220,11 @@ def count_rows(db: Path) -> int:
 
 async def test_pruning_keeps_the_log_bounded(tmp_path: Path) -> None:
     cap = 40
+    window = 16
     config = write_config(
-        tmp_path, f"[sessions]\nmax_log_events = {cap}\nsweep_interval_s = 0.05\n"
+        tmp_path,
+        f"[sessions]\nmax_log_events = {cap}\nsweep_interval_s = 0.05\n"
+        f"[limits]\ndedupe_window = {window}\n",
     )
     db = tmp_path / "db.sqlite"
     proxy = ProxyProcess(db, None, "--config", config).start()
@@ -237,6 +240,9 @@ async def test_pruning_keeps_the_log_bounded(tmp_path: Path) -> None:
                 wait_until(lambda: count_rows(db) <= cap)  # the next sweep prunes
                 with sqlite3.connect(db) as conn:
                     sizes.append(conn.execute("PRAGMA page_count").fetchone()[0])
+                    # Answered requests beyond the dedupe window are gone too (batches of 1/8).
+                    kept = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+                    assert window <= kept <= window + window // 8, kept
         finally:
             await client.close()
     finally:

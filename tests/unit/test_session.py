@@ -105,12 +105,23 @@ def test_retry_resends_or_joins_and_never_reruns() -> None:
     assert isinstance(clash, Reply) and json.loads(clash.data)["error"]["code"] == -32600
 
 
-def test_dedupe_window_is_bounded() -> None:
+def test_dedupe_window_is_bounded_and_forgotten_rows_go_from_the_store() -> None:
     s = ready_session()
-    for i in range(5):
+    forgotten: list[str] = []
+    for i in range(9):
         [out] = sent(s.client_message(msg(id=i + 10, method="ping")))
-        s.upstream_message(msg(id=out["id"], result={}))
-    assert len(s._answered) == LIMITS.dedupe_window
+        [finish] = [
+            a
+            for a in s.upstream_message(msg(id=out["id"], result={}))
+            if isinstance(a, FinishRequest)
+        ]
+        forgotten += finish.forget
+        assert len(s._answered) <= LIMITS.dedupe_window + 1
+    # Answers beyond the window are forgotten, oldest first (initialize's too), in batches.
+    answered = [jsonrpc.id_key(0)] + [jsonrpc.id_key(i + 10) for i in range(9)]
+    assert len(s._answered) >= LIMITS.dedupe_window and len(forgotten) >= 6
+    assert forgotten == answered[: len(forgotten)]
+    assert list(s._answered) == answered[len(forgotten) :]
 
 
 def test_pending_limit() -> None:
