@@ -338,11 +338,7 @@ async def scenario(
         print(f"  calls                {calls:9d} in {wall:.1f} s = {rate:9.0f} calls/s   "
               f"p50 {pct(ms, 50):.2f} ms  p99 {pct(ms, 99):.2f} ms")  # fmt: skip
         print(f"  errors               {tally.errors:9d}   mis-routed {tally.misrouted}")
-        per_call = "  ".join(
-            f"{name} {1e6 * used / max(calls, 1):.0f} µs ({100 * used / wall:.0f}% of a cpu)"
-            for name, used in cpu.items()
-        )
-        print(f"  cpu per call         {per_call}")
+        print(f"  cpu per call         {_cpu_line(cpu, calls, wall)}")
         # Each call writes 3 rows: the request, its answer in the log, the request finished.
         batch = 3 * calls / max(transactions, 1)
         print(f"  event log            {transactions} commits, {batch:.0f} writes per commit"
@@ -373,6 +369,7 @@ async def direct(upstream: tuple[str, ...], pool: int, duration: float, window: 
     ]
     latencies: list[float] = []
     loop = asyncio.get_running_loop()
+    used: dict[int, float] = {}
 
     async def one(proc: asyncio.subprocess.Process, until: float) -> int:
         assert proc.stdin is not None and proc.stdout is not None
@@ -399,20 +396,32 @@ async def direct(upstream: tuple[str, ...], pool: int, duration: float, window: 
             done += 1
             if loop.time() < until:
                 send()
+        used[proc.pid] = cpu_s(proc.pid)  # before it exits and leaves /proc
         proc.stdin.close()
         await proc.wait()
         return done
 
+    upstream0 = sum(cpu_s(p.pid) for p in procs)
+    client0 = cpu_s(os.getpid())
     t0 = time.perf_counter()
     until = loop.time() + duration
     total = sum(await asyncio.gather(*(one(p, until) for p in procs)))
     wall = time.perf_counter() - t0
+    cpu = {"upstream": sum(used.values()) - upstream0, "client": cpu_s(os.getpid()) - client0}
     ms = sorted(s * 1000 for s in latencies)
     rate = total / wall
     print(f"\ndirect stdio, {pool} upstream process(es), {window} calls in flight each:")
     print(f"  calls                {total:9d} in {wall:.1f} s = {rate:9.0f} calls/s   "
           f"p50 {pct(ms, 50):.2f} ms  p99 {pct(ms, 99):.2f} ms")  # fmt: skip
+    print(f"  cpu per call         {_cpu_line(cpu, total, wall)}")
     return rate
+
+
+def _cpu_line(cpu: dict[str, float], calls: int, wall: float) -> str:
+    return "  ".join(
+        f"{name} {1e6 * used / max(calls, 1):.0f} µs ({100 * used / wall:.0f}% of a cpu)"
+        for name, used in cpu.items()
+    )
 
 
 async def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -114,8 +113,11 @@ class Outbox:
         self.on_sent = on_sent
         self.max_queue = max_queue
         self.stream = stream
-        self._items: deque[_Live | _Direct | _Again | _End] = deque()
-        self._wakeup = asyncio.Event()
+        # A list read from ``_head`` and a future made only while the pump waits: most
+        # outboxes are idle and empty, and a deque plus an Event cost 1.5 KB each.
+        self._items: list[_Live | _Direct | _Again | _End] = []
+        self._head = 0
+        self._waiter: asyncio.Future[None] | None = None
         self._overflowed = False
         self.sent_lsn = 0
         self.caught_up: Callable[[], None] | None = None  # called once the replay is done
@@ -123,25 +125,43 @@ class Outbox:
     def push_live(self, lsn: int, data: bytes, committed: asyncio.Future[None]) -> None:
         if self._overflowed:
             return  # the pump reads everything back from the log
-        if len(self._items) >= self.max_queue:
+        if len(self._items) - self._head >= self.max_queue:
             self._overflowed = True
-            self._items = deque(i for i in self._items if not isinstance(i, _Live))
+            waiting = self._items[self._head :]
+            self._items = [i for i in waiting if not isinstance(i, _Live)]
+            self._head = 0
         else:
             self._items.append(_Live(lsn, data, committed))
-        self._wakeup.set()
+        self._wake()
 
     def push_direct(self, data: bytes) -> None:
         self._items.append(_Direct(data))
-        self._wakeup.set()
+        self._wake()
 
     def push_again(self, lsn: int) -> None:
         self._items.append(_Again(lsn))
-        self._wakeup.set()
+        self._wake()
 
     def push_end(self) -> None:
         """Nothing more will come (the stream's request is done): return once drained."""
         self._items.append(_End())
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _next(self) -> _Live | _Direct | _Again | _End | None:
+        items = self._items
+        if self._head == len(items):
+            return None
+        item = items[self._head]
+        self._head += 1
+        if self._head == len(items):
+            items.clear()  # also releases what was read
+            self._head = 0
+        return item
 
     async def run(self, after_lsn: int, prelude: list[bytes], ended: bool = False) -> None:
         """Pump until cancelled, the send fails, or the end (``push_end``, or right after the
@@ -158,11 +178,11 @@ class Outbox:
             if self._overflowed:
                 self._overflowed = False
                 await self._catch_up()
-            if not self._items:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            item = self._next()
+            if item is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
                 continue
-            item = self._items.popleft()
             if isinstance(item, _Direct):
                 await self.send(item.data, None)
             elif isinstance(item, _End):
@@ -249,7 +269,7 @@ class SessionRunner:
         # Lists and a lazily made Event rather than deques: idle sessions are the many, and
         # an empty deque is 760 bytes (benchmarks/bench_store.py measures per-session memory).
         self._up_pending: list[tuple[asyncio.Future[None], bytes]] = []
-        self._ready: asyncio.Event | None = None  # set once a spawned upstream is READY
+        self._ready: asyncio.Event | None = None  # until a spawned upstream is READY
         self._backoff: Iterator[float] | None = None
         self._spawned_at: float | None = None
         self._closed = False
@@ -498,6 +518,7 @@ class SessionRunner:
                 self._tasks.spawn(self._restart(action.reason), f"restart:{self.label}")
         if self.core.state is UpstreamState.READY and self._ready is not None:
             self._ready.set()
+            self._ready = None  # only _spawn waits on it; an idle session keeps no Event
 
     def _tally(self, tally: Tally) -> None:
         m = self.metrics
