@@ -38,7 +38,7 @@ from mcproxy.errors import StoreError
 from mcproxy.session import PendingRow, SessionRecord
 from mcproxy.tasks import TaskSet
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 # With durability "normal" the writer commits on the event loop, so SQLite's automatic WAL
 # checkpoint (which copies pages back into the database file, and fsyncs it) would stall the
 # loop for milliseconds. It is turned off there; instead, after this many writes (about SQLite's
@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS requests (
     stream      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, client_key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS requests_pending ON requests (done, session_id);
+CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (session_id) WHERE done = 0;
 """
 
 _UPSERT_SESSION: Final = """
@@ -113,6 +113,13 @@ _MIGRATIONS: Final = {
     3: "ALTER TABLE sessions ADD COLUMN upstream_state TEXT;",
     # Who created the session (docs/SECURITY.md); NULL for sessions of before version 4.
     4: "ALTER TABLE sessions ADD COLUMN principal TEXT;",
+    # Only requests in flight are looked up by state (recovery, loading a session), so only
+    # they are indexed: finishing a request removes its entry instead of moving it, and
+    # deleting an answered one (out of the dedupe window) touches no index at all.
+    5: (
+        "DROP INDEX IF EXISTS requests_pending;"
+        "CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (session_id) WHERE done = 0;"
+    ),
 }
 _PRUNE: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ?"
 _PRUNE_STREAM: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND stream = ?"

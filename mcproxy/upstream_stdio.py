@@ -77,6 +77,7 @@ class StdioUpstream:
         self._tasks = TaskSet(f"upstream:{session_label}")
         self._closing = False
         self._lost = False
+        self._unsent: list[bytes] = []  # lines of this loop turn, not yet written
 
     async def start(self) -> None:
         try:
@@ -102,7 +103,18 @@ class StdioUpstream:
             return  # the loss is reported by the stdout reader; the session re-routes
         # transports §stdio: one message per line, no embedded newlines (JSON encoders
         # escape them inside strings, so the encoded envelope is always one line).
-        proc.stdin.write(data + b"\n")
+        # The lines of one loop turn leave in one write: each pipe write is a system call
+        # and wakes the child, and a shared child gets thousands of lines a second.
+        unsent = self._unsent
+        unsent += (data, b"\n")
+        if len(unsent) == 2:
+            asyncio.get_running_loop().call_soon(self._write_unsent)
+
+    def _write_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        proc = self._proc
+        if unsent and proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(b"".join(unsent))
 
     async def _read_stdout(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -162,6 +174,7 @@ class StdioUpstream:
     async def _stop(self, proc: asyncio.subprocess.Process) -> None:
         # lifecycle §Shutdown (stdio): close stdin, then SIGTERM, then SIGKILL, each bounded.
         if proc.stdin is not None and not proc.stdin.is_closing():
+            self._write_unsent()  # what was sent before the close goes first
             proc.stdin.close()
         if await self._exited_within(proc, self.config.stdin_close_grace_s):
             return

@@ -71,6 +71,15 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     await store.aclose()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        # Version 5: only requests in flight are indexed, and the lookups use that index.
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "requests_in_flight" in indexes and "requests_pending" not in indexes
+        for query in (
+            "SELECT DISTINCT session_id FROM requests WHERE done = 0",
+            "SELECT client_key FROM requests WHERE session_id = 'S' AND done = 0",
+        ):
+            plan = " ".join(str(r) for r in conn.execute(f"EXPLAIN QUERY PLAN {query}"))
+            assert "requests_in_flight" in plan or "PRIMARY KEY" in plan, plan
 
 
 async def test_a_version_2_database_gains_the_upstream_state_column(tmp_path: Path) -> None:
