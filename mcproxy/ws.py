@@ -249,16 +249,15 @@ class WsConnection(asyncio.Protocol):
         assert runner is not None
         if isinstance(msg.mcpSessionId, str) and msg.mcpSessionId != runner.id:
             # One session per socket (SEP gap G11): a second id is an error, not a switch.
-            if jsonrpc.kind_of(msg) is Kind.REQUEST:
-                self.reply(
-                    jsonrpc.error_bytes(
-                        msg.id if isinstance(msg.id, int | str) else None,
-                        jsonrpc.INVALID_REQUEST,
-                        "this connection is bound to another session",
-                    )
-                )
+            self.invalid_request(msg, "this connection is bound to another session")
             return
         self.to_session(msg)
+
+    def invalid_request(self, msg: Message, reason: str) -> None:
+        """Answer a request with -32600; a notification or response is dropped."""
+        if jsonrpc.kind_of(msg) is Kind.REQUEST:
+            request_id = msg.id if isinstance(msg.id, int | str) else None
+            self.reply(jsonrpc.error_bytes(request_id, jsonrpc.INVALID_REQUEST, reason))
 
     def to_session(self, msg: Message) -> None:
         """Hand a message to the bound session; answer what it answers directly."""
@@ -286,7 +285,9 @@ class WsConnection(asyncio.Protocol):
         """limits.bind_timeout_s passed: a socket that never bound a session costs us for
         nothing (once bound, the heartbeat watches it instead)."""
         self._timer = None
-        if self.runner is None and self.transport is not None and not self._closing:
+        if not self._reading:
+            self.abort()  # still no 101 (the session did not load in time): just hang up
+        elif self.runner is None and self.transport is not None and not self._closing:
             self.front.hub.metrics.error(f"ws_{CLOSE_POLICY}")
             self.begin_close(CLOSE_POLICY, "no session bound in time")
 
@@ -574,14 +575,7 @@ class WebSocketFront:
         if cursor is None:
             cursor = url_cursor
         if hint is not None and not valid_session_id(hint):
-            if kind is Kind.REQUEST:
-                conn.reply(
-                    jsonrpc.error_bytes(
-                        msg.id if isinstance(msg.id, int | str) else None,
-                        jsonrpc.INVALID_REQUEST,
-                        "mcpSessionId must be 16-128 visible ASCII characters",
-                    )
-                )
+            conn.invalid_request(msg, "mcpSessionId must be 16-128 visible ASCII characters")
             return
         runner = await self.hub.get(hint) if hint is not None else None
         if conn.transport is None:
