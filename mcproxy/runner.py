@@ -51,6 +51,7 @@ from mcproxy.upstream import Upstream, UpstreamFactory, backoff
 log = structlog.get_logger("mcproxy")
 
 _REPLAY_PAGE = 1000
+_COMPACT_AFTER = 64  # items read from an outbox's list before they are dropped from it
 
 
 def _ignore(_: int) -> None:
@@ -160,6 +161,10 @@ class Outbox:
         self._head += 1
         if self._head == len(items):
             items.clear()  # also releases what was read
+            self._head = 0
+        elif self._head >= _COMPACT_AFTER and 2 * self._head >= len(items):
+            # A pump that never quite catches up would otherwise keep every item it read.
+            del items[: self._head]
             self._head = 0
         return item
 
