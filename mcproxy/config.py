@@ -41,6 +41,12 @@ DEFAULT_UPSTREAM: Final = "stdio:mcproxy-demo-server"  # the bundled example ser
 # `pool_size` children (stdio only; docs/ARCHITECTURE.md "Shared upstreams").
 DEFAULT_UPSTREAM_MODE: Final = "per-session"
 DEFAULT_POOL_SIZE: Final = 1
+# Shared mode: requests one child works on at once; more wait in the proxy, oldest first. An
+# mcp-SDK server spends a third more CPU per call with 10,000 requests in flight than with
+# 64, and even 256 cost it ~15% more (benchmarks/bench_scale.py); a queue here costs a list
+# entry. Raise it for servers whose tools mostly wait on I/O, so that slow calls do not hold
+# every slot; 0 means no limit (docs/ARCHITECTURE.md "Shared upstreams").
+DEFAULT_MAX_IN_FLIGHT: Final = 64
 DEFAULT_STDIN_CLOSE_GRACE_S: Final = 2.0  # lifecycle §Shutdown: close stdin, then wait
 DEFAULT_SIGTERM_GRACE_S: Final = 2.0  # then SIGTERM the process group and wait
 DEFAULT_RESPAWN_INITIAL_DELAY_S: Final = 0.05  # first respawn after a crash (jittered)
@@ -136,6 +142,7 @@ class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     target: str = DEFAULT_UPSTREAM
     mode: Literal["per-session", "shared"] = DEFAULT_UPSTREAM_MODE
     pool_size: int = DEFAULT_POOL_SIZE
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     stdin_close_grace_s: float = DEFAULT_STDIN_CLOSE_GRACE_S
     sigterm_grace_s: float = DEFAULT_SIGTERM_GRACE_S
     respawn_initial_delay_s: float = DEFAULT_RESPAWN_INITIAL_DELAY_S
@@ -377,6 +384,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("upstream.respawn_initial_delay_s must not be negative")
     if config.upstream.sse_max_reconnects < 0:
         raise ConfigError("upstream.sse_max_reconnects must not be negative")
+    if config.upstream.max_in_flight < 0:
+        raise ConfigError("upstream.max_in_flight must not be negative (0: no limit)")
     return config
 
 

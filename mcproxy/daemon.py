@@ -119,7 +119,12 @@ def upstream_factory(config: Config, store: Store) -> UpstreamFactory:
         def child(handler: UpstreamHandler, label: str) -> Upstream:
             return StdioUpstream(argv, handler, config.upstream, label)
 
-        return SharedPool(child, config.upstream.pool_size, config.upstream.init_timeout_s)
+        return SharedPool(
+            child,
+            config.upstream.pool_size,
+            config.upstream.init_timeout_s,
+            config.upstream.max_in_flight,
+        )
 
     def factory(session_id: str, handler: UpstreamHandler) -> Upstream:
         return StdioUpstream(argv, handler, config.upstream, short_id(session_id))
@@ -171,6 +176,9 @@ class _Daemon:
                 db_bytes=stats.file_bytes,
             )
         )
+        if isinstance(self.hub.upstream_factory, SharedPool):
+            pool = self.hub.upstream_factory.snapshot()
+            self.metrics.refresh_pool(pool.children, pool.in_flight, pool.queued, pool.events)
         return self.metrics.render()
 
     def status_line(self) -> str:

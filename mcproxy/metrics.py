@@ -8,6 +8,7 @@ scrape by ``refresh``, so nothing has to keep them in step on the hot path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -87,7 +88,8 @@ class Metrics:
         )
         self.inflight_resolved = Counter(
             "mcproxy_inflight_resolved",
-            "In-flight requests of a lost upstream: reissued (safe) or outcome_unknown",
+            "In-flight requests of a lost upstream: reissued (safe to repeat), resent (it"
+            " never reached the process) or outcome_unknown",
             ["outcome"],
             registry=r,
         )
@@ -119,6 +121,27 @@ class Metrics:
             "mcproxy_store_commits", "Group-commit transactions", registry=r
         )
         self._commits_seen = 0
+        self.shared_children = Gauge(
+            "mcproxy_shared_children", "Shared upstream children running", registry=r
+        )
+        self.shared_in_flight = Gauge(
+            "mcproxy_shared_requests_in_flight",
+            "Requests the shared children are working on",
+            registry=r,
+        )
+        self.shared_queued = Gauge(
+            "mcproxy_shared_requests_queued",
+            "Requests waiting in the proxy for a slot on a shared child (upstream.max_in_flight)",
+            registry=r,
+        )
+        self.shared_events = Counter(
+            "mcproxy_shared_events",
+            "Shared pool: children spawned and lost, requests queued, and messages it refused"
+            " or dropped because they could not be attributed to one session",
+            ["event"],
+            registry=r,
+        )
+        self._shared_seen: dict[str, int] = {}
         # Pre-bound children for the per-message paths (a labels() lookup costs a dict hit
         # and a lock; these are plain attribute reads).
         self.client_in = self.client_messages.labels("in")
@@ -143,6 +166,19 @@ class Metrics:
         if world.commits > self._commits_seen:
             self.store_commits.inc(world.commits - self._commits_seen)
             self._commits_seen = world.commits
+
+    def refresh_pool(
+        self, children: int, in_flight: int, queued: int, events: Mapping[str, int]
+    ) -> None:
+        """A shared pool's state (``SharedPool.snapshot``); ``events`` are running totals."""
+        self.shared_children.set(children)
+        self.shared_in_flight.set(in_flight)
+        self.shared_queued.set(queued)
+        for event, count in events.items():
+            seen = self._shared_seen.get(event, 0)
+            if count > seen:
+                self.shared_events.labels(event).inc(count - seen)
+                self._shared_seen[event] = count
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

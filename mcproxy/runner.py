@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from mcproxy import jsonrpc
 from mcproxy.config import Config
 from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
 from mcproxy.guard import TokenBucket
-from mcproxy.jsonrpc import Message
+from mcproxy.jsonrpc import Kind, Message
 from mcproxy.metrics import Metrics
 from mcproxy.session import (
     GENERAL_STREAM,
@@ -471,12 +471,18 @@ class SessionRunner:
         self.metrics.upstream_in.inc()
         self.execute(self.core.upstream_message(msg, related))
 
-    def on_upstream_lost(self, reason: str) -> None:
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
         self.metrics.upstream_events.labels("lost").inc()
         self.upstream = None
+        # Requests still held here for their commit never reached the dead process either.
+        never_sent = set(unsent)
+        for _, data in self._up_pending:
+            held = jsonrpc.decode(data)  # encoded by the core itself: it decodes
+            if jsonrpc.kind_of(held) is Kind.REQUEST and isinstance(held.id, int):
+                never_sent.add(held.id)
         self._up_pending.clear()
         self._ready = None
-        self.execute(self.core.upstream_lost(reason))
+        self.execute(self.core.upstream_lost(reason, never_sent))
 
     # --- action execution -------------------------------------------------------------
 
@@ -531,7 +537,7 @@ class SessionRunner:
             m.error(tally.code)
         elif tally.name == "deduplicated":
             m.deduplicated.inc()
-        else:  # reissued, outcome_unknown
+        else:  # reissued, resent, outcome_unknown
             m.inflight_resolved.labels(tally.name).inc()
 
     def _send_upstream(self, data: bytes, durable: bool) -> None:

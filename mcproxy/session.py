@@ -19,7 +19,8 @@ What the session guarantees (docs/PROTOCOL.md has the wire contract):
 - A disconnect is not a cancel (SEP-1288; transports §"Sending Messages" item 5): nothing here
   reacts to a client going away. ``notifications/cancelled`` is forwarded with the id translated
   (basic/utilities/cancellation).
-- When the upstream is lost, requests that were never written to it are simply sent to the
+- When the upstream is lost, requests that never reached it (still queued here, or held by
+  the upstream itself, as a shared child's admission queue does) are simply sent to the
   next one; requests known to be safe to repeat are re-issued under a new id; every other
   in-flight request is answered with an "outcome unknown" error. Server→client requests of the
   dead upstream are withdrawn with ``notifications/cancelled``.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -735,14 +737,15 @@ class Session:
         self._queue.clear()
         return actions
 
-    def upstream_lost(self, reason: str) -> list[Action]:
-        """The upstream process exited, broke its framing or was stopped."""
+    def upstream_lost(self, reason: str, unsent: AbstractSet[int] = frozenset()) -> list[Action]:
+        """The upstream process exited, broke its framing or was stopped. ``unsent``: the
+        upstream ids of requests it accepted but never passed on (they are sent again)."""
         if self.state is UpstreamState.DOWN:
             return []
         self._transition(UpstreamEvent.LOST)
-        return self._lose(reason)
+        return self._lose(reason, unsent)
 
-    def _lose(self, reason: str) -> list[Action]:
+    def _lose(self, reason: str, unsent: AbstractSet[int] = frozenset()) -> list[Action]:
         # Server→client requests of the dead process can no longer be answered: withdraw them
         # (cancellation: the receiver SHOULD stop work; a late answer is dropped above). First,
         # so that each reaches its stream before the request it belongs to is answered.
@@ -755,7 +758,7 @@ class Session:
             actions.append(self._emit(note, self._withdrawal_stream(client_facing)))
         self._server_pending.clear()
         self._server_by_upstream.clear()
-        reissue: list[Message] = []
+        reissue: list[Message] = []  # to the next process first, in their original order
         for upstream_id in sorted(self._inflight):
             flight = self._inflight.pop(upstream_id)
             if flight.kind != "client":
@@ -763,6 +766,15 @@ class Session:
             assert flight.key is not None and flight.client_id is not None
             if not flight.sent:
                 self._inflight[upstream_id] = flight  # still queued: send it to the next one
+                continue
+            if upstream_id in unsent:
+                # It never reached the process, so it cannot have taken effect: not "outcome
+                # unknown" but simply sent to the next one, under the same id (its saved row
+                # still matches).
+                flight.sent = False
+                self._inflight[upstream_id] = flight
+                actions.append(Tally("resent"))
+                reissue.append(flight.msg)
                 continue
             if flight.safe:
                 new_id = self._alloc_id()

@@ -10,7 +10,7 @@ The respawn policy lives here too, as a pure generator, apart from the loop that
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Protocol
 
 
@@ -21,8 +21,12 @@ class UpstreamHandler(Protocol):
         """One complete message (a stdio line or an SSE event's data). ``related``: the
         upstream request id whose response stream carried it, if the transport knows."""
 
-    def on_upstream_lost(self, reason: str) -> None:
-        """The upstream is gone (exited, broke its framing). Not called after ``aclose``."""
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
+        """The upstream is gone (exited, broke its framing). Not called after ``aclose``.
+
+        ``unsent``: ids of requests that ``send`` accepted but that never reached the server
+        (a shared child's admission queue held them), so they cannot have taken effect and
+        go to the next upstream as they are, unlike a request whose outcome is unknown."""
 
 
 class Upstream(Protocol):

@@ -32,10 +32,16 @@ safe is that nothing a child says reaches a session unless it provably belongs t
   needing a capability goes only to a session whose client declared it; the child is
   answered ``-32601`` otherwise. ``logging/setLevel`` sets the most verbose level any
   session asked for; each session gets log messages at or above its own level.
+- **Admission.** A child works on at most ``max_in_flight`` requests at once; the rest wait
+  in the pool, first come first served, and go to the child as answers free their slots.
+  An SDK server given thousands of requests at once spends more CPU on each (it schedules
+  them all); queued here they cost a list entry. A queued request that is cancelled, or
+  whose session leaves, is simply dropped: the child never heard of it.
 - **Loss.** A child that exits takes every session on it down together: each gets
   ``on_upstream_lost`` (the core re-issues or fails its in-flight requests, as for a child of
-  its own) and respawns through the factory; the first ``start()`` restarts the child, the
-  first ``initialize`` re-initializes it, later ones are answered from the new result.
+  its own, and resends those that were still queued here: they cannot have taken effect)
+  and respawns through the factory; the first ``start()`` restarts the child, the first
+  ``initialize`` re-initializes it, later ones are answered from the new result.
 
 Per session the pool keeps only what is in flight (requests, tokens, server requests) plus
 its subscriptions, log level and capabilities; entries go when answered, cancelled or when
@@ -48,8 +54,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Final
 
 import msgspec
@@ -133,9 +140,10 @@ def _message_level(msg: Message) -> str | None:
 
 class _Pending:
     """A request on a child, under its pool-unique id. ``owner`` None: the pool's own, or
-    one whose session left (an initialize or subscribe whose outcome others wait for)."""
+    one whose session left (an initialize or subscribe whose outcome others wait for).
+    ``queued``: its encoded line while it waits for a slot; ``counted``: it holds a slot."""
 
-    __slots__ = ("kind", "local_id", "original_token", "owner", "token", "uri")
+    __slots__ = ("counted", "kind", "local_id", "original_token", "owner", "queued", "token", "uri")
 
     def __init__(
         self, owner: SharedUpstream | None, local_id: RequestId, kind: int = _PLAIN
@@ -146,6 +154,8 @@ class _Pending:
         self.token: str | None = None  # id_key of the pool's progress token
         self.original_token: RequestId | None = None
         self.uri: str | None = None
+        self.queued: bytes | None = None
+        self.counted = False
 
 
 class _Sub:
@@ -172,7 +182,8 @@ class _Link:
         if self.child.generation == self.generation:
             self.child.from_child(line)
 
-    def on_upstream_lost(self, reason: str) -> None:
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
+        # A process of its own writes every line it is given: ``unsent`` is always empty.
         if self.child.generation == self.generation:
             self.child.lost(reason)
 
@@ -279,14 +290,14 @@ class SharedUpstream:
             self._subs = set()
         self._subs.add(uri)
 
-    def lose(self, reason: str) -> None:
+    def lose(self, reason: str, unsent: list[int]) -> None:
         self.child = None
         self._local = {}
         self._server = self._subs = None
         if self._closed or self._lost:
             return
         self._lost = True
-        self.handler.on_upstream_lost(reason)
+        self.handler.on_upstream_lost(reason, unsent)
 
 
 class _Child:
@@ -317,6 +328,9 @@ class _Child:
         self.server_requests: dict[str, SharedUpstream] = {}
         self.subs: dict[str, _Sub] = {}
         self.busy: set[SharedUpstream] = set()  # sessions with a request in flight here
+        self.in_flight = 0  # requests holding a slot (sent, not yet answered or cancelled)
+        self.waiting: deque[int] = deque()  # pool ids of queued requests (and stale ones)
+        self.queued = 0  # of which still queued
         self.levels: Counter[str] = Counter()  # sessions per requested log level
         self.level: str | None = None  # the level the process was set to
 
@@ -390,13 +404,24 @@ class _Child:
         """The process exited: every session on it is lost too, and recovers on its own."""
         self.proc = None
         self.generation += 1
-        sessions = list(self.sessions)
+        sessions = [(up, self._unsent(up)) for up in self.sessions]
         self.sessions.clear()
         self._reset()
         self.pool.stats["lost"] += 1
         log.warning("upstream.shared_lost", child=self.label, sessions=len(sessions), reason=reason)
-        for upstream in sessions:
-            upstream.lose(reason)
+        for upstream, unsent in sessions:
+            upstream.lose(reason, unsent)
+
+    def _unsent(self, up: SharedUpstream) -> list[int]:
+        """The session's requests still in the admission queue (the process never saw them)."""
+        if not self.queued:
+            return []
+        unsent = []
+        for local, pool_id in up._local.items():
+            entry = self.pending.get(pool_id)
+            if entry is not None and entry.queued is not None and isinstance(local, int):
+                unsent.append(local)
+        return unsent
 
     def _init_timed_out(self) -> None:
         self._init_timer = None
@@ -453,8 +478,48 @@ class _Child:
         if not up._local:
             self.busy.add(up)
         up._local[entry.local_id] = pool_id
-        self._send(jsonrpc.encode(msgspec.structs.replace(msg, id=pool_id)))
+        line = jsonrpc.encode(msgspec.structs.replace(msg, id=pool_id))
+        limit = self.pool.max_in_flight
+        if limit and self.in_flight >= limit:
+            entry.queued = line
+            self.waiting.append(pool_id)
+            self.queued += 1
+            self.pool.stats["queued"] += 1
+        else:
+            entry.counted = True
+            self.in_flight += 1
+            self._send(line)
         return entry
+
+    def _release(self, entry: _Pending) -> None:
+        """``entry`` is answered or withdrawn: free its slot, or its place in the queue."""
+        if entry.counted:
+            entry.counted = False
+            self.in_flight -= 1
+            if self.queued:
+                self._admit()
+        elif entry.queued is not None:
+            entry.queued = None
+            self.queued -= 1
+            if len(self.waiting) > 2 * self.queued + 64:  # withdrawn ones pile up otherwise
+                self.waiting = deque(i for i in self.waiting if self._is_queued(i))
+
+    def _is_queued(self, pool_id: int) -> bool:
+        entry = self.pending.get(pool_id)
+        return entry is not None and entry.queued is not None
+
+    def _admit(self) -> None:
+        """Send queued requests, oldest first, while slots are free."""
+        limit = self.pool.max_in_flight
+        while self.waiting and self.in_flight < limit:
+            entry = self.pending.get(self.waiting.popleft())
+            if entry is None or entry.queued is None:
+                continue  # withdrawn while it waited
+            line, entry.queued = entry.queued, None
+            self.queued -= 1
+            entry.counted = True
+            self.in_flight += 1
+            self._send(line)
 
     def _rewrite_token(self, msg: Message, entry: _Pending) -> Message:
         """basic/utilities/progress: the token must be unique among the child's requests."""
@@ -582,12 +647,16 @@ class _Child:
                 self.busy.discard(up)
             entry = self.pending.get(pool_id)
             if entry is not None:
-                if entry.kind == _PLAIN:
+                queued = entry.queued is not None
+                if entry.kind != _PLAIN:
+                    entry.owner = None  # its outcome still matters to the pool
+                else:
                     del self.pending[pool_id]  # a late answer is dropped
                     if entry.token is not None:
                         self.tokens.pop(entry.token, None)
-                else:
-                    entry.owner = None  # its outcome still matters to the pool
+                    self._release(entry)
+                if queued:
+                    return  # the child has not seen it: nothing to tell it
             self._send(jsonrpc.encode(jsonrpc.with_cancelled_request_id(msg, pool_id)))
             return
         if up.ready:
@@ -634,6 +703,11 @@ class _Child:
         if entry is None:
             self.pool.stats["late_response"] += 1  # cancelled, or its session left
             return
+        if entry.queued is not None:  # an answer to a request it was never sent
+            self.pending[pool_id] = entry
+            self.pool.stats["unknown_response"] += 1
+            return
+        self._release(entry)
         if entry.token is not None:
             self.tokens.pop(entry.token, None)
         owner = entry.owner
@@ -797,20 +871,27 @@ class _Child:
         """``up`` closed (parked, deleted, shut down): drop everything it had here."""
         self.sessions.discard(up)
         self.busy.discard(up)
+        entries: list[tuple[int, _Pending]] = []
         for pool_id in up._local.values():
             entry = self.pending.get(pool_id)
-            if entry is None:
-                continue
+            if entry is not None:
+                entries.append((pool_id, entry))
+        # Queued ones first, so that freeing the slots of the others admits none of them.
+        entries.sort(key=lambda item: item[1].queued is None)
+        for pool_id, entry in entries:
             if entry.kind != _PLAIN:
                 entry.owner = None  # others wait on its outcome
                 continue
             del self.pending[pool_id]
             if entry.token is not None:
                 self.tokens.pop(entry.token, None)
-            note = jsonrpc.notification_message(
-                "notifications/cancelled", {"requestId": pool_id, "reason": "session closed"}
-            )
-            self._send(jsonrpc.encode(note))
+            sent = entry.queued is None
+            self._release(entry)
+            if sent:
+                note = jsonrpc.notification_message(
+                    "notifications/cancelled", {"requestId": pool_id, "reason": "session closed"}
+                )
+                self._send(jsonrpc.encode(note))
         up._local = {}
         self.init_waiters = [(w, m) for w, m in self.init_waiters if w is not up]
         for key in up._server or ():
@@ -836,6 +917,18 @@ class _Child:
         self.stop_if_idle()
 
 
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """What /metrics shows of a pool: children running, requests on them and waiting for a
+    slot, and the pool's counters (``SharedPool.stats``: spawned, lost, queued, and every
+    kind of message it refused or dropped rather than guess where it belonged)."""
+
+    children: int
+    in_flight: int
+    queued: int
+    events: dict[str, int]
+
+
 ChildFactory = Callable[[UpstreamHandler, str], Upstream]
 """``spawn(handler, label)`` builds an unstarted child process (the daemon: a ``StdioUpstream``)."""
 
@@ -845,14 +938,20 @@ class SharedPool:
     handler). The daemon owns it and closes it on shutdown.
 
     ``init_timeout_s``: a child that does not answer its ``initialize`` within this is killed
-    and treated as lost.
+    and treated as lost. ``max_in_flight``: requests each child works on at once (0: no
+    limit); the others wait in the pool.
     """
 
-    def __init__(self, spawn: ChildFactory, size: int, init_timeout_s: float) -> None:
+    def __init__(
+        self, spawn: ChildFactory, size: int, init_timeout_s: float, max_in_flight: int = 0
+    ) -> None:
         if size < 1:
             raise ValueError("a shared pool needs at least one child")
+        if max_in_flight < 0:
+            raise ValueError("max_in_flight must be 0 (no limit) or more")
         self.spawn = spawn
         self.init_timeout_s = init_timeout_s
+        self.max_in_flight = max_in_flight
         self.children = [_Child(self, index) for index in range(size)]
         self.ids = itertools.count(1)  # request ids toward the children: never reused
         self.tokens = itertools.count(1)  # progress tokens toward the children
@@ -863,6 +962,15 @@ class SharedPool:
 
     def __call__(self, session_id: str, handler: UpstreamHandler) -> SharedUpstream:
         return SharedUpstream(self, handler)
+
+    def snapshot(self) -> PoolState:
+        children = self.children
+        return PoolState(
+            children=sum(1 for child in children if child.proc is not None),
+            in_flight=sum(child.in_flight for child in children),
+            queued=sum(child.queued for child in children),
+            events=dict(self.stats),
+        )
 
     def intern(self, caps: frozenset[str]) -> frozenset[str]:
         """One shared copy of each distinct capability set (clients mostly send the same)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from mcproxy.reconnect import lsn_of
 
@@ -111,6 +112,34 @@ class ProxyProcess:
 
     def upstream_pids(self) -> list[int]:
         return [int(e["pid"]) for e in self.events("upstream.spawned")]
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(proxy: ProxyProcess) -> Samples:
+    """Every sample of the proxy's /metrics, by name and labels."""
+    url = f"http://127.0.0.1:{proxy.port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def wait_for_metric(proxy: ProxyProcess, name: str, expected: float, **labels: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while value(await scrape(proxy), name, **labels) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}{labels} never became {expected}")
+        await asyncio.sleep(10 * MS)
 
 
 def free_port() -> int:

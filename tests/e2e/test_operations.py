@@ -10,10 +10,8 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import (
     ROOT,
@@ -23,7 +21,9 @@ from tests.helpers import (
     WsClient,
     fixture_upstream,
     pid_alive,
+    scrape,
     tool_text,
+    value,
     wait_until,
 )
 
@@ -32,22 +32,6 @@ def write_config(tmp_path: Path, text: str) -> str:
     path = tmp_path / "mcproxy.toml"
     path.write_text(text)
     return str(path)
-
-
-async def scrape(proxy: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    url = f"http://127.0.0.1:{proxy.port}/metrics"
-    async with aiohttp.ClientSession() as http, http.get(url) as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def test_metrics_move_through_resume_crash_and_dedupe(proxy: ProxyProcess) -> None:

@@ -4,6 +4,8 @@ real daemon and the SDK fixture server. Every answer must reach its own session.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,14 +13,27 @@ from typing import Any
 import pytest
 
 from mcproxy.upstream_shared import CANNOT_ATTRIBUTE
-from tests.helpers import ProxyProcess, WsClient, pid_alive, tool_text, wait_until
+from tests.helpers import (
+    ProxyProcess,
+    WsClient,
+    pid_alive,
+    scrape,
+    tool_text,
+    value,
+    wait_for_metric,
+    wait_until,
+)
 
 PROGRESS = "notifications/progress"
 
 
-def shared_proxy(tmp_path: Path, counter_dir: Path, pool_size: int = 1) -> ProxyProcess:
+def shared_proxy(
+    tmp_path: Path, counter_dir: Path, pool_size: int = 1, max_in_flight: int = 64
+) -> ProxyProcess:
     config = tmp_path / "shared.toml"
-    config.write_text(f'[upstream]\nmode = "shared"\npool_size = {pool_size}\n')
+    config.write_text(
+        f'[upstream]\nmode = "shared"\npool_size = {pool_size}\nmax_in_flight = {max_in_flight}\n'
+    )
     return ProxyProcess(
         tmp_path / "mcproxy.db",
         None,
@@ -157,6 +172,54 @@ async def test_a_crash_of_the_shared_child_is_recovered_by_every_session(
     pids = shared.upstream_pids()
     assert len(pids) == 2, pids  # restarted once, for all 61 sessions
     assert len(shared.events("upstream.shared_lost")) == 1
+
+
+async def test_a_child_runs_at_most_max_in_flight_calls_the_others_wait_in_the_proxy(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    proxy = shared_proxy(tmp_path, counter_dir, max_in_flight=2).start()
+    try:
+        clients = await asyncio.gather(*(session(proxy) for _ in range(8)))
+        rids = [await c.call_tool("hold", {"delay": 0.1}) for c in clients]
+        peaks = [tool_text(await c.response(rid)) for c, rid in zip(clients, rids, strict=True)]
+        assert max(int(p) for p in peaks) == 2, peaks  # every call ran; never three at once
+        await asyncio.gather(*(c.close() for c in clients))
+    finally:
+        proxy.kill()
+
+
+async def test_requests_still_waiting_for_a_slot_survive_a_crash_of_the_child(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    proxy = shared_proxy(tmp_path, counter_dir, max_in_flight=1).start()
+    try:
+        a, b = await session(proxy), await session(proxy)
+        running = await a.request(
+            "tools/call",
+            {
+                "name": "slow",
+                "arguments": {"steps": 200, "delay": 0.05},
+                "_meta": {"progressToken": "p"},
+            },
+        )
+        await next_progress(a, "p")  # it holds the only slot
+        waiting = await b.call_tool("bump", {"name": "queued"})  # not safe to repeat
+        [child] = proxy.upstream_pids()
+        await wait_for_metric(proxy, "mcproxy_shared_requests_queued", 1)
+        os.kill(child, signal.SIGKILL)
+        lost = await a.response(running)
+        assert lost["error"]["code"] == -32010  # it reached the child: outcome unknown
+        answer = await b.response(waiting)
+        assert tool_text(answer) == "1", answer  # never reached it: run once, on the new one
+        assert (counter_dir / "queued").read_text() == "x\n"
+        assert len(proxy.upstream_pids()) == 2
+        samples = await scrape(proxy)
+        assert value(samples, "mcproxy_inflight_resolved_total", outcome="resent") == 1
+        assert value(samples, "mcproxy_shared_events_total", event="queued") == 1
+        assert value(samples, "mcproxy_shared_requests_queued") == 0
+        await asyncio.gather(a.close(), b.close())
+    finally:
+        proxy.kill()
 
 
 async def test_list_changed_fans_out_and_resource_updates_reach_subscribers_only(

@@ -39,6 +39,7 @@ def test_example_file_lists_every_key_with_its_default() -> None:
         ("[upstream]\nread_timeout_s = 0\n", "positive"),
         ("[upstream]\nconnect_timeout_s = -1\n", "positive"),
         ("[upstream]\nsse_max_reconnects = -1\n", "must not be negative"),
+        ("[upstream]\nmax_in_flight = -1\n", "must not be negative"),
         ("[upstream]\ntls_verify = 'no'\n", "tls_verify"),
         ("[server\n", "config.toml"),
     ],

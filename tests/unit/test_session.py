@@ -187,6 +187,23 @@ def test_upstream_loss_reissues_safe_and_fails_unsafe() -> None:
     assert unsafe["id"] not in {m.get("id") for m in out}
 
 
+def test_requests_the_upstream_never_passed_on_are_sent_again_not_failed() -> None:
+    s = ready_session()
+    sent(s.client_message(msg(id=1, method="tools/call", params={"name": "w"})))
+    [second] = sent(s.client_message(msg(id=2, method="tools/call", params={"name": "w"})))
+    actions = s.upstream_lost("exited", frozenset({second["id"]}))  # held in a queue upstream
+    assert [e["id"] for e in emitted(actions)] == [1]  # only the one that reached it
+    assert emitted(actions)[0]["error"]["code"] == jsonrpc.OUTCOME_UNKNOWN
+    assert Tally("resent") in actions and StartUpstream() in actions
+    assert not [a for a in actions if isinstance(a, SaveRequest)]  # its row is unchanged
+    [replay] = sent(s.upstream_spawned())
+    out = sent(s.upstream_message(msg(id=replay["id"], result={})))
+    assert out[-1] == second  # the same message, same id: no process ever saw that id
+    reply = s.upstream_message(msg(id=second["id"], result={"ok": True}))
+    [answer] = emitted(reply)
+    assert answer["id"] == 2 and answer["result"]["ok"] is True
+
+
 def test_respawn_reapplies_log_level_and_subscriptions() -> None:
     s = ready_session()
     for i, (method, params) in enumerate(

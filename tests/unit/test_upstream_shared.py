@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -56,13 +57,15 @@ class Recorder:
         self.messages: list[dict[str, Any]] = []
         self.related: list[int | None] = []
         self.lost: list[str] = []
+        self.unsent: list[list[int]] = []
 
     def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
         self.messages.append(json.loads(line))
         self.related.append(related)
 
-    def on_upstream_lost(self, reason: str) -> None:
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
         self.lost.append(reason)
+        self.unsent.append(sorted(unsent))
 
     def take(self) -> list[dict[str, Any]]:
         messages, self.messages = self.messages, []
@@ -98,9 +101,9 @@ async def settle() -> None:
 
 
 class Rig:
-    def __init__(self, size: int = 1) -> None:
+    def __init__(self, size: int = 1, max_in_flight: int = 0) -> None:
         self.spawned: list[FakeProc] = []
-        self.pool = SharedPool(self.spawn, size, init_timeout_s=5.0)
+        self.pool = SharedPool(self.spawn, size, init_timeout_s=5.0, max_in_flight=max_in_flight)
 
     def spawn(self, handler: Any, label: str) -> FakeProc:
         proc = FakeProc(handler)
@@ -453,6 +456,71 @@ async def test_in_flight_requests_per_session_are_bounded() -> None:
         }
     ]
     assert len(rig.proc.take()) == MAX_PENDING_PER_SESSION
+
+
+def call(rid: int, text: str) -> bytes:
+    return request(rid, "tools/call", {"name": "echo", "arguments": {"text": text}})
+
+
+def texts(sent: list[dict[str, Any]]) -> list[str]:
+    return [m["params"]["arguments"]["text"] for m in sent]
+
+
+async def test_a_child_works_on_at_most_max_in_flight_requests_the_rest_wait_in_order() -> None:
+    rig = Rig(max_in_flight=2)
+    (a, ra), (b, rb) = await rig.session(), await rig.session()
+    a.send(call(2, "a2"))
+    b.send(call(2, "b2"))
+    a.send(call(3, "a3"))
+    b.send(call(3, "b3"))
+    first = rig.proc.take()
+    assert texts(first) == ["a2", "b2"] and rig.child.queued == 2
+    rig.feed(result(first[1]["id"], "b2"))  # a slot frees: the oldest waiting one goes
+    [third] = rig.proc.take()
+    assert texts([third]) == ["a3"] and rb.take() == [{"jsonrpc": "2.0", "id": 2, "result": "b2"}]
+    rig.feed(result(first[0]["id"], "a2"))
+    [fourth] = rig.proc.take()
+    assert texts([fourth]) == ["b3"]
+    rig.feed(result(fourth["id"], "b3"))
+    rig.feed(result(third["id"], "a3"))
+    assert [m["result"] for m in ra.take()] == ["a2", "a3"]
+    assert rb.take() == [{"jsonrpc": "2.0", "id": 3, "result": "b3"}]
+    child = rig.child
+    assert child.in_flight == 0 and child.queued == 0 and not child.waiting
+
+
+async def test_a_queued_request_withdrawn_never_reaches_the_child() -> None:
+    rig = Rig(max_in_flight=1)
+    (a, _), (b, _) = await rig.session(), await rig.session()
+    a.send(call(2, "running"))
+    a.send(call(3, "cancelled while queued"))
+    b.send(call(2, "b leaves"))
+    a.send(call(4, "next"))
+    [running] = rig.proc.take()
+    a.send(notification("notifications/cancelled", {"requestId": 3}))
+    await b.aclose()  # its queued request goes with it, untold
+    assert rig.proc.take() == []
+    rig.feed(result(running["id"], "done"))
+    assert texts(rig.proc.take()) == ["next"]  # the withdrawn ones were skipped
+    assert rig.child.queued == 0 and rig.child.in_flight == 1
+    # Withdrawn entries do not pile up in the queue while the child is stuck.
+    for rid in range(100, 400):
+        a.send(call(rid, "x"))
+        a.send(notification("notifications/cancelled", {"requestId": rid}))
+    assert len(rig.child.waiting) <= 64 and rig.child.queued == 0
+    assert rig.proc.take() == []
+
+
+async def test_requests_queued_when_the_child_dies_are_reported_as_never_sent() -> None:
+    rig = Rig(max_in_flight=1)
+    (a, ra), (b, rb) = await rig.session(), await rig.session()
+    a.send(call(2, "sent"))
+    a.send(call(3, "queued"))
+    b.send(call(7, "queued too"))
+    rig.proc.handler.on_upstream_lost("killed")
+    assert (ra.lost, ra.unsent) == (["killed"], [[3]])
+    assert (rb.lost, rb.unsent) == (["killed"], [[7]])
+    assert rig.child.in_flight == 0 and rig.child.queued == 0
 
 
 async def test_sessions_spread_over_the_pool() -> None:
