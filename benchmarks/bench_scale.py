@@ -14,7 +14,10 @@ For each scenario (sessions x pool size) one mcproxy process runs with ``upstrea
 4. checks that every session is still open, then stops the proxy.
 
 The baseline, in the same run: the same number of upstream processes driven directly over
-stdio (pipelined, ``--window`` requests in flight per process) for the same time.
+stdio (pipelined, ``--window`` requests in flight per process) for the same time, in rounds
+that alternate with the load through the proxy (``--rounds``; the proxy's sessions stay open
+and idle meanwhile), because on a shared VM a process's speed drifts by tens of percent over
+minutes. ``--max-in-flight`` sets the proxy's ``upstream.max_in_flight``.
 
 Upstreams: ``fixture`` (the default) is a server written with the official ``mcp`` SDK, the
 kind of Python server a shared pool exists for (about 0.35-0.45 ms of CPU per call);
@@ -99,6 +102,7 @@ class WsClient(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiter: asyncio.Future[bytes] | None = None
         self.closed = False
+        self.seq = 0  # the last request id used: ids are never reused within a session
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -209,12 +213,16 @@ def children(pid: int) -> list[int]:
 
 
 class Proxy:
-    def __init__(self, tmp: Path, pool: int, upstream: tuple[str, ...]) -> None:
+    def __init__(
+        self, tmp: Path, pool: int, upstream: tuple[str, ...], max_in_flight: int | None
+    ) -> None:
         self.config = tmp / f"scale-{pool}.toml"
+        limit = "" if max_in_flight is None else f"max_in_flight = {max_in_flight}\n"
         self.config.write_text(
             "[upstream]\n"
             f'target = "stdio:{" ".join(upstream)}"\nmode = "shared"\npool_size = {pool}\n'
-            "[limits]\n"  # one address opens every session: lift the per-address rates
+            + limit
+            + "[limits]\n"  # one address opens every session: lift the per-address rates
             "connections_per_s = 1000000.0\nconnection_burst = 1000000\n"
         )
         self.db = tmp / f"scale-{pool}.db"
@@ -272,9 +280,9 @@ class Tally:
 
 async def drive(client: WsClient, tag: int, until: float, tally: Tally, timeout: float) -> None:
     loop = asyncio.get_running_loop()
-    seq = 0
     while loop.time() < until and not client.closed:
-        seq += 1
+        client.seq += 1
+        seq = client.seq
         text = f"s{tag}-{seq}"
         t0 = time.perf_counter()
         try:
@@ -290,10 +298,19 @@ async def drive(client: WsClient, tag: int, until: float, tally: Tally, timeout:
 
 
 async def scenario(
-    tmp: Path, upstream: tuple[str, ...], sessions: int, pool: int, duration: float, timeout: float
-) -> float:
+    tmp: Path,
+    upstream: tuple[str, ...],
+    sessions: int,
+    pool: int,
+    duration: float,
+    timeout: float,
+    max_in_flight: int | None,
+    rounds: int,
+    window: int,
+) -> tuple[float, float]:
+    """Returns the proxy's calls/s and the direct baseline's, measured in alternating rounds."""
     print(f"\n{sessions} sessions, shared pool of {pool}:")
-    proxy = Proxy(tmp, pool, upstream)
+    proxy = Proxy(tmp, pool, upstream, max_in_flight)
     proxy.start()
     try:
         warm = [await open_session(proxy.port, timeout) for _ in range(20)]
@@ -326,24 +343,33 @@ async def scenario(
 
         pids = {"proxy": [proxy.pid], "upstream": children(proxy.pid), "client": [os.getpid()]}
         commits0 = await asyncio.to_thread(commits, proxy.port)
-        cpu0 = {name: sum(cpu_s(p) for p in group) for name, group in pids.items()}
         tally = Tally()
         loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        until = loop.time() + duration
-        await asyncio.gather(
-            *(drive(c, i, until, tally, timeout) for i, c in enumerate(clients)),
-        )
-        wall = time.perf_counter() - t0
-        cpu = {name: sum(cpu_s(p) for p in group) - cpu0[name] for name, group in pids.items()}
+        through, baseline = Run(), Run()
+        # Rounds alternate between the proxy (its sessions stay open) and the same number of
+        # children driven directly: on a shared VM a process's speed drifts by tens of
+        # percent over minutes, more than the difference being measured.
+        for _ in range(rounds):
+            await direct(upstream, pool, duration / rounds, window, baseline)
+            cpu0 = {name: sum(cpu_s(p) for p in group) for name, group in pids.items()}
+            before = len(tally.latencies)
+            t0 = time.perf_counter()
+            until = loop.time() + duration / rounds
+            await asyncio.gather(
+                *(drive(c, i, until, tally, timeout) for i, c in enumerate(clients)),
+            )
+            wall = time.perf_counter() - t0
+            used = {n: sum(cpu_s(p) for p in group) - cpu0[n] for n, group in pids.items()}
+            through.add(len(tally.latencies) - before, wall, used, [])
+        through.latencies = tally.latencies
         transactions = await asyncio.to_thread(commits, proxy.port) - commits0
-        calls = len(tally.latencies)
-        rate = calls / wall
-        ms = sorted(s * 1000 for s in tally.latencies) or [0.0]
-        print(f"  calls                {calls:9d} in {wall:.1f} s = {rate:9.0f} calls/s   "
-              f"p50 {pct(ms, 50):.2f} ms  p99 {pct(ms, 99):.2f} ms")  # fmt: skip
+        calls = through.calls
+        print(f"  direct stdio, {pool} process(es), {window} calls in flight each, "
+              f"{rounds} rounds:")  # fmt: skip
+        baseline.print()
+        print(f"  through the proxy, {rounds} rounds between those:")
+        through.print()
         print(f"  errors               {tally.errors:9d}   mis-routed {tally.misrouted}")
-        print(f"  cpu per call         {_cpu_line(cpu, calls, wall)}")
         # Each call writes 3 rows: the request, its answer in the log, the request finished.
         batch = 3 * calls / max(transactions, 1)
         print(f"  event log            {transactions} commits, {batch:.0f} writes per commit"
@@ -352,7 +378,7 @@ async def scenario(
         print(f"  still open after     {held:9d}   peak RSS {rss(proxy.pid) / 2**20:.1f} MiB")
         for client in [*warm, *clients]:
             client.close()
-        return rate
+        return through.rate, baseline.rate
     finally:
         proxy.stop()
 
@@ -360,7 +386,36 @@ async def scenario(
 # --- baseline: the same upstream processes over stdio ------------------------------------
 
 
-async def direct(upstream: tuple[str, ...], pool: int, duration: float, window: int) -> float:
+class Run:
+    """Calls answered, wall time and CPU per process group, summed over rounds."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.wall = 0.0
+        self.cpu: dict[str, float] = {}
+        self.latencies: list[float] = []
+
+    def add(self, calls: int, wall: float, cpu: dict[str, float], latencies: list[float]) -> None:
+        self.calls += calls
+        self.wall += wall
+        for name, used in cpu.items():
+            self.cpu[name] = self.cpu.get(name, 0.0) + used
+        self.latencies += latencies
+
+    @property
+    def rate(self) -> float:
+        return self.calls / max(self.wall, 1e-9)
+
+    def print(self) -> None:
+        ms = sorted(s * 1000 for s in self.latencies) or [0.0]
+        print(f"  calls                {self.calls:9d} in {self.wall:.1f} s = {self.rate:9.0f} "
+              f"calls/s   p50 {pct(ms, 50):.2f} ms  p99 {pct(ms, 99):.2f} ms")  # fmt: skip
+        print(f"  cpu per call         {_cpu_line(self.cpu, self.calls, self.wall)}")
+
+
+async def direct(
+    upstream: tuple[str, ...], pool: int, duration: float, window: int, run: Run
+) -> None:
     """``pool`` servers, each driven over its own pipes with ``window`` calls in flight."""
     procs = [
         await asyncio.create_subprocess_exec(
@@ -413,13 +468,7 @@ async def direct(upstream: tuple[str, ...], pool: int, duration: float, window: 
     total = sum(await asyncio.gather(*(one(p, until) for p in procs)))
     wall = time.perf_counter() - t0
     cpu = {"upstream": sum(used.values()) - upstream0, "client": cpu_s(os.getpid()) - client0}
-    ms = sorted(s * 1000 for s in latencies)
-    rate = total / wall
-    print(f"\ndirect stdio, {pool} upstream process(es), {window} calls in flight each:")
-    print(f"  calls                {total:9d} in {wall:.1f} s = {rate:9.0f} calls/s   "
-          f"p50 {pct(ms, 50):.2f} ms  p99 {pct(ms, 99):.2f} ms")  # fmt: skip
-    print(f"  cpu per call         {_cpu_line(cpu, total, wall)}")
-    return rate
+    run.add(total, wall, cpu, latencies)
 
 
 def _cpu_line(cpu: dict[str, float], calls: int, wall: float) -> str:
@@ -433,9 +482,17 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--pool", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    parser.add_argument(
+        "--duration", type=float, default=12.0,
+        help="seconds of load through the proxy (and as many driven directly)",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two")
     parser.add_argument("--window", type=int, default=64, help="direct: calls in flight")
     parser.add_argument("--timeout", type=float, default=30.0, help="per call, seconds")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None,
+        help="the proxy's upstream.max_in_flight (default: the proxy's own default)",
+    )  # fmt: skip
     parser.add_argument(
         "--upstream", choices=sorted(UPSTREAMS), default="fixture",
         help="fixture: the mcp SDK test server; demo: the bundled stdlib server (very fast)",
@@ -450,22 +507,28 @@ async def main() -> None:
     print(f"mcproxy scale benchmark on {platform.node()} ({os.cpu_count()} cpus, Python "
           f"{platform.python_version()}), upstream {args.upstream}; open files limit "
           f"{soft} -> {hard}{short}")  # fmt: skip
-    baseline: dict[int, float] = {}
-    for pool in args.pool:
-        baseline[pool] = await direct(upstream, pool, args.duration, args.window)
-    results: list[tuple[int, int, float]] = []
+    results: list[tuple[int, int, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for sessions in args.sessions:
             for pool in args.pool:
-                rate = await scenario(
-                    Path(tmp), upstream, sessions, pool, args.duration, args.timeout
+                rate, baseline = await scenario(
+                    Path(tmp),
+                    upstream,
+                    sessions,
+                    pool,
+                    args.duration,
+                    args.timeout,
+                    args.max_in_flight,
+                    args.rounds,
+                    args.window,
                 )
-                results.append((sessions, pool, rate))
+                results.append((sessions, pool, rate, baseline))
     print("\nsummary: aggregate calls/s through the proxy vs the same upstreams driven directly")
-    for sessions, pool, rate in results:
+    print("(in alternating rounds of the same scenario)")
+    for sessions, pool, rate, baseline in results:
         print(
             f"  {sessions:6d} sessions, pool {pool}: {rate:8.0f} calls/s = "
-            f"{100 * rate / baseline[pool]:5.1f}% of direct ({baseline[pool]:.0f} calls/s)"
+            f"{100 * rate / baseline:5.1f}% of direct ({baseline:.0f} calls/s)"
         )
 
 
