@@ -36,6 +36,27 @@ class WorldState:
     db_bytes: int
 
 
+class LoopCounter:
+    """A counter bumped on every message, only ever from the event loop: a plain integer
+    (prometheus_client takes a lock per ``inc``; four per call were 2% of the proxy's CPU),
+    added to its Prometheus counter at each scrape."""
+
+    __slots__ = ("_flushed", "_target", "value")
+
+    def __init__(self, target: Counter) -> None:
+        self._target = target
+        self.value = 0
+        self._flushed = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def flush(self) -> None:
+        if self.value > self._flushed:
+            self._target.inc(self.value - self._flushed)
+            self._flushed = self.value
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -142,18 +163,19 @@ class Metrics:
             registry=r,
         )
         self._shared_seen: dict[str, int] = {}
-        # Pre-bound children for the per-message paths (a labels() lookup costs a dict hit
-        # and a lock; these are plain attribute reads).
-        self.client_in = self.client_messages.labels("in")
-        self.client_out = self.client_messages.labels("out")
-        self.upstream_in = self.upstream_messages.labels("in")
-        self.upstream_out = self.upstream_messages.labels("out")
+        # The per-message counters: plain integers, published at scrape time.
+        self.client_in = LoopCounter(self.client_messages.labels("in"))
+        self.client_out = LoopCounter(self.client_messages.labels("out"))
+        self.upstream_in = LoopCounter(self.upstream_messages.labels("in"))
+        self.upstream_out = LoopCounter(self.upstream_messages.labels("out"))
 
     def error(self, code: int | str) -> None:
         """A JSON-RPC error code, or an HTTP status / close code as ``http_404``/``ws_1009``."""
         self.errors.labels(str(code)).inc()
 
     def refresh(self, world: WorldState) -> None:
+        for counter in (self.client_in, self.client_out, self.upstream_in, self.upstream_out):
+            counter.flush()
         self.sessions.labels("attached").set(world.sessions_attached)
         self.sessions.labels("idle").set(world.sessions_idle)
         parked = world.sessions_stored - world.sessions_attached - world.sessions_idle

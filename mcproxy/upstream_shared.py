@@ -480,7 +480,11 @@ class _Child:
         up._local[entry.local_id] = pool_id
         line = jsonrpc.encode(msgspec.structs.replace(msg, id=pool_id))
         limit = self.pool.max_in_flight
-        if limit and self.in_flight >= limit:
+        if msg.method == "ping":
+            # A client's liveness check of the server must not wait behind slow calls (and
+            # costs the child nothing): it goes at once, holding no slot.
+            self._send(line)
+        elif limit and self.in_flight >= limit:
             entry.queued = line
             self.waiting.append(pool_id)
             self.queued += 1

@@ -475,6 +475,12 @@ async def test_a_child_works_on_at_most_max_in_flight_requests_the_rest_wait_in_
     b.send(call(3, "b3"))
     first = rig.proc.take()
     assert texts(first) == ["a2", "b2"] and rig.child.queued == 2
+    b.send(request(9, "ping"))  # a liveness check never waits behind slow calls
+    [ping] = rig.proc.take()
+    assert ping["method"] == "ping" and rig.child.in_flight == 2
+    rig.feed(result(ping["id"], {}))
+    assert rb.take() == [{"jsonrpc": "2.0", "id": 9, "result": {}}]
+    assert rig.proc.take() == []  # answering it freed no slot
     rig.feed(result(first[1]["id"], "b2"))  # a slot frees: the oldest waiting one goes
     [third] = rig.proc.take()
     assert texts([third]) == ["a3"] and rb.take() == [{"jsonrpc": "2.0", "id": 2, "result": "b2"}]
