@@ -37,9 +37,10 @@ class WorldState:
 
 
 class LoopCounter:
-    """A counter bumped on every message, only ever from the event loop: a plain integer
-    (prometheus_client takes a lock per ``inc``; four per call were 2% of the proxy's CPU),
-    added to its Prometheus counter at each scrape."""
+    """A running total kept as a plain integer, added to its Prometheus counter at each
+    scrape: bumped on every message from the event loop (prometheus_client takes a lock per
+    ``inc``; four per call were 2% of the proxy's CPU), or set from a total kept elsewhere
+    (the store's commits, a shared pool's counters)."""
 
     __slots__ = ("_flushed", "_target", "value")
 
@@ -141,7 +142,7 @@ class Metrics:
         self.store_commits = Counter(
             "mcproxy_store_commits", "Group-commit transactions", registry=r
         )
-        self._commits_seen = 0
+        self._commits = LoopCounter(self.store_commits)
         self.shared_children = Gauge(
             "mcproxy_shared_children", "Shared upstream children running", registry=r
         )
@@ -162,7 +163,7 @@ class Metrics:
             ["event"],
             registry=r,
         )
-        self._shared_seen: dict[str, int] = {}
+        self._shared_totals: dict[str, LoopCounter] = {}
         # The per-message counters: plain integers, published at scrape time.
         self.client_in = LoopCounter(self.client_messages.labels("in"))
         self.client_out = LoopCounter(self.client_messages.labels("out"))
@@ -185,9 +186,8 @@ class Metrics:
         self.log_rows.set(world.log_rows)
         self.log_bytes.set(world.log_bytes)
         self.db_bytes.set(world.db_bytes)
-        if world.commits > self._commits_seen:
-            self.store_commits.inc(world.commits - self._commits_seen)
-            self._commits_seen = world.commits
+        self._commits.value = world.commits
+        self._commits.flush()
 
     def refresh_pool(
         self, children: int, in_flight: int, queued: int, events: Mapping[str, int]
@@ -197,10 +197,11 @@ class Metrics:
         self.shared_in_flight.set(in_flight)
         self.shared_queued.set(queued)
         for event, count in events.items():
-            seen = self._shared_seen.get(event, 0)
-            if count > seen:
-                self.shared_events.labels(event).inc(count - seen)
-                self._shared_seen[event] = count
+            total = self._shared_totals.get(event)
+            if total is None:
+                total = self._shared_totals[event] = LoopCounter(self.shared_events.labels(event))
+            total.value = count
+            total.flush()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -406,7 +406,7 @@ class Store:
 
     async def _commit(self, batch: list[_Op], checkpoint: bool = False) -> None:
         """In the writer's thread: every transaction with durability "full" (it fsyncs), and
-        with "normal" the occasional one that also checkpoints (see WAL_RESTART_FRAMES)."""
+        with "normal" the occasional one that also checkpoints (see RESTART_WAL_EVERY_WRITES)."""
         statements = [(op.sql, op.params) for op in batch]
         try:
             # The whole transaction goes to aiosqlite's thread in one hop, not one hop per
