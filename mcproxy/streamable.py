@@ -168,7 +168,10 @@ class StreamableHttpFront:
             runner = found
         if kind is not Kind.REQUEST:
             runner.client_message(msg)
-            return web.Response(status=202)
+            # 202 says "accepted": what the message wrote (a client's answer to a server
+            # request, a cancellation) must be committed first, or a crash loses it.
+            failed = await self._committed(runner, None)
+            return failed or web.Response(status=202)
         assert request_id is not None
         headers = {HEADER_SESSION: session_id}
         direct = runner.client_message(msg)
@@ -189,6 +192,13 @@ class StreamableHttpFront:
         if located is None:  # cannot happen: a request is answered directly or in flight
             return self._error(500, request_id, jsonrpc.INTERNAL_ERROR, "request was not accepted")
         stream, start = located
+        # The response's headers (and the priming event) acknowledge the request: it must be
+        # in the log by then, or a crash right after loses a request the client saw
+        # accepted, and its Last-Event-ID would resume a stream the next process never had.
+        # The upstream only gets the request after this commit anyway.
+        failed = await self._committed(runner, request_id)
+        if failed is not None:
+            return failed
         if created:
             log.info("http.session_created", session=runner.label, peer=request.remote)
         version = (
@@ -257,6 +267,16 @@ class StreamableHttpFront:
         return web.Response(status=204)
 
     # --- shared -----------------------------------------------------------------------
+
+    async def _committed(
+        self, runner: SessionRunner, request_id: int | str | None
+    ) -> web.Response | None:
+        """Wait until every write so far is committed; a 503 if the log cannot take it."""
+        try:
+            await runner.store.barrier()
+        except StoreError as exc:
+            return self._error(503, request_id, jsonrpc.INTERNAL_ERROR, str(exc))
+        return None
 
     def _error(
         self,
