@@ -267,6 +267,10 @@ class _Db:
             self.conn.close()
             raise StoreError(f"{path}: not an mcproxy database (user_version 0)")
         self.stream = "stream" if version >= 2 else "0"  # version 1 had no stream column
+        # Version 6 keeps answers past pruning while their request ids are remembered for
+        # retries: such a row below the session's floor is not part of the log any more.
+        self.remembered = "request_key IS NOT NULL" if version >= 6 else "0"
+        self.floor = "s.log_floor" if version >= 6 else "0"
 
     def __enter__(self) -> _Db:
         return self
@@ -357,8 +361,10 @@ def _show(args: argparse.Namespace, db: Path) -> int:
             "SELECT s.created_at, s.last_seen_at, s.init_request, s.init_result, s.initialized,"
             " s.log_level, s.subscriptions, s.safe_tools, s.next_upstream_id, s.next_server_id,"
             f" s.next_lsn, s.delivered_lsn, {_AGGREGATES},"
-            " (SELECT count(*) FROM requests WHERE session_id = s.id),"
-            " (SELECT coalesce(min(lsn), 0) FROM events WHERE session_id = s.id)"
+            " (SELECT count(*) FROM requests WHERE session_id = s.id)"
+            f" + (SELECT count(*) FROM events WHERE session_id = s.id AND {conn.remembered}),"
+            " (SELECT coalesce(min(lsn), 0) FROM events"
+            f" WHERE session_id = s.id AND lsn > {conn.floor})"
             " FROM sessions AS s WHERE s.id = ?",
             (session_id,),
         )

@@ -134,7 +134,11 @@ class Metrics:
             "Log rows deleted to keep sessions within max_log_events",
             registry=r,
         )
-        self.log_rows = Gauge("mcproxy_log_rows", "Messages held in the log", registry=r)
+        self.log_rows = Gauge(
+            "mcproxy_log_rows",
+            "Messages held in the log (and answers kept past it for retries)",
+            registry=r,
+        )
         self.log_bytes = Gauge("mcproxy_log_bytes", "Payload bytes held in the log", registry=r)
         self.db_bytes = Gauge(
             "mcproxy_db_bytes", "Size of the database and its WAL on disk", registry=r

@@ -491,7 +491,9 @@ class SessionRunner:
         for action in actions:
             if isinstance(action, Emit):
                 self.metrics.client_out.inc()
-                committed = store.append(sid, action.lsn, action.data, action.stream)
+                committed = store.append(
+                    sid, action.lsn, action.data, action.stream, action.answers
+                )
                 outbox = self.outbox
                 if outbox is None and action.stream in self.streams:
                     outbox = self.streams[action.stream][1]

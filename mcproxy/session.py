@@ -67,6 +67,9 @@ SAFE_METHODS: Final = frozenset(
 # Stream 0 carries what relates to no client request (the Streamable HTTP GET stream); every
 # client request has its own stream, numbered by the first upstream id it was given.
 GENERAL_STREAM: Final = 0
+# Upstream ids are reserved this many at a time in the stored session row: one extra session
+# write per block instead of per request; a restart skips what was left of the block.
+UPSTREAM_ID_BLOCK: Final = 1024
 
 
 class UpstreamState(enum.IntEnum):
@@ -124,6 +127,9 @@ class Emit:
     lsn: int
     data: bytes
     stream: int = 0
+    # The (client key, method) of the request this message answers: logged with it, so a
+    # retry of that id after a restart still finds its answer (``Session._retry``).
+    answers: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +168,10 @@ class FinishRequest:
     key: str
     lsn: int | None
     stream: int
-    # Answered requests that fell out of the dedupe window with this one: their rows go too,
-    # so the store keeps about ``dedupe_window`` answered requests per session, not all.
-    forget: tuple[str, ...] = ()
+    # (key, answer LSN or None) of the requests that fell out of the dedupe window with this
+    # one: what the store kept for their retries goes too, so it keeps about
+    # ``dedupe_window`` answered requests per session, not all.
+    forget: tuple[tuple[str, int | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +289,8 @@ class Session:
         self.subscriptions: set[str] = set()
         self.safe_tools: set[str] = set()
         self.next_upstream_id = 1
+        self._id_ceiling = 1  # ids below it are reserved in the stored session row
+        self._reserve_due = False
         self.next_server_id = 1
         self.next_lsn = 1
         self.delivered_lsn = 0
@@ -306,7 +315,7 @@ class Session:
             log_level=self.log_level,
             subscriptions=sorted(self.subscriptions),
             safe_tools=sorted(self.safe_tools),
-            next_upstream_id=self.next_upstream_id,
+            next_upstream_id=self._id_ceiling,
             next_server_id=self.next_server_id,
             next_lsn=self.next_lsn,
             delivered_lsn=self.delivered_lsn,
@@ -337,6 +346,7 @@ class Session:
         s.subscriptions = set(record.subscriptions)
         s.safe_tools = set(record.safe_tools)
         s.next_upstream_id = max([record.next_upstream_id, *(p.upstream_id + 1 for p in pending)])
+        s._id_ceiling = s.next_upstream_id
         s.next_server_id = record.next_server_id
         s.next_lsn = record.next_lsn
         s.delivered_lsn = record.delivered_lsn
@@ -495,7 +505,8 @@ class Session:
         self._inflight[upstream_id] = flight
         self._by_client[key] = upstream_id
         actions: list[Action] = [
-            SaveRequest(key, upstream_id, msg.method, safe, jsonrpc.encode(msg), upstream_id)
+            *self._reserved(),
+            SaveRequest(key, upstream_id, msg.method, safe, jsonrpc.encode(msg), upstream_id),
         ]
         actions += self._to_upstream(upstream_msg)
         return actions
@@ -564,7 +575,7 @@ class Session:
             upstream_id = self._alloc_id()
             replay = msgspec.structs.replace(self.init_request, id=upstream_id)
             self._inflight[upstream_id] = InFlight("replay-init", "initialize", replay, sent=True)
-            return [SendUpstream(jsonrpc.encode(replay))]
+            return [*self._reserved(), SendUpstream(jsonrpc.encode(replay))]
         # A fresh session: the client's own initialize heads the queue; send it alone and
         # hold the rest until its response (lifecycle §Initialization).
         if self._queue and self._queue[0].method == "initialize":
@@ -612,7 +623,7 @@ class Session:
                 actions += self._flush()
         elif ok:
             actions += self._track_state(flight, msg)
-        emit = self._emit(out, flight.stream)
+        emit = self._emit(out, flight.stream, (flight.key, flight.method))
         forget = self._remember(flight.key, emit.lsn, flight.method)
         actions += [emit, FinishRequest(flight.key, emit.lsn, flight.stream, forget)]
         if flight.method == "initialize" and not ok:
@@ -651,7 +662,7 @@ class Session:
         for uri in sorted(self.subscriptions):
             actions.append(self._internal("resources/subscribe", {"uri": uri}))
         self._transition(UpstreamEvent.INITIALIZED)
-        return actions + self._flush()
+        return self._reserved() + actions + self._flush()
 
     def _internal(self, method: str, params: dict[str, Any]) -> SendUpstream:
         upstream_id = self._alloc_id()
@@ -799,6 +810,7 @@ class Session:
         # Responses queued for the dead process are moot; requests and notifications stay.
         kept = [m for m in self._queue if m.method is not msgspec.UNSET]
         self._queue = [*reissue, *kept]
+        actions += self._reserved()
         if self.has_work:
             actions.append(StartUpstream())
         return actions
@@ -811,7 +823,7 @@ class Session:
         error = jsonrpc.error_message(
             flight.client_id, code, message, {"method": flight.method, "reason": reason}
         )
-        emit = self._emit(error, flight.stream)
+        emit = self._emit(error, flight.stream, (flight.key, flight.method))
         forget = self._remember(flight.key, emit.lsn, flight.method)
         unknown = code == jsonrpc.OUTCOME_UNKNOWN
         tally = Tally("outcome_unknown") if unknown else Tally("error", code)
@@ -854,26 +866,42 @@ class Session:
     def _alloc_id(self) -> int:
         upstream_id = self.next_upstream_id
         self.next_upstream_id += 1
+        if upstream_id >= self._id_ceiling:
+            # Reserve a block in the session row rather than persist every id: the rows of
+            # answered requests are deleted, and an id (or the HTTP stream named after it)
+            # must never be handed out twice, even after a crash.
+            self._id_ceiling = upstream_id + UPSTREAM_ID_BLOCK
+            self._reserve_due = True
         return upstream_id
 
-    def _emit(self, msg: Message, stream: int) -> Emit:
+    def _reserved(self) -> list[Action]:
+        """``SaveSession`` if an id was just taken from a new block (see ``_alloc_id``)."""
+        if not self._reserve_due:
+            return []
+        self._reserve_due = False
+        return [SaveSession()]
+
+    def _emit(self, msg: Message, stream: int, answers: tuple[str, str] | None = None) -> Emit:
         lsn = self.next_lsn
         self.next_lsn += 1
         data = jsonrpc.encode(jsonrpc.with_meta(msg, {jsonrpc.META_LSN: lsn}))
-        return Emit(lsn, data, stream)
+        return Emit(lsn, data, stream, answers)
 
-    def _remember(self, key: str, lsn: int | None, method: str) -> tuple[str, ...]:
-        """Keep ``key`` for retries. Returns the keys that fell out of the window: an eighth
-        of it at a time, so their rows are deleted in batches rather than one per answer."""
+    def _remember(
+        self, key: str, lsn: int | None, method: str
+    ) -> tuple[tuple[str, int | None], ...]:
+        """Keep ``key`` for retries. Returns the (key, answer LSN) pairs that fell out of the
+        window: an eighth of it at a time, so their rows go in batches, not one per answer."""
         answered = self._answered
         answered[key] = (lsn, method)
         answered.move_to_end(key)
         window = self.limits.dedupe_window
         if len(answered) <= window + max(1, window // 8):
             return ()
-        forgotten: list[str] = []
+        forgotten: list[tuple[str, int | None]] = []
         while len(answered) > window:
-            forgotten.append(answered.popitem(last=False)[0])
+            old, (old_lsn, _) = answered.popitem(last=False)
+            forgotten.append((old, old_lsn))
         return tuple(forgotten)
 
     @staticmethod

@@ -38,7 +38,7 @@ from mcproxy.errors import StoreError
 from mcproxy.session import PendingRow, SessionRecord
 from mcproxy.tasks import TaskSet
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 # With durability "normal" the writer commits on the event loop, so SQLite's automatic WAL
 # checkpoint (which copies pages back into the database file, and fsyncs it) would stall the
 # loop for milliseconds. It is turned off there. Instead, after this many writes (a few
@@ -54,7 +54,46 @@ CHECKPOINT_EVERY_WRITES: Final = 1000
 # missed (a few milliseconds), and the next commit restarts the WAL.
 RESTART_WAL_EVERY_WRITES: Final = 8000
 
-_SCHEMA: Final = """
+_TABLES_V6: Final = """
+CREATE TABLE IF NOT EXISTS events (
+    id             INTEGER PRIMARY KEY,
+    session_id     TEXT NOT NULL,
+    lsn            INTEGER NOT NULL,
+    created_at     REAL NOT NULL,
+    payload        BLOB NOT NULL,
+    stream         INTEGER NOT NULL DEFAULT 0,
+    request_key    TEXT,
+    request_method TEXT
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id          INTEGER PRIMARY KEY,
+    session_id  TEXT NOT NULL,
+    client_key  TEXT NOT NULL,
+    upstream_id INTEGER NOT NULL,
+    method      TEXT NOT NULL,
+    safe        INTEGER NOT NULL,
+    body        BLOB,
+    done        INTEGER NOT NULL DEFAULT 0,
+    lsn         INTEGER,
+    stream      INTEGER NOT NULL DEFAULT 0
+);
+"""
+_INDEXES_V6: Final = """
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_lsn ON events (session_id, lsn);
+CREATE UNIQUE INDEX IF NOT EXISTS requests_by_key ON requests (session_id, client_key);
+"""
+# The layout is chosen for the write path (schema 6). A message's row and a request's row are
+# each written once and never moved, and the tables are ordered by insertion (rowid), so one
+# group commit fills a few pages at the tail instead of dirtying a page per session, as
+# tables clustered by session did (measured: 17 KiB of WAL per proxied call at 1,000 sessions
+# down to 6.5, and 2.5x less CPU). Only the small (session_id, lsn) index is written at
+# random. `requests` holds requests in flight, plus cancelled ones while they are remembered
+# for retries; an answered request's row is deleted, and its answer's row in `events`
+# carries the client key and method (`request_key`, `request_method`) instead, kept past
+# pruning until the key falls out of the dedupe window. `sessions.log_floor`: every LSN up
+# to it has been pruned (rows kept for retries aside).
+_SCHEMA: Final = (
+    """
 CREATE TABLE IF NOT EXISTS sessions (
     id               TEXT PRIMARY KEY,
     created_at       REAL NOT NULL,
@@ -70,30 +109,13 @@ CREATE TABLE IF NOT EXISTS sessions (
     next_lsn         INTEGER NOT NULL DEFAULT 1,
     delivered_lsn    INTEGER NOT NULL DEFAULT 0,
     upstream_state   TEXT,
-    principal        TEXT
+    principal        TEXT,
+    log_floor        INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS events (
-    session_id TEXT NOT NULL,
-    lsn        INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    payload    BLOB NOT NULL,
-    stream     INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (session_id, lsn)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS requests (
-    session_id  TEXT NOT NULL,
-    client_key  TEXT NOT NULL,
-    upstream_id INTEGER NOT NULL,
-    method      TEXT NOT NULL,
-    safe        INTEGER NOT NULL,
-    body        BLOB,
-    done        INTEGER NOT NULL DEFAULT 0,
-    lsn         INTEGER,
-    stream      INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (session_id, client_key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (session_id) WHERE done = 0;
 """
+    + _TABLES_V6
+    + _INDEXES_V6
+)
 
 _UPSERT_SESSION: Final = """
 INSERT INTO sessions (id, created_at, last_seen_at, init_request, init_result, initialized,
@@ -128,21 +150,70 @@ _MIGRATIONS: Final = {
         "DROP INDEX IF EXISTS requests_pending;"
         "CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (session_id) WHERE done = 0;"
     ),
+    # The insertion-ordered layout (see _SCHEMA). An answered request's key moves onto its
+    # answer's row; one whose answer was pruned keeps its row (done = 1) until forgotten.
+    6: (
+        "ALTER TABLE events RENAME TO events_v5;"
+        "ALTER TABLE requests RENAME TO requests_v5;"
+        "DROP INDEX IF EXISTS requests_in_flight;"
+        "CREATE INDEX requests_v5_answers ON requests_v5 (session_id, lsn) WHERE done = 1;"
+        + _TABLES_V6
+        + "INSERT INTO events (session_id, lsn, created_at, payload, stream, request_key,"
+        " request_method)"
+        " SELECT e.session_id, e.lsn, e.created_at, e.payload, e.stream, r.client_key, r.method"
+        " FROM events_v5 AS e LEFT JOIN requests_v5 AS r"
+        " ON r.session_id = e.session_id AND r.lsn = e.lsn AND r.done = 1"
+        " ORDER BY e.created_at, e.session_id, e.lsn;"
+        "INSERT INTO requests (session_id, client_key, upstream_id, method, safe, body, done,"
+        " lsn, stream)"
+        " SELECT session_id, client_key, upstream_id, method, safe, body, done, lsn, stream"
+        " FROM requests_v5 AS r WHERE NOT (done = 1 AND lsn IS NOT NULL AND EXISTS"
+        " (SELECT 1 FROM events_v5 AS e WHERE e.session_id = r.session_id AND e.lsn = r.lsn))"
+        " ORDER BY upstream_id;"
+        "ALTER TABLE sessions ADD COLUMN log_floor INTEGER NOT NULL DEFAULT 0;"
+        "UPDATE sessions SET log_floor = coalesce("
+        "(SELECT min(lsn) - 1 FROM events_v5 WHERE session_id = sessions.id), next_lsn - 1);"
+        # Upstream ids are reserved in blocks in the session row from now on (Session
+        # restore); the highest one of a deleted row must not be handed out again.
+        "UPDATE sessions SET next_upstream_id = max(next_upstream_id, 1 + coalesce("
+        "(SELECT max(upstream_id) FROM requests_v5 WHERE session_id = sessions.id), 0));"
+        "DROP TABLE events_v5;"
+        "DROP TABLE requests_v5;" + _INDEXES_V6
+    ),
 }
-_PRUNE: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ?"
-_PRUNE_STREAM: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND stream = ?"
+# Pruning keeps the answers still remembered for retries (their keys go with forgetting).
+_PRUNE: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND request_key IS NULL"
+_PRUNE_STREAM: Final = (
+    "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND request_key IS NULL AND stream = ?"
+)
+_RAISE_FLOOR: Final = "UPDATE sessions SET log_floor = max(log_floor, ?) WHERE id = ?"
 _BARRIER: Final = ""  # an op with no statement: resolves with its batch's commit
 _APPEND: Final = (
     "INSERT INTO events (session_id, lsn, created_at, payload, stream) VALUES (?, ?, ?, ?, ?)"
+)
+_APPEND_ANSWER: Final = (
+    "INSERT INTO events (session_id, lsn, created_at, payload, stream, request_key,"
+    " request_method) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _SAVE_REQUEST: Final = (
     "INSERT OR REPLACE INTO requests (session_id, client_key, upstream_id, method, safe, body,"
     " done, lsn, stream) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?)"
 )
-_FINISH_REQUEST: Final = (
-    "UPDATE requests SET done = 1, lsn = ?, body = NULL WHERE session_id = ? AND client_key = ?"
+# Answered: the answer's row carries the key now (written just before, same transaction).
+_ANSWERED_REQUEST: Final = "DELETE FROM requests WHERE session_id = ? AND client_key = ?"
+_CANCELLED_REQUEST: Final = (
+    "UPDATE requests SET done = 1, lsn = NULL, body = NULL WHERE session_id = ? AND client_key = ?"
 )
-_FORGET_REQUEST: Final = "DELETE FROM requests WHERE session_id = ? AND client_key = ?"
+_FORGET_REQUEST: Final = "DELETE FROM requests WHERE session_id = ? AND client_key = ? AND done = 1"
+# A forgotten answer still in the log stays there, unmarked, until it is pruned like any
+# other message; one below the floor was kept only for retries and goes now.
+_FORGET_PRUNED_ANSWER: Final = (
+    "DELETE FROM events WHERE session_id = ?1 AND lsn = ?2"
+    " AND lsn <= (SELECT log_floor FROM sessions WHERE id = ?1)"
+)
+_FORGET_ANSWER: Final = (
+    "UPDATE events SET request_key = NULL, request_method = NULL WHERE session_id = ? AND lsn = ?"
+)
 # An UPDATE, not an upsert: the row is written when `initialize` arrives, before any upstream
 # session can exist, and a deleted session must not come back through its upstream's state.
 _SAVE_UPSTREAM_STATE: Final = "UPDATE sessions SET upstream_state = ? WHERE id = ?"
@@ -270,9 +341,21 @@ class Store:
         return future
 
     def append(
-        self, session_id: str, lsn: int, payload: bytes, stream: int = 0
+        self,
+        session_id: str,
+        lsn: int,
+        payload: bytes,
+        stream: int = 0,
+        answers: tuple[str, str] | None = None,
     ) -> asyncio.Future[None]:
-        return self._submit(_APPEND, (session_id, lsn, time.time(), payload, stream))
+        """Log a message. ``answers``: the (client key, method) of the request it answers,
+        remembered with it for retries after a restart."""
+        if answers is None:
+            return self._submit(_APPEND, (session_id, lsn, time.time(), payload, stream))
+        key, method = answers
+        return self._submit(
+            _APPEND_ANSWER, (session_id, lsn, time.time(), payload, stream, key, method)
+        )
 
     def save_request(
         self,
@@ -289,13 +372,23 @@ class Store:
         )
 
     def finish_request(
-        self, session_id: str, key: str, lsn: int | None, forget: tuple[str, ...] = ()
+        self,
+        session_id: str,
+        key: str,
+        lsn: int | None,
+        forget: tuple[tuple[str, int | None], ...] = (),
     ) -> asyncio.Future[None]:
-        """Mark a request answered; delete the rows of ``forget`` (answered long ago, out of
-        the dedupe window), so the table holds what is in flight plus that window."""
-        for old in forget:
+        """A request was answered (by the logged message ``lsn``, appended with ``answers``)
+        or cancelled (``lsn`` None). ``forget``: (key, answer LSN) of requests that fell out of
+        the dedupe window; what was kept for them goes."""
+        for old, answer in forget:
             self._submit(_FORGET_REQUEST, (session_id, old))
-        return self._submit(_FINISH_REQUEST, (lsn, session_id, key))
+            if answer is not None:
+                self._submit(_FORGET_PRUNED_ANSWER, (session_id, answer))
+                self._submit(_FORGET_ANSWER, (session_id, answer))
+        if lsn is None:
+            return self._submit(_CANCELLED_REQUEST, (session_id, key))
+        return self._submit(_ANSWERED_REQUEST, (session_id, key))
 
     def save_session(self, session_id: str, record: SessionRecord) -> asyncio.Future[None]:
         return self._submit(
@@ -330,10 +423,12 @@ class Store:
     def prune(
         self, session_id: str, through_lsn: int, stream: int | None = None
     ) -> asyncio.Future[None]:
-        """Drop logged messages up to ``through_lsn`` (of one stream only, if given)."""
-        if stream is None:
-            return self._submit(_PRUNE, (session_id, through_lsn))
-        return self._submit(_PRUNE_STREAM, (session_id, through_lsn, stream))
+        """Drop logged messages up to ``through_lsn`` (of one stream only, if given); answers
+        remembered for retries stay until forgotten (``finish_request``)."""
+        if stream is not None:
+            return self._submit(_PRUNE_STREAM, (session_id, through_lsn, stream))
+        self._submit(_PRUNE, (session_id, through_lsn))
+        return self._submit(_RAISE_FLOOR, (through_lsn, session_id))
 
     def barrier(self) -> asyncio.Future[None]:
         """A future that resolves once every write submitted so far has committed."""
@@ -484,27 +579,19 @@ class Store:
         db = self._reader
         async with db.execute(
             "SELECT init_request, init_result, initialized, log_level, subscriptions,"
-            " safe_tools, next_upstream_id, next_server_id, next_lsn, delivered_lsn, principal"
-            " FROM sessions WHERE id = ?",
-            (session_id,),
+            " safe_tools, next_upstream_id, next_server_id, next_lsn, delivered_lsn, principal,"
+            " log_floor, (SELECT max(lsn) FROM events WHERE session_id = :id),"
+            " (SELECT max(upstream_id) FROM requests WHERE session_id = :id)"
+            " FROM sessions WHERE id = :id",
+            {"id": session_id},
         ) as cur:
             row = await cur.fetchone()
         if row is None:
             return None
+        pruned = int(row[11])
+        last_lsn = max(int(row[12] or 0), pruned)
         async with db.execute(
-            "SELECT max(lsn) FROM events WHERE session_id = ?", (session_id,)
-        ) as cur:
-            head = await cur.fetchone()
-        last_lsn = int(head[0]) if head and head[0] is not None else 0
-        # Upstream ids are persisted with each request row, not per request in the session
-        # row; the highest one ever recorded bounds the counter (pruning keeps that row).
-        async with db.execute(
-            "SELECT max(upstream_id) FROM requests WHERE session_id = ?", (session_id,)
-        ) as cur:
-            top = await cur.fetchone()
-        top_id = int(top[0]) if top and top[0] is not None else 0
-        async with db.execute(
-            "SELECT min(lsn) FROM events WHERE session_id = ?", (session_id,)
+            "SELECT min(lsn) FROM events WHERE session_id = ? AND lsn > ?", (session_id, pruned)
         ) as cur:
             first = await cur.fetchone()
         record = SessionRecord(
@@ -514,7 +601,8 @@ class Store:
             log_level=row[3],
             subscriptions=list(json.loads(row[4])),
             safe_tools=list(json.loads(row[5])),
-            next_upstream_id=max(int(row[6]), top_id + 1),
+            # The row holds a reservation (Session._alloc_id); rows in flight are below it.
+            next_upstream_id=max(int(row[6]), int(row[13] or 0) + 1),
             next_server_id=int(row[7]),
             next_lsn=max(int(row[8]), last_lsn + 1),
             delivered_lsn=min(int(row[9]), last_lsn),
@@ -529,16 +617,23 @@ class Store:
                 PendingRow(str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]), int(r[5]))
                 for r in await cur.fetchall()
             ]
+        # Remembered answers: keys on answer rows, and cancelled requests (plus, from before
+        # schema 6, answered ones whose answer had been pruned) in `requests`.
         async with db.execute(
-            "SELECT client_key, lsn, method FROM requests WHERE session_id = ? AND done = 1"
-            " ORDER BY coalesce(lsn, 0) DESC LIMIT ?",
-            (session_id, dedupe_window),
+            "SELECT key, lsn, method FROM ("
+            " SELECT request_key AS key, lsn, request_method AS method FROM events"
+            "  WHERE session_id = :id AND request_key IS NOT NULL"
+            " UNION ALL"
+            " SELECT client_key, lsn, method FROM requests WHERE session_id = :id AND done = 1"
+            ") ORDER BY coalesce(lsn, 0) DESC LIMIT :window",
+            {"id": session_id, "window": dedupe_window},
         ) as cur:
             answered = [
                 (str(r[0]), None if r[1] is None else int(r[1]), str(r[2]))
                 for r in reversed(list(await cur.fetchall()))
             ]
-        # With no rows left, everything before the next LSN is gone (or never existed).
+        # With no rows left above the floor, everything before the next LSN is gone (or
+        # never existed).
         floor = int(first[0]) - 1 if first and first[0] is not None else record.next_lsn - 1
         return LoadedSession(record, pending, answered, floor)
 

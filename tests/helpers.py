@@ -202,6 +202,25 @@ SCHEMA_V1 = (
     " PRIMARY KEY (session_id, client_key)) WITHOUT ROWID;"
     "PRAGMA user_version=1;"
 )
+# The layout of schema version 5 (the last clustered by session), for the migration test.
+SCHEMA_V5 = (
+    "CREATE TABLE sessions (id TEXT PRIMARY KEY, created_at REAL NOT NULL,"
+    " last_seen_at REAL NOT NULL, init_request BLOB, init_result BLOB,"
+    " initialized INTEGER NOT NULL DEFAULT 0, log_level TEXT,"
+    " subscriptions TEXT NOT NULL DEFAULT '[]', safe_tools TEXT NOT NULL DEFAULT '[]',"
+    " next_upstream_id INTEGER NOT NULL DEFAULT 1,"
+    " next_server_id INTEGER NOT NULL DEFAULT 1, next_lsn INTEGER NOT NULL DEFAULT 1,"
+    " delivered_lsn INTEGER NOT NULL DEFAULT 0, upstream_state TEXT, principal TEXT);"
+    "CREATE TABLE events (session_id TEXT NOT NULL, lsn INTEGER NOT NULL,"
+    " created_at REAL NOT NULL, payload BLOB NOT NULL, stream INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (session_id, lsn)) WITHOUT ROWID;"
+    "CREATE TABLE requests (session_id TEXT NOT NULL, client_key TEXT NOT NULL,"
+    " upstream_id INTEGER NOT NULL, method TEXT NOT NULL, safe INTEGER NOT NULL,"
+    " body BLOB, done INTEGER NOT NULL DEFAULT 0, lsn INTEGER,"
+    " stream INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (session_id, client_key)) WITHOUT ROWID;"
+    "CREATE INDEX requests_in_flight ON requests (session_id) WHERE done = 0;"
+    "PRAGMA user_version=5;"
+)
 
 INIT_PARAMS = {
     "protocolVersion": "2025-11-25",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -77,14 +78,20 @@ async def test_every_logged_message_survives_sigkill(proxy: ProxyProcess, tmp_pa
         assert [lsn_of(m) for m in replay] == list(range(1, head[0] + 1))
         # Whatever the client saw before the kill is a prefix of the durable log.
         assert replay[: len(received_before)] == received_before
-        # Every request the proxy had recorded is answered (a result or outcome-unknown);
-        # requests still in the client's socket buffer at the kill were never accepted.
+        # Every request the proxy had recorded is answered (a result or outcome-unknown):
+        # none is left in flight, and each answer is logged with its request's key. Requests
+        # still in the client's socket buffer at the kill were never accepted.
         answered = {m["id"] for m in replay if "id" in m and "method" not in m}
         db = sqlite3.connect(proxy.db)
-        recorded, open_ = db.execute(
-            "SELECT count(*), sum(done = 0) FROM requests WHERE session_id = ?", (session_id,)
+        (open_,) = db.execute(
+            "SELECT count(*) FROM requests WHERE session_id = ? AND done = 0", (session_id,)
         ).fetchone()
-        assert open_ == 0 and len(answered) == recorded > 40
+        keys = db.execute(
+            "SELECT request_key FROM events WHERE session_id = ? AND request_key IS NOT NULL",
+            (session_id,),
+        ).fetchall()
+        assert open_ == 0 and {json.loads(k) for (k,) in keys} == answered
+        assert len(answered) > 40
     finally:
         await back.close()
 

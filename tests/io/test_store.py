@@ -11,7 +11,7 @@ import pytest
 from mcproxy.errors import StoreError
 from mcproxy.session import SessionRecord
 from mcproxy.store import SCHEMA_VERSION, Store
-from tests.helpers import SCHEMA_V1
+from tests.helpers import SCHEMA_V1, SCHEMA_V5
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -26,10 +26,11 @@ async def test_round_trip_and_reload(tmp_path: Path, durability: str) -> None:
         safe_tools=["t"],
     )
     store.save_session("S", record)
-    for lsn in range(1, 6):
-        store.append("S", lsn, f'{{"n":{lsn}}}'.encode(), stream=7 if lsn % 2 else 0)
     store.save_request("S", '"a"', 7, "tools/call", False, b'{"id":"a"}', 7)
     store.save_request("S", '"b"', 8, "ping", True, b'{"id":"b"}', 8)
+    for lsn in range(1, 6):  # the last one answers "b"
+        answers = ('"b"', "ping") if lsn == 5 else None
+        store.append("S", lsn, f'{{"n":{lsn}}}'.encode(), 7 if lsn % 2 else 0, answers)
     await store.finish_request("S", '"b"', 5)
     assert store.commits >= 1
     assert [lsn for lsn, _ in await store.read_events("S", 2)] == [3, 4, 5]
@@ -42,7 +43,8 @@ async def test_round_trip_and_reload(tmp_path: Path, durability: str) -> None:
     again = await Store.open(tmp_path / "db.sqlite", durability)
     loaded = await again.load_session("S", dedupe_window=10)
     assert loaded is not None
-    assert loaded.record.next_lsn == 6 and loaded.record.next_upstream_id == 9
+    # The answered request's row is gone; ids are reserved in the session row (Session).
+    assert loaded.record.next_lsn == 6 and loaded.record.next_upstream_id == 8
     assert loaded.record.log_level == "debug" and loaded.record.subscriptions == ["a://1"]
     assert [(p.key, p.upstream_id, p.safe, p.stream) for p in loaded.pending] == [
         ('"a"', 7, False, 7)
@@ -71,15 +73,16 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     await store.aclose()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        # Version 5: only requests in flight are indexed, and the lookups use that index.
+        # Version 6: tables in insertion order, looked up through their session indexes.
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert "requests_in_flight" in indexes and "requests_pending" not in indexes
-        for query in (
-            "SELECT DISTINCT session_id FROM requests WHERE done = 0",
-            "SELECT client_key FROM requests WHERE session_id = 'S' AND done = 0",
+        assert {"events_by_lsn", "requests_by_key"} <= indexes
+        assert "requests_in_flight" not in indexes and "requests_pending" not in indexes
+        for query, index in (
+            ("SELECT payload FROM events WHERE session_id = 'S' AND lsn > 3", "events_by_lsn"),
+            ("SELECT body FROM requests WHERE session_id = 'S' AND done = 0", "requests_by_key"),
         ):
             plan = " ".join(str(r) for r in conn.execute(f"EXPLAIN QUERY PLAN {query}"))
-            assert "requests_in_flight" in plan or "PRIMARY KEY" in plan, plan
+            assert index in plan, plan
 
 
 async def test_a_version_2_database_gains_the_upstream_state_column(tmp_path: Path) -> None:
@@ -162,3 +165,81 @@ async def test_checkpoints_run_beside_commits_and_the_wal_restarts_under_sustain
     # interval writes.
     written = writers * rows * len(payload)
     assert largest < written, (largest, written)
+
+
+async def test_remembered_answers_outlive_pruning_until_forgotten(tmp_path: Path) -> None:
+    """An answer's row carries its request's key: pruning (a client's cursor moved past it)
+    keeps it for retries; forgetting the key unmarks it, or drops it once below the floor."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    store.save_session("S", SessionRecord(next_lsn=1))
+    for n, key in ((1, '"a"'), (2, '"b"'), (3, '"c"')):
+        store.save_request("S", key, n, "tools/call", False, b"{}", n)
+        store.append("S", 2 * n - 1, b"progress", n)
+        store.append("S", 2 * n, b"answer", n, (key, "tools/call"))
+        store.finish_request("S", key, 2 * n)
+    store.save_request("S", '"x"', 4, "tools/call", False, b"{}", 4)
+    store.finish_request("S", '"x"', None)  # cancelled: its row stays, marked done
+    await store.prune("S", 4)  # a client resumed from LSN 4
+    assert [lsn for lsn, _ in await store.read_events("S", 4)] == [5, 6]
+    assert await store.read_event("S", 2) == b"answer"  # a retry of "a" still gets it
+    await store.aclose()
+
+    store = await Store.open(tmp_path / "db.sqlite")
+    loaded = await store.load_session("S", dedupe_window=10)
+    assert loaded is not None and loaded.log_floor == 4 and loaded.record.next_lsn == 7
+    assert loaded.pending == []
+    assert loaded.answered == [
+        ('"x"', None, "tools/call"),
+        ('"a"', 2, "tools/call"),
+        ('"b"', 4, "tools/call"),
+        ('"c"', 6, "tools/call"),
+    ]
+    # "a" (pruned: only kept for retries) and "c" (still in the log) fall out of the window.
+    await store.finish_request("S", '"y"', None, forget=(('"a"', 2), ('"c"', 6), ('"x"', None)))
+    assert [lsn for lsn, _ in await store.read_events("S", 0)] == [4, 5, 6]
+    loaded = await store.load_session("S", dedupe_window=10)
+    assert loaded is not None and loaded.answered == [('"b"', 4, "tools/call")]
+    # The window bounds what is loaded; the newest answers win.
+    loaded = await store.load_session("S", dedupe_window=1)
+    assert loaded is not None and loaded.answered == [('"b"', 4, "tools/call")]
+    # Everything pruned: the next LSN still comes after the floor, never before it.
+    await store.prune("S", 6)
+    store.save_session("S", SessionRecord(next_lsn=1))  # a stale counter in the row
+    loaded = await store.load_session("S", dedupe_window=10)
+    assert loaded is not None and loaded.record.next_lsn == 7 and loaded.log_floor == 6
+    await store.aclose()
+
+
+async def test_a_version_5_database_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "v5.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            SCHEMA_V5 + "INSERT INTO sessions (id, created_at, last_seen_at, next_upstream_id,"
+            " next_lsn) VALUES ('S', 0, 0, 2, 3);"
+            # LSN 1 was pruned; "a" was answered by it, "b" by LSN 3; "c" is in flight.
+            "INSERT INTO events VALUES ('S', 2, 0, x'7b7d', 2), ('S', 3, 0, x'5b5d', 7);"
+            "INSERT INTO requests VALUES ('S', '\"a\"', 5, 'ping', 1, NULL, 1, 1, 5),"
+            " ('S', '\"b\"', 7, 'tools/call', 0, NULL, 1, 3, 7),"
+            " ('S', '\"c\"', 9, 'tools/call', 0, x'7b7d', 0, NULL, 9);"
+        )
+    store = await Store.open(path)
+    loaded = await store.load_session("S", dedupe_window=10)
+    assert loaded is not None
+    assert loaded.answered == [('"a"', 1, "ping"), ('"b"', 3, "tools/call")]
+    assert [(p.key, p.upstream_id) for p in loaded.pending] == [('"c"', 9)]
+    assert loaded.log_floor == 1 and loaded.record.next_lsn == 4
+    assert loaded.record.next_upstream_id == 10
+    assert await store.read_events("S", 0) == [(2, b"{}"), (3, b"[]")]
+    await store.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        # "b"'s key moved onto its answer; "a" (answer pruned) keeps its row until forgotten.
+        assert conn.execute("SELECT client_key FROM requests ORDER BY upstream_id").fetchall() == [
+            ('"a"',),
+            ('"c"',),
+        ]
+        assert conn.execute(
+            "SELECT lsn, request_key FROM events WHERE request_key IS NOT NULL"
+        ).fetchall() == [(3, '"b"')]
+        # Every session's upstream ids continue above anything a row ever held.
+        assert conn.execute("SELECT next_upstream_id FROM sessions").fetchall() == [(10,)]

@@ -67,10 +67,10 @@ async def fill(store: Store) -> None:
             delivered_lsn=3,
         ),
     )
-    for lsn, stream, payload in EVENTS:
-        store.append(A, lsn, payload, stream)
     store.save_request(A, '"a"', 7, "tools/call", False, b'{"id":"a"}', 7)
     store.save_request(A, '"b"', 8, "ping", True, b'{"id":"b"}', 8)
+    for lsn, stream, payload in EVENTS:  # lsn 2 answers "b"
+        store.append(A, lsn, payload, stream, ('"b"', "ping") if lsn == 2 else None)
     store.finish_request(A, '"b"', 2)
     store.save_session(B, SessionRecord(init_request=b"not json"))
     await store.barrier()
@@ -269,15 +269,15 @@ def counts(db: Path, session_id: str) -> tuple[int, int, int]:
 def test_delete_needs_yes(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert call(db, "delete", A) == 1
     captured = capsys.readouterr()
-    assert captured.out == f"would delete session {A}: 5 events, 2 requests (1 in flight)\n"
+    assert captured.out == f"would delete session {A}: 5 events, 1 requests (1 in flight)\n"
     assert "--yes" in captured.err
-    assert counts(db, A) == (1, 5, 2)
+    assert counts(db, A) == (1, 5, 1)
 
 
 def test_delete(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert call(db, "delete", A, "--yes") == 0
     captured = capsys.readouterr()
-    assert captured.out == f"deleted session {A}: 5 events, 2 requests (1 in flight)\n"
+    assert captured.out == f"deleted session {A}: 5 events, 1 requests (1 in flight)\n"
     assert "warning" in captured.err and "Mcp-Session-Id" in captured.err
     assert counts(db, A) == (0, 0, 0)
     assert counts(db, B) == (1, 0, 0)
@@ -325,7 +325,7 @@ def test_newer_schema_refused(
     assert call(db, *argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "is newer than this mcproxy" in captured.err
-    assert counts(db, A) == (1, 5, 2)
+    assert counts(db, A) == (1, 5, 1)
 
 
 def test_not_an_mcproxy_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

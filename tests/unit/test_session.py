@@ -9,6 +9,7 @@ import pytest
 
 from mcproxy import jsonrpc
 from mcproxy.session import (
+    UPSTREAM_ID_BLOCK,
     Action,
     Emit,
     FinishRequest,
@@ -19,6 +20,7 @@ from mcproxy.session import (
     Resend,
     RestartUpstream,
     SaveRequest,
+    SaveSession,
     SendUpstream,
     Session,
     StartUpstream,
@@ -107,21 +109,47 @@ def test_retry_resends_or_joins_and_never_reruns() -> None:
 
 def test_dedupe_window_is_bounded_and_forgotten_rows_go_from_the_store() -> None:
     s = ready_session()
-    forgotten: list[str] = []
+    forgotten: list[tuple[str, int | None]] = []
+    answer_lsn = {jsonrpc.id_key(0): s._answered[jsonrpc.id_key(0)][0]}
     for i in range(9):
         [out] = sent(s.client_message(msg(id=i + 10, method="ping")))
-        [finish] = [
-            a
-            for a in s.upstream_message(msg(id=out["id"], result={}))
-            if isinstance(a, FinishRequest)
-        ]
+        done = s.upstream_message(msg(id=out["id"], result={}))
+        [emit] = [a for a in done if isinstance(a, Emit)]
+        [finish] = [a for a in done if isinstance(a, FinishRequest)]
+        # The answer is logged with its request's key: that row is what a restart remembers.
+        assert emit.answers == (jsonrpc.id_key(i + 10), "ping") and finish.lsn == emit.lsn
+        answer_lsn[jsonrpc.id_key(i + 10)] = emit.lsn
         forgotten += finish.forget
         assert len(s._answered) <= LIMITS.dedupe_window + 1
-    # Answers beyond the window are forgotten, oldest first (initialize's too), in batches.
+    # Answers beyond the window are forgotten, oldest first (initialize's too), in batches,
+    # each with the LSN of its answer (the store unmarks or drops that row).
     answered = [jsonrpc.id_key(0)] + [jsonrpc.id_key(i + 10) for i in range(9)]
     assert len(s._answered) >= LIMITS.dedupe_window and len(forgotten) >= 6
-    assert forgotten == answered[: len(forgotten)]
+    assert forgotten == [(key, answer_lsn[key]) for key in answered[: len(forgotten)]]
     assert list(s._answered) == answered[len(forgotten) :]
+
+
+def test_upstream_ids_are_reserved_in_blocks_and_never_reused_after_restore() -> None:
+    s = ready_session()
+    saves = 0
+    for i in range(UPSTREAM_ID_BLOCK + 5):
+        actions = s.client_message(msg(id=f"r{i}", method="ping"))
+        saves += sum(isinstance(a, SaveSession) for a in actions)
+        [out] = sent(actions)
+        s.upstream_message(msg(id=out["id"], result={}))
+    # One session write per block of ids, not one per request.
+    assert saves == 1
+    record = s.snapshot()
+    highest = s.next_upstream_id - 1
+    assert record.next_upstream_id > highest
+    # A crash: nothing of the answered requests is left but the session row.
+    restored, _ = Session.restore(s.id, LIMITS, record, [], [])
+    queued = restored.client_message(msg(id="after", method="ping"))
+    assert any(isinstance(a, SaveSession) for a in queued)  # a new block is reserved first
+    [replay] = sent(restored.upstream_spawned())  # the next process: initialize replayed
+    assert replay["method"] == "initialize" and replay["id"] > highest
+    [_, call] = sent(restored.upstream_message(msg(id=replay["id"], result={})))
+    assert call["method"] == "ping" and call["id"] > highest
 
 
 def test_pending_limit() -> None:
