@@ -133,6 +133,14 @@ class Outbox:
             self._head = 0
         else:
             self._items.append(_Live(lsn, data, committed))
+            if self._waiter is not None and not committed.done():
+                # The pump is parked and this is all it would wait for next: wake it once,
+                # when the commit is done, rather than now and again then (a task step each).
+                committed.add_done_callback(self._wake_committed)
+                return
+        self._wake()
+
+    def _wake_committed(self, _: asyncio.Future[None]) -> None:
         self._wake()
 
     def push_direct(self, data: bytes) -> None:

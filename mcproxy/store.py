@@ -28,6 +28,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -78,9 +79,16 @@ CREATE TABLE IF NOT EXISTS requests (
     stream      INTEGER NOT NULL DEFAULT 0
 );
 """
+# The trigger: logging a request's answer retires its row in the same statement (one
+# statement less per call than a DELETE of its own, measured at ~7 µs of CPU each).
 _INDEXES_V6: Final = """
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_lsn ON events (session_id, lsn);
 CREATE UNIQUE INDEX IF NOT EXISTS requests_by_key ON requests (session_id, client_key);
+CREATE TRIGGER IF NOT EXISTS answer_retires_request AFTER INSERT ON events
+WHEN NEW.request_key IS NOT NULL
+BEGIN
+    DELETE FROM requests WHERE session_id = NEW.session_id AND client_key = NEW.request_key;
+END;
 """
 # The layout is chosen for the write path (schema 6). A message's row and a request's row are
 # each written once and never moved, and the tables are ordered by insertion (rowid), so one
@@ -199,8 +207,6 @@ _SAVE_REQUEST: Final = (
     "INSERT OR REPLACE INTO requests (session_id, client_key, upstream_id, method, safe, body,"
     " done, lsn, stream) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?)"
 )
-# Answered: the answer's row carries the key now (written just before, same transaction).
-_ANSWERED_REQUEST: Final = "DELETE FROM requests WHERE session_id = ? AND client_key = ?"
 _CANCELLED_REQUEST: Final = (
     "UPDATE requests SET done = 1, lsn = NULL, body = NULL WHERE session_id = ? AND client_key = ?"
 )
@@ -236,9 +242,11 @@ class StoreStats:
 
 
 @dataclass(slots=True)
-class _Op:
-    sql: str
-    params: Any
+class _Batch:
+    """Writes committed in one transaction. One future for all of them: they succeed or fail
+    together, and a future per write (with its done callback) cost more than the write."""
+
+    statements: list[tuple[str, Any]]
     future: asyncio.Future[None]
 
 
@@ -266,11 +274,13 @@ class Store:
         self._in_loop = checkpointer is not None
         self._reader = reader
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._wake = asyncio.Event()  # durability "full": the writer task has work
         self._tasks = TaskSet("store")
         self._failed: BaseException | None = None
         self._writer_task: asyncio.Task[None] | None = None
-        self._batch: list[_Op] = []  # in-loop mode: submitted during this loop turn
+        # Submitted and not yet committed, oldest first; the last one may still be open.
+        self._pending: deque[_Batch] = deque()
+        self._open: _Batch | None = None
         self._flush_scheduled = False
         self._closed = False
         self.last_write: asyncio.Future[None] | None = None
@@ -323,22 +333,39 @@ class Store:
     # --- writes (group-committed, FIFO) ------------------------------------------------
 
     def _submit(self, sql: str, params: Any) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Nobody may await a write (e.g. a session row update); still mark errors as seen.
-        future.add_done_callback(_consume_exception)
+        loop = asyncio.get_running_loop()
         if self._failed is not None or self._closed:
-            future.set_exception(StoreError("the event log is not writable"))
-        elif self._in_loop:
-            # Group commit without a task switch: everything submitted during this turn of
-            # the event loop is committed together in a callback at the start of the next.
-            self._batch.append(_Op(sql, params, future))
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush_in_loop)
-        else:
-            self._queue.put_nowait(_Op(sql, params, future))
-        self.last_write = future
-        return future
+            refused: asyncio.Future[None] = loop.create_future()
+            refused.add_done_callback(_consume_exception)
+            refused.set_exception(StoreError("the event log is not writable"))
+            return refused
+        batch = self._open
+        if batch is None or len(batch.statements) >= self._max_batch:
+            future: asyncio.Future[None] = loop.create_future()
+            # Nobody may await a write (e.g. a session row update); still mark errors as seen.
+            future.add_done_callback(_consume_exception)
+            batch = self._open = _Batch([], future)
+            self._pending.append(batch)
+        batch.statements.append((sql, params))
+        self.last_write = batch.future
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._in_loop:
+                # Group commit without a task switch: everything submitted during this turn
+                # of the event loop is committed together in a callback at the next.
+                loop.call_soon(self._flush_in_loop)
+            else:
+                self._wake.set()
+        return batch.future
+
+    def _take(self) -> _Batch | None:
+        """The oldest batch not yet committed, closed to further writes."""
+        if not self._pending:
+            return None
+        batch = self._pending.popleft()
+        if batch is self._open:
+            self._open = None
+        return batch
 
     def append(
         self,
@@ -378,9 +405,10 @@ class Store:
         lsn: int | None,
         forget: tuple[tuple[str, int | None], ...] = (),
     ) -> asyncio.Future[None]:
-        """A request was answered (by the logged message ``lsn``, appended with ``answers``)
-        or cancelled (``lsn`` None). ``forget``: (key, answer LSN) of requests that fell out of
-        the dedupe window; what was kept for them goes."""
+        """A request was answered (by the logged message ``lsn``) or cancelled (``lsn``
+        None). An answer needs no write here: appending it with ``answers`` retired the
+        request's row (the `answer_retires_request` trigger). ``forget``: (key, answer LSN) of
+        requests that fell out of the dedupe window; what was kept for them goes."""
         for old, answer in forget:
             self._submit(_FORGET_REQUEST, (session_id, old))
             if answer is not None:
@@ -388,7 +416,10 @@ class Store:
                 self._submit(_FORGET_ANSWER, (session_id, answer))
         if lsn is None:
             return self._submit(_CANCELLED_REQUEST, (session_id, key))
-        return self._submit(_ANSWERED_REQUEST, (session_id, key))
+        last = self.last_write
+        if last is None or self._failed is not None or self._closed:
+            return self.barrier()  # (refused, if the log is not writable)
+        return last
 
     def save_session(self, session_id: str, record: SessionRecord) -> asyncio.Future[None]:
         return self._submit(
@@ -438,22 +469,22 @@ class Store:
         self._flush_scheduled = False
         if self._catching_up is not None:
             return  # the writer is busy in its thread; it flushes the rest when done
-        batch, self._batch = self._batch[: self._max_batch], self._batch[self._max_batch :]
+        batch = self._take()
+        if batch is None:
+            return
         # Closing flushes synchronously: no checkpoint is started then (aclose runs none).
-        if batch and self._restart_wal and self._checkpointing is None and not self._closed:
+        if self._restart_wal and self._checkpointing is None and not self._closed:
             self._restart_wal = False
             self._writes_since_checkpoint = self._writes_since_restart = 0
             self._catching_up = self._tasks.spawn(
                 self._commit(batch, checkpoint=True), "store-wal-restart"
             )
             return
-        if self._batch:
+        if self._pending:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_in_loop)
-        if not batch:
-            return
         try:
-            _run_transaction(self._writer._conn, [(op.sql, op.params) for op in batch])
+            _run_transaction(self._writer._conn, batch.statements)
         except sqlite3.Error as exc:
             self._fail(batch, exc)
             return
@@ -483,32 +514,26 @@ class Store:
             self._restart_wal = True
 
     async def _write_loop(self) -> None:
+        """Durability "full": whatever was submitted while the last commit was in the
+        writer's thread is the next transaction."""
         while True:
-            op = await self._queue.get()
-            if op is None:
-                return
-            batch = [op]
-            stop = False
-            while len(batch) < self._max_batch and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            await self._commit(batch)
-            if stop:
+            await self._wake.wait()
+            self._wake.clear()
+            self._flush_scheduled = False
+            while self._failed is None and (batch := self._take()) is not None:
+                await self._commit(batch)
+            if self._closed:
                 return
 
-    async def _commit(self, batch: list[_Op], checkpoint: bool = False) -> None:
+    async def _commit(self, batch: _Batch, checkpoint: bool = False) -> None:
         """In the writer's thread: every transaction with durability "full" (it fsyncs), and
         with "normal" the occasional one that also checkpoints (see RESTART_WAL_EVERY_WRITES)."""
-        statements = [(op.sql, op.params) for op in batch]
         try:
             # The whole transaction goes to aiosqlite's thread in one hop, not one hop per
             # statement. aiosqlite has no public "run this function on the connection" call;
             # `_execute` is the one its own methods use.
             await self._writer._execute(  # type: ignore[no-untyped-call]
-                _run_transaction, self._writer._conn, statements, checkpoint
+                _run_transaction, self._writer._conn, batch.statements, checkpoint
             )
         except sqlite3.Error as exc:
             self._fail(batch, exc)
@@ -516,28 +541,28 @@ class Store:
         finally:
             if checkpoint:
                 self._catching_up = None
-                if self._batch and not self._flush_scheduled:
+                if self._pending and not self._flush_scheduled:
                     self._flush_scheduled = True
                     asyncio.get_running_loop().call_soon(self._flush_in_loop)
         self._succeed(batch)
 
-    def _succeed(self, batch: list[_Op]) -> None:
+    def _succeed(self, batch: _Batch) -> None:
         self.commits += 1
-        for op in batch:
-            if not op.future.done():
-                op.future.set_result(None)
-        self._writes_since_checkpoint += len(batch)
-        self._writes_since_restart += len(batch)
+        if not batch.future.done():
+            batch.future.set_result(None)
+        self._writes_since_checkpoint += len(batch.statements)
+        self._writes_since_restart += len(batch.statements)
 
-    def _fail(self, batch: list[_Op], exc: sqlite3.Error) -> None:
+    def _fail(self, batch: _Batch, exc: sqlite3.Error) -> None:
         # litestream's rule: return errors, don't log and go on. Every waiter learns the log
         # is broken, and later writes are refused: sessions fail instead of losing messages.
         self._failed = exc
         error = StoreError(f"event log write failed: {exc}")
-        for op in batch + self._batch:
-            if not op.future.done():
-                op.future.set_exception(error)
-        self._batch.clear()
+        for failed in (batch, *self._pending):
+            if not failed.future.done():
+                failed.future.set_exception(error)
+        self._pending.clear()
+        self._open = None
 
     # --- reads (committed data only) ---------------------------------------------------
 
@@ -721,9 +746,10 @@ class Store:
             if task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(task)
-        while self._batch and self._failed is None:
-            self._flush_in_loop()
-        self._queue.put_nowait(None)
+        if self._in_loop:
+            while self._pending and self._failed is None:
+                self._flush_in_loop()
+        self._wake.set()  # the writer task commits what is pending, then returns
         if self._writer_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._writer_task), timeout=30)
