@@ -125,7 +125,7 @@ class Hub:
         return runner
 
     async def _load(self, session_id: str) -> SessionRunner | None:
-        loaded = await self.store.load_session(session_id, self.limits.dedupe_window)
+        loaded = await self.store.load_session(session_id)
         if loaded is None or session_id in self.runners:
             return self.runners.get(session_id)
         core, actions = Session.restore(

@@ -33,6 +33,7 @@ from mcproxy.session import (
     Action,
     Emit,
     FinishRequest,
+    Forget,
     Reply,
     Resend,
     RestartUpstream,
@@ -527,6 +528,8 @@ class SessionRunner:
                 entry = self.streams.pop(action.stream, None)
                 if entry is not None:
                     entry[1].push_end()
+            elif isinstance(action, Forget):
+                store.forget(sid, action.pairs)
             elif isinstance(action, SaveSession):
                 store.save_session(sid, self.core.snapshot())
             elif isinstance(action, StartUpstream):

@@ -175,6 +175,14 @@ class FinishRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Forget:
+    """Drop what the store keeps for retries of these (key, answer LSN or None) pairs: they
+    fell out of the dedupe window while the session was restored."""
+
+    pairs: tuple[tuple[str, int | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SaveSession:
     """Persist ``Session.snapshot()``."""
 
@@ -207,6 +215,7 @@ Action = (
     | Resend
     | SaveRequest
     | FinishRequest
+    | Forget
     | SaveSession
     | StartUpstream
     | RestartUpstream
@@ -350,8 +359,12 @@ class Session:
         s.next_server_id = record.next_server_id
         s.next_lsn = record.next_lsn
         s.delivered_lsn = record.delivered_lsn
-        for key, lsn, method in answered:
-            s._remember(key, lsn, method)
+        # Every remembered id the store holds, oldest first: any it holds beyond the window
+        # (a smaller window than the last process's) is forgotten here, or its rows would
+        # never be.
+        forgotten = [
+            pair for key, lsn, method in answered for pair in s._remember(key, lsn, method)
+        ]
         for row in sorted(pending, key=lambda p: p.upstream_id):
             msg = jsonrpc.decode(row.body)
             client_id = jsonrpc.id_from_key(row.key)
@@ -370,7 +383,9 @@ class Session:
                 task=task,
             )
             s._by_client[row.key] = row.upstream_id
-        actions = s._lose("proxy restarted") if s._inflight else []
+        actions: list[Action] = [Forget(tuple(forgotten))] if forgotten else []
+        if s._inflight:
+            actions += s._lose("proxy restarted")
         return s, actions
 
     # --- queries ----------------------------------------------------------------------
@@ -893,12 +908,15 @@ class Session:
         """Keep ``key`` for retries. Returns the (key, answer LSN) pairs that fell out of the
         window: an eighth of it at a time, so their rows go in batches, not one per answer."""
         answered = self._answered
+        forgotten: list[tuple[str, int | None]] = []
+        earlier = answered.get(key)
+        if earlier is not None and earlier[0] is not None and earlier[0] != lsn:
+            forgotten.append((key, earlier[0]))  # answered again (a re-sent initialize)
         answered[key] = (lsn, method)
         answered.move_to_end(key)
         window = self.limits.dedupe_window
         if len(answered) <= window + max(1, window // 8):
-            return ()
-        forgotten: list[tuple[str, int | None]] = []
+            return tuple(forgotten)
         while len(answered) > window:
             old, (old_lsn, _) = answered.popitem(last=False)
             forgotten.append((old, old_lsn))

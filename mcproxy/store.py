@@ -61,22 +61,23 @@ CREATE TABLE IF NOT EXISTS events (
     session_id     TEXT NOT NULL,
     lsn            INTEGER NOT NULL,
     created_at     REAL NOT NULL,
-    payload        BLOB NOT NULL,
     stream         INTEGER NOT NULL DEFAULT 0,
     request_key    TEXT,
-    request_method TEXT
+    request_method TEXT,
+    payload        BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS requests (
-    id          INTEGER PRIMARY KEY,
-    session_id  TEXT NOT NULL,
-    client_key  TEXT NOT NULL,
-    upstream_id INTEGER NOT NULL,
-    method      TEXT NOT NULL,
-    safe        INTEGER NOT NULL,
-    body        BLOB,
-    done        INTEGER NOT NULL DEFAULT 0,
-    lsn         INTEGER,
-    stream      INTEGER NOT NULL DEFAULT 0
+    id            INTEGER PRIMARY KEY,
+    session_id    TEXT NOT NULL,
+    client_key    TEXT NOT NULL,
+    upstream_id   INTEGER NOT NULL,
+    method        TEXT NOT NULL,
+    safe          INTEGER NOT NULL,
+    done          INTEGER NOT NULL DEFAULT 0,
+    lsn           INTEGER,
+    stream        INTEGER NOT NULL DEFAULT 0,
+    remembered_at INTEGER,
+    body          BLOB
 );
 """
 # The trigger: logging a request's answer retires its row in the same statement (one
@@ -99,7 +100,9 @@ END;
 # for retries; an answered request's row is deleted, and its answer's row in `events`
 # carries the client key and method (`request_key`, `request_method`) instead, kept past
 # pruning until the key falls out of the dedupe window. `sessions.log_floor`: every LSN up
-# to it has been pruned (rows kept for retries aside).
+# to it has been pruned (rows kept for retries aside). Small columns come before the blobs:
+# reading them then never walks a large payload's overflow pages. `remembered_at` orders a
+# cancelled request among the answers remembered for retries (the head LSN when cancelled).
 _SCHEMA: Final = (
     """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -195,6 +198,8 @@ _PRUNE_STREAM: Final = (
     "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND request_key IS NULL AND stream = ?"
 )
 _RAISE_FLOOR: Final = "UPDATE sessions SET log_floor = max(log_floor, ?) WHERE id = ?"
+# A stream's pruning may take the newest rows; the next LSN must not fall back to them.
+_RAISE_NEXT_LSN: Final = "UPDATE sessions SET next_lsn = max(next_lsn, ? + 1) WHERE id = ?"
 _BARRIER: Final = ""  # an op with no statement: resolves with its batch's commit
 _APPEND: Final = (
     "INSERT INTO events (session_id, lsn, created_at, payload, stream) VALUES (?, ?, ?, ?, ?)"
@@ -208,7 +213,9 @@ _SAVE_REQUEST: Final = (
     " done, lsn, stream) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?)"
 )
 _CANCELLED_REQUEST: Final = (
-    "UPDATE requests SET done = 1, lsn = NULL, body = NULL WHERE session_id = ? AND client_key = ?"
+    "UPDATE requests SET done = 1, lsn = NULL, body = NULL, remembered_at ="
+    " (SELECT coalesce(max(lsn), 0) FROM events WHERE session_id = ?1)"
+    " WHERE session_id = ?1 AND client_key = ?2"
 )
 _FORGET_REQUEST: Final = "DELETE FROM requests WHERE session_id = ? AND client_key = ? AND done = 1"
 # A forgotten answer still in the log stays there, unmarked, until it is pruned like any
@@ -311,12 +318,17 @@ class Store:
             version = int(row[0]) if row else 0
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{path}: schema version {version} is newer than this mcproxy")
+            # Each step commits with its version number: a crash between the two would
+            # otherwise run a step again on a database it has already changed.
             if version == 0:
-                await writer.executescript(_SCHEMA)
+                await writer.executescript(
+                    f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+                )
             else:
                 for step in range(version + 1, SCHEMA_VERSION + 1):
-                    await writer.executescript(f"BEGIN;{_MIGRATIONS[step]}COMMIT;")
-            await writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    await writer.executescript(
+                        f"BEGIN;{_MIGRATIONS[step]}PRAGMA user_version={step};COMMIT;"
+                    )
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=5000")
             checkpointer = None
@@ -409,17 +421,26 @@ class Store:
         None). An answer needs no write here: appending it with ``answers`` retired the
         request's row (the `answer_retires_request` trigger). ``forget``: (key, answer LSN) of
         requests that fell out of the dedupe window; what was kept for them goes."""
-        for old, answer in forget:
-            self._submit(_FORGET_REQUEST, (session_id, old))
-            if answer is not None:
-                self._submit(_FORGET_PRUNED_ANSWER, (session_id, answer))
-                self._submit(_FORGET_ANSWER, (session_id, answer))
+        if forget:
+            self.forget(session_id, forget)
         if lsn is None:
             return self._submit(_CANCELLED_REQUEST, (session_id, key))
         last = self.last_write
         if last is None or self._failed is not None or self._closed:
             return self.barrier()  # (refused, if the log is not writable)
         return last
+
+    def forget(
+        self, session_id: str, pairs: tuple[tuple[str, int | None], ...]
+    ) -> asyncio.Future[None]:
+        """Requests that left the dedupe window, as (key, answer LSN or None): a cancelled
+        one's row goes; an answer is unmarked, or dropped if pruning kept it only for that."""
+        for key, answer in pairs:
+            self._submit(_FORGET_REQUEST, (session_id, key))
+            if answer is not None:
+                self._submit(_FORGET_PRUNED_ANSWER, (session_id, answer))
+                self._submit(_FORGET_ANSWER, (session_id, answer))
+        return self.barrier()
 
     def save_session(self, session_id: str, record: SessionRecord) -> asyncio.Future[None]:
         return self._submit(
@@ -457,7 +478,8 @@ class Store:
         """Drop logged messages up to ``through_lsn`` (of one stream only, if given); answers
         remembered for retries stay until forgotten (``finish_request``)."""
         if stream is not None:
-            return self._submit(_PRUNE_STREAM, (session_id, through_lsn, stream))
+            self._submit(_PRUNE_STREAM, (session_id, through_lsn, stream))
+            return self._submit(_RAISE_NEXT_LSN, (through_lsn, session_id))
         self._submit(_PRUNE, (session_id, through_lsn))
         return self._submit(_RAISE_FLOOR, (through_lsn, session_id))
 
@@ -594,13 +616,13 @@ class Store:
         rows = await self.read_events(session_id, lsn - 1, 1)
         return rows[0][1] if rows and rows[0][0] == lsn else None
 
-    async def load_session(self, session_id: str, dedupe_window: int) -> LoadedSession | None:
+    async def load_session(self, session_id: str) -> LoadedSession | None:
         try:
-            return await self._load(session_id, dedupe_window)
+            return await self._load(session_id)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot load session: {exc}") from exc
 
-    async def _load(self, session_id: str, dedupe_window: int) -> LoadedSession | None:
+    async def _load(self, session_id: str) -> LoadedSession | None:
         db = self._reader
         async with db.execute(
             "SELECT init_request, init_result, initialized, log_level, subscriptions,"
@@ -642,20 +664,23 @@ class Store:
                 PendingRow(str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]), int(r[5]))
                 for r in await cur.fetchall()
             ]
-        # Remembered answers: keys on answer rows, and cancelled requests (plus, from before
-        # schema 6, answered ones whose answer had been pruned) in `requests`.
+        # Remembered ids, in the order they were remembered: keys on answer rows, and
+        # cancelled requests (plus, from before schema 6, answered ones whose answer had been
+        # pruned) in `requests`. All of them: the core forgets what exceeds its window, and
+        # a row it never saw would never be forgotten (nor pruned).
         async with db.execute(
             "SELECT key, lsn, method FROM ("
-            " SELECT request_key AS key, lsn, request_method AS method FROM events"
-            "  WHERE session_id = :id AND request_key IS NOT NULL"
+            " SELECT request_key AS key, lsn, request_method AS method, lsn AS at, 0 AS late"
+            "  FROM events WHERE session_id = :id AND request_key IS NOT NULL"
             " UNION ALL"
-            " SELECT client_key, lsn, method FROM requests WHERE session_id = :id AND done = 1"
-            ") ORDER BY coalesce(lsn, 0) DESC LIMIT :window",
-            {"id": session_id, "window": dedupe_window},
+            " SELECT client_key, lsn, method, coalesce(remembered_at, lsn, 0), 1 FROM requests"
+            "  WHERE session_id = :id AND done = 1"
+            ") ORDER BY at, late",
+            {"id": session_id},
         ) as cur:
             answered = [
                 (str(r[0]), None if r[1] is None else int(r[1]), str(r[2]))
-                for r in reversed(list(await cur.fetchall()))
+                for r in await cur.fetchall()
             ]
         # With no rows left above the floor, everything before the next LSN is gone (or
         # never existed).

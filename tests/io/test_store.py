@@ -41,7 +41,7 @@ async def test_round_trip_and_reload(tmp_path: Path, durability: str) -> None:
     await store.aclose()
 
     again = await Store.open(tmp_path / "db.sqlite", durability)
-    loaded = await again.load_session("S", dedupe_window=10)
+    loaded = await again.load_session("S")
     assert loaded is not None
     # The answered request's row is gone; ids are reserved in the session row (Session).
     assert loaded.record.next_lsn == 6 and loaded.record.next_upstream_id == 8
@@ -51,9 +51,9 @@ async def test_round_trip_and_reload(tmp_path: Path, durability: str) -> None:
     ]
     assert loaded.answered == [('"b"', 5, "ping")]
     assert await again.sessions_with_pending() == ["S"]
-    assert await again.load_session("nope", 10) is None
+    assert await again.load_session("nope") is None
     await again.delete_session("S")
-    assert await again.load_session("S", 10) is None
+    assert await again.load_session("S") is None
     assert await again.read_events("S", 0) == []
     assert await again.sessions_with_pending() == []
     await again.aclose()
@@ -185,28 +185,32 @@ async def test_remembered_answers_outlive_pruning_until_forgotten(tmp_path: Path
     await store.aclose()
 
     store = await Store.open(tmp_path / "db.sqlite")
-    loaded = await store.load_session("S", dedupe_window=10)
+    loaded = await store.load_session("S")
     assert loaded is not None and loaded.log_floor == 4 and loaded.record.next_lsn == 7
     assert loaded.pending == []
+    # All of them, in the order they were remembered (a cancel after the answer at LSN 6).
     assert loaded.answered == [
-        ('"x"', None, "tools/call"),
         ('"a"', 2, "tools/call"),
         ('"b"', 4, "tools/call"),
         ('"c"', 6, "tools/call"),
+        ('"x"', None, "tools/call"),
     ]
     # "a" (pruned: only kept for retries) and "c" (still in the log) fall out of the window.
     await store.finish_request("S", '"y"', None, forget=(('"a"', 2), ('"c"', 6), ('"x"', None)))
     assert [lsn for lsn, _ in await store.read_events("S", 0)] == [4, 5, 6]
-    loaded = await store.load_session("S", dedupe_window=10)
-    assert loaded is not None and loaded.answered == [('"b"', 4, "tools/call")]
-    # The window bounds what is loaded; the newest answers win.
-    loaded = await store.load_session("S", dedupe_window=1)
+    loaded = await store.load_session("S")
     assert loaded is not None and loaded.answered == [('"b"', 4, "tools/call")]
     # Everything pruned: the next LSN still comes after the floor, never before it.
     await store.prune("S", 6)
     store.save_session("S", SessionRecord(next_lsn=1))  # a stale counter in the row
-    loaded = await store.load_session("S", dedupe_window=10)
+    loaded = await store.load_session("S")
     assert loaded is not None and loaded.record.next_lsn == 7 and loaded.log_floor == 6
+    # So can a stream's pruning (a resumed GET stream at the head) take the newest rows.
+    store.append("S", 7, b"general", 0)
+    await store.prune("S", 7, stream=0)
+    store.save_session("S", SessionRecord(next_lsn=1))
+    loaded = await store.load_session("S")
+    assert loaded is not None and loaded.record.next_lsn == 8
     await store.aclose()
 
 
@@ -223,7 +227,7 @@ async def test_a_version_5_database_is_migrated(tmp_path: Path) -> None:
             " ('S', '\"c\"', 9, 'tools/call', 0, x'7b7d', 0, NULL, 9);"
         )
     store = await Store.open(path)
-    loaded = await store.load_session("S", dedupe_window=10)
+    loaded = await store.load_session("S")
     assert loaded is not None
     assert loaded.answered == [('"a"', 1, "ping"), ('"b"', 3, "tools/call")]
     assert [(p.key, p.upstream_id) for p in loaded.pending] == [('"c"', 9)]

@@ -383,8 +383,8 @@ async def test_reads_and_delete_while_the_store_is_open(
         # The daemon's writer holds no lock between commits: delete gets its turn.
         assert call(path, "delete", B, "--yes") == 0
         capsys.readouterr()
-        assert await store.load_session(B, 10) is None
-        assert await store.load_session(A, 10) is not None
+        assert await store.load_session(B) is None
+        assert await store.load_session(A) is not None
         store.append(A, 7, b'{"n":7}', 0)
         await store.barrier()  # the store still writes after the admin's transaction
         assert call(path, "show", A, "--json") == 0

@@ -13,6 +13,7 @@ from mcproxy.session import (
     Action,
     Emit,
     FinishRequest,
+    Forget,
     IllegalTransition,
     Limits,
     PendingRow,
@@ -150,6 +151,24 @@ def test_upstream_ids_are_reserved_in_blocks_and_never_reused_after_restore() ->
     assert replay["method"] == "initialize" and replay["id"] > highest
     [_, call] = sent(restored.upstream_message(msg(id=replay["id"], result={})))
     assert call["method"] == "ping" and call["id"] > highest
+
+
+def test_restore_forgets_what_the_store_holds_beyond_the_window() -> None:
+    """A smaller window than the last process's: the excess is forgotten at once (the store
+    drops those rows), oldest first, or nothing would ever forget them."""
+    s = ready_session()
+    held = [(jsonrpc.id_key(n), n, "tools/call") for n in range(1, 7)]
+    restored, actions = Session.restore(s.id, LIMITS, s.snapshot(), [], held)
+    [forget] = [a for a in actions if isinstance(a, Forget)]
+    # Window 3, forgotten in batches once it is exceeded by an eighth (at least one).
+    assert forget.pairs == tuple((key, lsn) for key, lsn, _ in held[:2])
+    assert list(restored._answered) == [key for key, _, _ in held[2:]]
+
+
+def test_an_id_answered_again_forgets_its_earlier_answer() -> None:
+    s = ready_session()
+    first = s._answered[jsonrpc.id_key(0)][0]
+    assert s._remember(jsonrpc.id_key(0), 99, "initialize") == ((jsonrpc.id_key(0), first),)
 
 
 def test_pending_limit() -> None:
