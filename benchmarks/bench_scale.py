@@ -17,7 +17,9 @@ The baseline, in the same run: the same number of upstream processes driven dire
 stdio (pipelined, ``--window`` requests in flight per process) for the same time, in rounds
 that alternate with the load through the proxy (``--rounds``; the proxy's sessions stay open
 and idle meanwhile), because on a shared VM a process's speed drifts by tens of percent over
-minutes. ``--max-in-flight`` sets the proxy's ``upstream.max_in_flight``.
+minutes. ``--max-in-flight`` sets the proxy's ``upstream.max_in_flight``. The children driven
+directly run under the same scheduling policy as the proxy's (``upstream.batch_scheduling``,
+SCHED_BATCH by default; ``--no-batch-scheduling`` turns it off for both).
 
 Upstreams: ``fixture`` (the default) is a server written with the official ``mcp`` SDK, the
 kind of Python server a shared pool exists for (about 0.35-0.45 ms of CPU per call);
@@ -224,13 +226,19 @@ def children(pid: int) -> list[int]:
 
 class Proxy:
     def __init__(
-        self, tmp: Path, pool: int, upstream: tuple[str, ...], max_in_flight: int | None
+        self,
+        tmp: Path,
+        pool: int,
+        upstream: tuple[str, ...],
+        max_in_flight: int | None,
+        batch_scheduling: bool,
     ) -> None:
         self.config = tmp / f"scale-{pool}.toml"
         limit = "" if max_in_flight is None else f"max_in_flight = {max_in_flight}\n"
         self.config.write_text(
             "[upstream]\n"
             f'target = "stdio:{" ".join(upstream)}"\nmode = "shared"\npool_size = {pool}\n'
+            f"batch_scheduling = {str(batch_scheduling).lower()}\n"
             + limit
             + "[limits]\n"  # one address opens every session: lift the per-address rates
             "connections_per_s = 1000000.0\nconnection_burst = 1000000\n"
@@ -330,10 +338,11 @@ async def scenario(
     max_in_flight: int | None,
     rounds: int,
     window: int,
+    batch_scheduling: bool,
 ) -> tuple[float, float]:
     """Returns the proxy's calls/s and the direct baseline's, measured in alternating rounds."""
     print(f"\n{sessions} sessions, shared pool of {pool}:")
-    proxy = Proxy(tmp, pool, upstream, max_in_flight)
+    proxy = Proxy(tmp, pool, upstream, max_in_flight, batch_scheduling)
     proxy.start()
     try:
         warm = [await open_session(proxy.port, timeout) for _ in range(20)]
@@ -373,7 +382,7 @@ async def scenario(
         # children driven directly: on a shared VM a process's speed drifts by tens of
         # percent over minutes, more than the difference being measured.
         for _ in range(rounds):
-            await direct(upstream, pool, duration / rounds, window, baseline)
+            await direct(upstream, pool, duration / rounds, window, baseline, batch_scheduling)
             cpu0 = {name: sum(cpu_s(p) for p in group) for name, group in pids.items()}
             before = len(tally.latencies)
             t0 = time.perf_counter()
@@ -439,8 +448,17 @@ class Run:
         print(f"  cpu per call         {_cpu_line(self.cpu, self.calls, self.wall)}")
 
 
+def _batch_policy() -> None:  # in the child, before exec: as upstream.batch_scheduling does
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
 async def direct(
-    upstream: tuple[str, ...], pool: int, duration: float, window: int, run: Run
+    upstream: tuple[str, ...],
+    pool: int,
+    duration: float,
+    window: int,
+    run: Run,
+    batch_scheduling: bool,
 ) -> None:
     """``pool`` servers, each driven over its own pipes with ``window`` calls in flight."""
     procs = [
@@ -450,6 +468,7 @@ async def direct(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             cwd=ROOT,
+            preexec_fn=_batch_policy if batch_scheduling else None,
         )
         for _ in range(pool)
     ]
@@ -520,6 +539,10 @@ async def main() -> None:
         help="the proxy's upstream.max_in_flight (default: the proxy's own default)",
     )  # fmt: skip
     parser.add_argument(
+        "--no-batch-scheduling", dest="batch_scheduling", action="store_false",
+        help="children under the default policy (upstream.batch_scheduling = false), both ways",
+    )  # fmt: skip
+    parser.add_argument(
         "--upstream", choices=sorted(UPSTREAMS), default="fixture",
         help="fixture: the mcp SDK test server; demo: the bundled stdlib server (very fast)",
     )  # fmt: skip
@@ -547,6 +570,7 @@ async def main() -> None:
                     args.max_in_flight,
                     args.rounds,
                     args.window,
+                    args.batch_scheduling,
                 )
                 results.append((sessions, pool, rate, baseline))
     print("\nsummary: aggregate calls/s through the proxy vs the same upstreams driven directly")

@@ -39,6 +39,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _die_with_parent_batch() -> None:  # the same, and SCHED_BATCH (upstream.batch_scheduling)
+    _die_with_parent()
+    # Set before exec, so the program and every thread or process it starts inherit it. A
+    # system without the policy runs the child as it is.
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
 def resolve_command(argv: tuple[str, ...]) -> list[str]:
     """Find the executable: as given, on PATH, then beside the running interpreter.
 
@@ -87,7 +95,9 @@ class StdioUpstream:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # own session => own process group, pgid == pid
-                preexec_fn=_die_with_parent,
+                preexec_fn=(
+                    _die_with_parent_batch if self.config.batch_scheduling else _die_with_parent
+                ),
             )
         except (OSError, ValueError) as exc:
             raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc

@@ -241,3 +241,24 @@ async def test_pruning_keeps_the_log_bounded(tmp_path: Path) -> None:
         proxy.kill()
     # Freed pages are reused: after the first burst the file stops growing.
     assert sizes[-1] <= sizes[1] * 1.2, sizes
+
+
+async def test_children_run_under_batch_scheduling_unless_turned_off(tmp_path: Path) -> None:
+    """upstream.batch_scheduling: a child (and what it starts) does not preempt the proxy."""
+    policies = {}
+    for enabled in (True, False):
+        config = write_config(tmp_path, f"[upstream]\nbatch_scheduling = {str(enabled).lower()}\n")
+        proxy = ProxyProcess(tmp_path / f"db-{enabled}.sqlite", None, "--config", config).start()
+        try:
+            client = await WsClient.connect(proxy.url)
+            try:
+                await client.initialize()
+                answer = await client.response(await client.call_tool("pid", {}))
+                [pid] = proxy.upstream_pids()
+                assert int(tool_text(answer)) == pid
+                policies[enabled] = os.sched_getscheduler(pid)
+            finally:
+                await client.close()
+        finally:
+            proxy.kill()
+    assert policies == {True: os.SCHED_BATCH, False: os.SCHED_OTHER}
