@@ -132,7 +132,7 @@ async def populate(db: Path, sessions: int) -> None:
         for client_id, method, body in responses:
             key, lsn = jsonrpc.id_key(client_id), client_id + 1
             store.save_request(sid, key, lsn, method, True, b"{}", lsn)
-            store.append(sid, lsn, body, lsn)
+            store.append(sid, lsn, body, lsn, (key, method))  # an answer, as the core logs it
             store.finish_request(sid, key, lsn)
         await asyncio.sleep(0)  # let the group commit run
     await store.barrier()
@@ -164,7 +164,7 @@ async def memory(db: Path) -> None:
         raise UpstreamError("bench_store: nobody attached, nothing may spawn")
 
     hub = Hub(store, config, factory, Metrics())
-    ids = await store.expired_sessions(time.time() + 1)  # every stored session
+    ids = [sid for sid, _ in await store.expired_sessions(time.time() + 1)]  # every one
     warm, ids = ids[0], ids[1:]  # first load and park: caches, statements, metric children
     await hub.get(warm)
     await hub.park(warm)
