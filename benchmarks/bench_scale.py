@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from bench_ws import INIT as INIT_MESSAGE
 from bench_ws import _listening_port, pct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,18 +61,7 @@ UPSTREAMS = {
     "fixture": (sys.executable, str(ROOT / "tests" / "fixtures" / "server.py")),
 }
 CONNECT_BATCH = 100  # concurrent connection attempts (the listen backlog is 128)
-INIT = msgspec.json.encode(
-    {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "bench-scale", "version": "1"},
-        },
-    }
-)
+INIT = msgspec.json.encode(INIT_MESSAGE)
 INITIALIZED = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
 CALL = b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"echo","arguments":{"text":"%s"}}}'  # noqa: E501
 
