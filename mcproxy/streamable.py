@@ -195,7 +195,7 @@ class StreamableHttpFront:
         # The response's headers (and the priming event) acknowledge the request: it must be
         # in the log by then, or a crash right after loses a request the client saw
         # accepted, and its Last-Event-ID would resume a stream the next process never had.
-        # The upstream only gets the request after this commit anyway.
+        # It costs one group commit, which the answer has to wait for in any case.
         failed = await self._committed(runner, request_id)
         if failed is not None:
             return failed
