@@ -172,6 +172,15 @@ def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:
         time.sleep(10 * MS)
 
 
+async def eventually(predicate: Any, timeout: float = TIMEOUT) -> None:
+    """``wait_until`` for conditions the test's own event loop must make true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(10 * MS)
+
+
 def logged(db: Path, session_id: str, fragment: str) -> bool:
     """True once a message containing ``fragment`` is committed to the session's log."""
     import sqlite3

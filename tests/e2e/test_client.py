@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from tests.helpers import (
     MS,
     TIMEOUT,
     ProxyProcess,
+    eventually,
     free_port,
     logged,
     wait_until,
@@ -208,18 +208,6 @@ async def test_a_restarted_client_process_resumes_from_its_state_file(
         await eventually(lambda: bool(notes))
         assert [n["data"] for n in notes] == ["while away"]
         assert text(await after.call_tool("echo", {"text": "same session"})) == "same session"
-
-
-async def eventually(predicate: Any, timeout: float = TIMEOUT) -> None:
-    """``wait_until`` for conditions the test's own event loop must make true."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    for _ in itertools.count():
-        if predicate():
-            return
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(10 * MS)
 
 
 async def test_the_sdk_session_never_sees_a_cut(proxy: ProxyProcess) -> None:

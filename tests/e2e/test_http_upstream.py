@@ -28,12 +28,12 @@ import pytest
 from tests.helpers import (
     FIXTURE_SERVER,
     INIT_PARAMS,
-    MS,
     ROOT,
     TIMEOUT,
     HttpClient,
     ProxyProcess,
     WsClient,
+    eventually,
     free_port,
     lsn_of,
     messages,
@@ -41,15 +41,6 @@ from tests.helpers import (
 )
 
 RETRY_MS = 300  # the fixture's SSE `retry`: how long mcproxy waits before it resumes a stream
-
-
-async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """Wait for a condition without blocking the event loop (the relay runs on it)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(10 * MS)
 
 
 def accepts(port: int) -> bool:
@@ -84,7 +75,7 @@ class HttpFixture:
 
     async def start(self) -> HttpFixture:
         self.launch()
-        await until(lambda: accepts(self.port))
+        await eventually(lambda: accepts(self.port))
         return self
 
     def kill(self) -> None:
@@ -267,7 +258,7 @@ async def test_tools_progress_elicitation_and_sampling(
         assert tool_text(await client.response(await client.call_tool("live_sessions", {}))) == "1"
     finally:
         await client.close()
-    await until(lambda: len(proxy.events("upstream.session")) == 1)  # stderr is read apart
+    await eventually(lambda: len(proxy.events("upstream.session")) == 1)  # stderr is read apart
     assert not proxy.events("upstream.lost")
 
 
@@ -289,7 +280,7 @@ async def test_http_front_streams_stay_the_proxys_own(
                 "tools/call", {"name": "log_later", "arguments": {"text": "mine", "delay": 0.5}}
             )
         )
-        await until(lambda: any(r.has(b"log_later") for r in relay.requests))
+        await eventually(lambda: any(r.has(b"log_later") for r in relay.requests))
         slow = {
             "name": "slow",
             "arguments": {"steps": 10, "delay": 0.1},
@@ -378,7 +369,7 @@ async def test_a_stream_cut_mid_response_is_resumed(
     finally:
         await client.close()
         await relay.aclose()
-    await until(lambda: len(proxy.events("upstream.stream_resumed")) >= 2)  # POST and GET
+    await eventually(lambda: len(proxy.events("upstream.stream_resumed")) >= 2)  # POST and GET
     assert not proxy.events("upstream.lost")  # one upstream session throughout
 
 
@@ -433,7 +424,7 @@ async def test_upstream_killed_and_restarted_mid_call(
         assert lsns == list(range(1, len(lsns) + 1))
     finally:
         await client.close()
-    await until(lambda: len(proxy.events("upstream.session")) == 2)  # re-initialized once
+    await eventually(lambda: len(proxy.events("upstream.session")) == 2)  # re-initialized once
     assert len(proxy.events("upstream.lost")) == 1
 
 
@@ -528,7 +519,9 @@ async def test_an_unreachable_upstream_is_answered_at_once(
         refused = await client.call("initialize", INIT_PARAMS)
         assert refused["error"]["code"] == -32011
         assert time.monotonic() - started < TIMEOUT / 2
-        await until(lambda: bool(proxy.events("upstream.spawn_failed")))  # stderr is read apart
+        await eventually(
+            lambda: bool(proxy.events("upstream.spawn_failed"))
+        )  # stderr is read apart
         assert "cannot reach" in proxy.events("upstream.spawn_failed")[0]["error"]
     finally:
         await client.close()
@@ -561,7 +554,7 @@ async def test_tls_is_verified_unless_told_otherwise(
         try:
             refused = await client.call("initialize", INIT_PARAMS)
             assert refused["error"]["code"] == -32011
-            await until(lambda: bool(refusing.events("upstream.spawn_failed")))
+            await eventually(lambda: bool(refusing.events("upstream.spawn_failed")))
             assert "certificate" in refusing.events("upstream.spawn_failed")[0]["error"].lower()
         finally:
             await client.close()
