@@ -31,8 +31,8 @@ from typing import Any
 import structlog
 from bench_ws import DEMO, FIXTURE, ROOT, Proxy, report, through_proxy
 
-from mcproxy.client import MCPClient, MCPError
-from mcproxy.reconnect import ReconnectOptions
+from mcproxy.client.connection import ReconnectOptions
+from mcproxy.client.mcp import MCPClient, MCPError
 
 # Cuts come one message apart (1 s with the demo, 0.5 s with the fixture): under the default
 # min_uptime_s (5 s) they would count as retries of one outage, and back off from the third.

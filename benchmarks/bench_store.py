@@ -31,15 +31,15 @@ from pathlib import Path
 
 from bench_ws import pct
 
-from mcproxy import jsonrpc
 from mcproxy import log as mcproxy_log
 from mcproxy.config import Config
+from mcproxy.core import jsonrpc
+from mcproxy.core.session import SessionRecord
+from mcproxy.engine.hub import Hub, mint_session_id
+from mcproxy.engine.store import Store
 from mcproxy.errors import UpstreamError
-from mcproxy.hub import Hub, mint_session_id
 from mcproxy.metrics import Metrics
-from mcproxy.session import SessionRecord
-from mcproxy.store import Store
-from mcproxy.upstream import Upstream, UpstreamHandler
+from mcproxy.upstreams.base import Upstream, UpstreamHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_BUDGET_S = 10.0

@@ -1,3 +1,3 @@
-from mcproxy.cli import main
+from mcproxy.ops.cli import main
 
 raise SystemExit(main())

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from mcproxy.reconnect import lsn_of
+from mcproxy.client.connection import lsn_of
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_SERVER = ROOT / "tests" / "fixtures" / "server.py"

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from mcproxy.client import MCPClient
-from mcproxy.reconnect import QueueFull, ReconnectOptions, Superseded
+from mcproxy.client.connection import QueueFull, ReconnectOptions, Superseded
+from mcproxy.client.mcp import MCPClient
 from tests.helpers import (
     INIT_PARAMS,
     MS,
@@ -211,11 +211,11 @@ async def test_a_restarted_client_process_resumes_from_its_state_file(
 
 
 async def test_the_sdk_session_never_sees_a_cut(proxy: ProxyProcess) -> None:
-    """The official ClientSession over mcproxy.client_sdk: reconnects stay below it."""
+    """The official ClientSession over mcproxy.client.sdk: reconnects stay below it."""
     from mcp import ClientSession
     from mcp.types import TextContent
 
-    from mcproxy.client_sdk import reconnecting_transport
+    from mcproxy.client.sdk import reconnecting_transport
 
     relay = await Relay(proxy.port).start()
     progress: list[float] = []

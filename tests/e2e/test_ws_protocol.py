@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from mcproxy.wsproto import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, parse_close
+from mcproxy.core.websocket import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, parse_close
 from tests.helpers import INIT_PARAMS, TIMEOUT, ProxyProcess, client_frame
 
 INIT = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INIT_PARAMS})

@@ -23,16 +23,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mcproxy.app import build_app
-from mcproxy.auth import TokenTable
 from mcproxy.config import load
-from mcproxy.daemon import upstream_factory
-from mcproxy.guard import HostPolicy
-from mcproxy.hub import Hub
+from mcproxy.core.auth import TokenTable
+from mcproxy.core.guard import HostPolicy
+from mcproxy.engine.hub import Hub
+from mcproxy.engine.store import Store
+from mcproxy.fronts.app import build_app
+from mcproxy.fronts.streamable import StreamableHttpFront
+from mcproxy.fronts.ws import WebSocketFront
 from mcproxy.metrics import Metrics
-from mcproxy.store import Store
-from mcproxy.streamable import StreamableHttpFront
-from mcproxy.ws import WebSocketFront
+from mcproxy.ops.daemon import upstream_factory
 from tests.helpers import SSE_HEADERS, fixture_upstream, read_sse
 
 

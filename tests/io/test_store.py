@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mcproxy.core.session import SessionRecord
+from mcproxy.engine.store import SCHEMA_VERSION, Store
 from mcproxy.errors import StoreError
-from mcproxy.session import SessionRecord
-from mcproxy.store import SCHEMA_VERSION, Store
 from tests.helpers import SCHEMA_V1, SCHEMA_V5
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from mcproxy.config import UpstreamConfig
 from mcproxy.errors import UpstreamError
-from mcproxy.upstream_http import HttpOptions, HttpUpstream
+from mcproxy.upstreams.http import HttpOptions, HttpUpstream
 from tests.helpers import TIMEOUT, free_port
 
 Handler = Callable[[web.Request, dict[str, Any] | None], Awaitable[web.StreamResponse]]

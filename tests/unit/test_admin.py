@@ -11,9 +11,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from mcproxy import admin
-from mcproxy.session import SessionRecord
-from mcproxy.store import SCHEMA_VERSION, Store
+from mcproxy.core.session import SessionRecord
+from mcproxy.engine.store import SCHEMA_VERSION, Store
+from mcproxy.ops import admin
 from tests.helpers import SCHEMA_V1
 
 A = "sessA-0123456789abcdefghijklmnop"  # full-length ids: the tool prints them whole

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from mcproxy.core.framing import LineFramer, SseEvent, SseParser
 from mcproxy.errors import LineTooLong
-from mcproxy.framing import LineFramer, SseEvent, SseParser
 
 
 def test_split_and_merged_chunks() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mcproxy.guard import AddressLimiter, HostPolicy, TokenBucket
+from mcproxy.core.guard import AddressLimiter, HostPolicy, TokenBucket
 
 
 def test_host_and_origin_policy() -> None:

@@ -5,9 +5,9 @@ import json
 import msgspec
 import pytest
 
-from mcproxy import jsonrpc
+from mcproxy.core import jsonrpc
+from mcproxy.core.jsonrpc import Kind
 from mcproxy.errors import InvalidMessage, ParseError
-from mcproxy.jsonrpc import Kind
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import cast
 
-from mcproxy.runner import Outbox, _Direct
-from mcproxy.store import Store
+from mcproxy.engine.runner import Outbox, _Direct
+from mcproxy.engine.store import Store
 
 
 async def _noop(data: bytes, lsn: int | None) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mcproxy import sdnotify
 from mcproxy.errors import ConfigError
-from mcproxy.sdnotify import Notifier, listen_fds, watchdog_interval
+from mcproxy.ops import sdnotify
+from mcproxy.ops.sdnotify import Notifier, listen_fds, watchdog_interval
 
 
 @pytest.fixture

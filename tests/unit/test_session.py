@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from mcproxy import jsonrpc
-from mcproxy.session import (
+from mcproxy.core import jsonrpc
+from mcproxy.core.session import (
     UPSTREAM_ID_BLOCK,
     Action,
     Emit,

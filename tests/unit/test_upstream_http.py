@@ -9,7 +9,7 @@ import pytest
 
 from mcproxy.config import UpstreamConfig
 from mcproxy.errors import ConfigError, UpstreamError
-from mcproxy.upstream_http import HttpOptions
+from mcproxy.upstreams.http import HttpOptions
 
 URL = "https://mcp.example.com/mcp"
 

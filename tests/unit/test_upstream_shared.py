@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from mcproxy import jsonrpc
+from mcproxy.core import jsonrpc
 from mcproxy.errors import UpstreamError
-from mcproxy.upstream_shared import (
+from mcproxy.upstreams.shared import (
     CANNOT_ATTRIBUTE,
     MAX_PENDING_PER_SESSION,
     SharedPool,
@@ -584,8 +584,8 @@ def test_a_pool_needs_a_child(size: int) -> None:
 
 def test_config_and_factory() -> None:
     from mcproxy import config
-    from mcproxy.daemon import upstream_factory
     from mcproxy.errors import ConfigError
+    from mcproxy.ops.daemon import upstream_factory
 
     assert config.Config().upstream.mode == "per-session"
     shared = config.load(None, {"upstream": {"mode": "shared", "pool_size": 3}})

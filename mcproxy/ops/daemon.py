@@ -29,25 +29,25 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from mcproxy.app import build_app, build_metrics_app
-from mcproxy.auth import TokenTable
 from mcproxy.config import Config, HttpTarget, db_path, parse_listen, parse_target
+from mcproxy.core.auth import TokenTable
+from mcproxy.core.guard import HostPolicy
+from mcproxy.core.websocket import CLOSE_SERVICE_RESTART
+from mcproxy.engine.hub import Hub
+from mcproxy.engine.runner import short_id
+from mcproxy.engine.store import Store
 from mcproxy.errors import ConfigError, MCProxyError
-from mcproxy.guard import HostPolicy
-from mcproxy.hub import Hub
-from mcproxy.listener import listen
+from mcproxy.fronts.app import build_app, build_metrics_app
+from mcproxy.fronts.listener import listen
+from mcproxy.fronts.streamable import StreamableHttpFront
+from mcproxy.fronts.ws import WebSocketFront
 from mcproxy.metrics import Metrics, WorldState
-from mcproxy.runner import short_id
-from mcproxy.sdnotify import Notifier, listen_fds
-from mcproxy.store import Store
-from mcproxy.streamable import StreamableHttpFront
+from mcproxy.ops.sdnotify import Notifier, listen_fds
 from mcproxy.tasks import TaskSet
-from mcproxy.upstream import Upstream, UpstreamFactory, UpstreamHandler
-from mcproxy.upstream_http import HttpOptions, HttpUpstream
-from mcproxy.upstream_shared import SharedPool
-from mcproxy.upstream_stdio import StdioUpstream, command_available
-from mcproxy.ws import WebSocketFront
-from mcproxy.wsproto import CLOSE_SERVICE_RESTART
+from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
+from mcproxy.upstreams.http import HttpOptions, HttpUpstream
+from mcproxy.upstreams.shared import SharedPool
+from mcproxy.upstreams.stdio import StdioUpstream, command_available
 
 log = structlog.get_logger("mcproxy")
 

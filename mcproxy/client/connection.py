@@ -1,5 +1,5 @@
 """A reconnecting JSON-RPC connection to mcproxy's WebSocket front (the client side of
-docs/PROTOCOL.md): the layer under ``mcproxy.client`` and the SDK adapter.
+docs/PROTOCOL.md): the layer under ``mcproxy.client.mcp`` and the SDK adapter.
 
 What it guarantees to the layer above, across any number of drops and proxy restarts:
 
@@ -34,14 +34,14 @@ import aiohttp
 import msgspec
 import structlog
 
-from mcproxy.errors import MCProxyError
-from mcproxy.jsonrpc import (
+from mcproxy.core.jsonrpc import (
     META_LAST_LSN,
     META_LSN,
     META_RESUMED,
     SUPERSEDED_REASON,
     TERMINATED_REASON,
 )
+from mcproxy.errors import MCProxyError
 
 log = structlog.get_logger("mcproxy.client")
 

@@ -1,8 +1,8 @@
 """What a session needs from an upstream MCP server, independent of how it is reached.
 
 ``runner.py`` sees upstreams only through ``Upstream`` and ``UpstreamHandler``; the daemon picks
-the concrete class (``upstream_stdio.StdioUpstream``, a child process, or
-``upstream_http.HttpUpstream``, a session at a Streamable HTTP endpoint) through an
+the concrete class (``upstreams.stdio.StdioUpstream``, a child process, or
+``upstreams.http.HttpUpstream``, a session at a Streamable HTTP endpoint) through an
 ``UpstreamFactory``.
 The respawn policy lives here too, as a pure generator, apart from the loop that applies it.
 """

@@ -55,12 +55,13 @@ import aiohttp
 import msgspec
 import structlog
 
-from mcproxy import __version__, jsonrpc
+from mcproxy import __version__
 from mcproxy.config import UpstreamConfig
+from mcproxy.core import jsonrpc
+from mcproxy.core.framing import SseParser
 from mcproxy.errors import ConfigError, LineTooLong, MCProxyError, ProtocolError, UpstreamError
-from mcproxy.framing import SseParser
 from mcproxy.tasks import TaskSet
-from mcproxy.upstream import UpstreamHandler
+from mcproxy.upstreams.base import UpstreamHandler
 
 log = structlog.get_logger("mcproxy")
 

@@ -4,7 +4,7 @@ A desktop MCP client that can only launch stdio servers launches this instead; i
 durable session on a remote mcproxy (the role mcp-remote plays for Streamable HTTP). Each
 line on stdin is one JSON-RPC message to the proxy; each message from the proxy is one line
 on stdout (MCP basic/transports §stdio: newline-delimited, no embedded newlines). Drops and
-proxy restarts are absorbed by ``mcproxy.reconnect``; stdin's end closes the session's
+proxy restarts are absorbed by ``mcproxy.client.connection``; stdin's end closes the session's
 connection (the session itself lives on in the proxy until it expires). Diagnostics go to
 stderr, never stdout.
 """
@@ -17,8 +17,13 @@ from typing import Final
 
 import msgspec
 
-from mcproxy.framing import LineFramer
-from mcproxy.reconnect import ConnectionClosed, Message, ReconnectingConnection, ReconnectOptions
+from mcproxy.client.connection import (
+    ConnectionClosed,
+    Message,
+    ReconnectingConnection,
+    ReconnectOptions,
+)
+from mcproxy.core.framing import LineFramer
 
 EXIT_CLOSED: Final = 1  # the proxy ended the session or refused us
 _PARSE_ERROR: Final = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}'

@@ -35,8 +35,8 @@ from typing import Any, Final
 
 import aiosqlite
 
+from mcproxy.core.session import PendingRow, SessionRecord
 from mcproxy.errors import StoreError
-from mcproxy.session import PendingRow, SessionRecord
 from mcproxy.tasks import TaskSet
 
 SCHEMA_VERSION: Final = 6

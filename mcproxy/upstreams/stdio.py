@@ -21,10 +21,10 @@ from pathlib import Path
 import structlog
 
 from mcproxy.config import UpstreamConfig
+from mcproxy.core.framing import LineFramer
 from mcproxy.errors import LineTooLong, UpstreamError
-from mcproxy.framing import LineFramer
 from mcproxy.tasks import TaskSet
-from mcproxy.upstream import UpstreamHandler
+from mcproxy.upstreams.base import UpstreamHandler
 
 log = structlog.get_logger("mcproxy")
 

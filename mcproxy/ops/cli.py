@@ -15,8 +15,9 @@ from typing import Any
 
 import msgspec
 
-from mcproxy import __version__, admin, config, log
+from mcproxy import __version__, config, log
 from mcproxy.errors import ConfigError, StoreError
+from mcproxy.ops import admin
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -114,7 +115,7 @@ def _connect(argv: list[str]) -> int:
 
     import uvloop
 
-    from mcproxy.bridge import run
+    from mcproxy.client.bridge import run
 
     try:
         return uvloop.run(run(args.url))
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvloop  # imported here: only the daemon needs it
 
-    from mcproxy.daemon import serve
+    from mcproxy.ops.daemon import serve
 
     try:
         uvloop.run(serve(cfg))

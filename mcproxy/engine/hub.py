@@ -15,15 +15,15 @@ from typing import Final
 
 import structlog
 
-from mcproxy.auth import ANONYMOUS, TokenTable
 from mcproxy.config import SESSION_ID_MAX, SESSION_ID_MIN, Config
+from mcproxy.core.auth import ANONYMOUS, TokenTable
+from mcproxy.core.guard import AddressLimiter
+from mcproxy.core.session import Limits, Session
+from mcproxy.engine.runner import SessionRunner, short_id
+from mcproxy.engine.store import Store
 from mcproxy.errors import LimitExceeded
-from mcproxy.guard import AddressLimiter
 from mcproxy.metrics import Metrics
-from mcproxy.runner import SessionRunner, short_id
-from mcproxy.session import Limits, Session
-from mcproxy.store import Store
-from mcproxy.upstream import UpstreamFactory
+from mcproxy.upstreams.base import UpstreamFactory
 
 log = structlog.get_logger("mcproxy")
 

@@ -28,14 +28,14 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from mcproxy import jsonrpc
 from mcproxy.config import Config
+from mcproxy.core import jsonrpc
+from mcproxy.core.guard import HostPolicy
+from mcproxy.core.jsonrpc import Kind
+from mcproxy.core.session import GENERAL_STREAM, Reply
+from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
+from mcproxy.engine.runner import Outbox, SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
-from mcproxy.guard import HostPolicy
-from mcproxy.hub import Hub, mint_session_id, valid_session_id
-from mcproxy.jsonrpc import Kind
-from mcproxy.runner import Outbox, SessionRunner
-from mcproxy.session import GENERAL_STREAM, Reply
 from mcproxy.tasks import TaskSet
 
 log = structlog.get_logger("mcproxy")

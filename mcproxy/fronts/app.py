@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from mcproxy.config import Config
+from mcproxy.fronts.streamable import StreamableHttpFront
+from mcproxy.fronts.ws import WebSocketFront
 from mcproxy.metrics import CONTENT_TYPE
-from mcproxy.streamable import StreamableHttpFront
-from mcproxy.ws import WebSocketFront
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
 Scrape = Callable[[], Awaitable[bytes]]

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcproxy.errors import FrameError
-from mcproxy.wsproto import (
+from mcproxy.core.websocket import (
     CLOSE_INVALID_DATA,
     CLOSE_NO_STATUS,
     CLOSE_PROTOCOL_ERROR,
@@ -29,6 +28,7 @@ from mcproxy.wsproto import (
     parse_request_head,
     valid_text,
 )
+from mcproxy.errors import FrameError
 from tests.helpers import client_frame
 
 HANDSHAKE = (

@@ -16,9 +16,9 @@ Session selection supports both generations of the SEP (docs/PROTOCOL.md "Sessio
 Last connection wins: attaching closes the previous socket of the session with 1000 and the
 SEP's reason; anything that socket does afterwards is ignored.
 
-A connection is an ``asyncio.Protocol`` over the RFC 6455 framing in ``wsproto``: frames are
-handled in ``data_received`` with no task per socket, and liveness is one sweep over every
-socket (``heartbeat``) instead of a timer each. The opening handshake arrives either straight
+A connection is an ``asyncio.Protocol`` over the RFC 6455 framing in ``core.websocket``:
+frames are handled in ``data_received`` with no task per socket, and liveness is one sweep over
+every socket (``heartbeat``) instead of a timer each. The opening handshake arrives either straight
 from the listener (``listener.Dispatch``: a new TCP connection whose first request is the
 upgrade) or through aiohttp's router (an upgrade on a connection that served plain HTTP
 first); both go through ``WebSocketFront.check`` and ``WebSocketFront.open``.
@@ -35,16 +35,12 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from mcproxy import jsonrpc
 from mcproxy.config import Config
-from mcproxy.errors import FrameError, LimitExceeded, ProtocolError, StoreError
-from mcproxy.guard import HostPolicy
-from mcproxy.hub import Hub, mint_session_id, valid_session_id
-from mcproxy.jsonrpc import Kind, Message
-from mcproxy.runner import Outbox, SessionRunner
-from mcproxy.session import Reply
-from mcproxy.tasks import TaskSet
-from mcproxy.wsproto import (
+from mcproxy.core import jsonrpc
+from mcproxy.core.guard import HostPolicy
+from mcproxy.core.jsonrpc import Kind, Message
+from mcproxy.core.session import Reply
+from mcproxy.core.websocket import (
     CLOSE_ABNORMAL,
     CLOSE_INTERNAL_ERROR,
     CLOSE_INVALID_DATA,
@@ -68,6 +64,10 @@ from mcproxy.wsproto import (
     parse_close,
     valid_text,
 )
+from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
+from mcproxy.engine.runner import Outbox, SessionRunner
+from mcproxy.errors import FrameError, LimitExceeded, ProtocolError, StoreError
+from mcproxy.tasks import TaskSet
 
 log = structlog.get_logger("mcproxy")
 

@@ -22,13 +22,11 @@ from typing import Protocol
 import msgspec
 import structlog
 
-from mcproxy import jsonrpc
 from mcproxy.config import Config
-from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
-from mcproxy.guard import TokenBucket
-from mcproxy.jsonrpc import Kind, Message
-from mcproxy.metrics import Metrics
-from mcproxy.session import (
+from mcproxy.core import jsonrpc
+from mcproxy.core.guard import TokenBucket
+from mcproxy.core.jsonrpc import Kind, Message
+from mcproxy.core.session import (
     GENERAL_STREAM,
     Action,
     Emit,
@@ -45,9 +43,11 @@ from mcproxy.session import (
     Tally,
     UpstreamState,
 )
-from mcproxy.store import Store
+from mcproxy.engine.store import Store
+from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
+from mcproxy.metrics import Metrics
 from mcproxy.tasks import TaskSet
-from mcproxy.upstream import Upstream, UpstreamFactory, backoff
+from mcproxy.upstreams.base import Upstream, UpstreamFactory, backoff
 
 log = structlog.get_logger("mcproxy")
 

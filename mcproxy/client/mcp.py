@@ -4,7 +4,7 @@
         result = await mcp.call_tool("countdown", {"n": 3}, progress=print)
 
 The application sees every server message exactly once and in order, whatever happens to the
-connection or the proxy (``mcproxy.reconnect`` does that part). On top of it this module
+connection or the proxy (``mcproxy.client.connection`` does that part). On top of it this module
 puts what every MCP client needs: the ``initialize`` handshake, a cached ``tools/list``
 refreshed on ``notifications/tools/list_changed``, ``call_tool`` with a progress callback,
 per-request timeouts and cancellation, handlers for the server's sampling, elicitation and
@@ -29,8 +29,13 @@ import msgspec
 import structlog
 
 from mcproxy import __version__
+from mcproxy.client.connection import (
+    ConnectionClosed,
+    Message,
+    ReconnectingConnection,
+    ReconnectOptions,
+)
 from mcproxy.errors import MCProxyError
-from mcproxy.reconnect import ConnectionClosed, Message, ReconnectingConnection, ReconnectOptions
 
 log = structlog.get_logger("mcproxy.client")
 

@@ -15,8 +15,8 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from mcproxy.ws import WebSocketFront
-from mcproxy.wsproto import MAX_HEAD_BYTES, parse_request_head
+from mcproxy.core.websocket import MAX_HEAD_BYTES, parse_request_head
+from mcproxy.fronts.ws import WebSocketFront
 
 HttpProtocolFactory = Callable[[], asyncio.BaseProtocol]
 

@@ -33,8 +33,8 @@ from typing import Any, Final
 
 import msgspec
 
+from mcproxy.engine.store import SCHEMA_VERSION
 from mcproxy.errors import StoreError
-from mcproxy.store import SCHEMA_VERSION
 
 EXIT_FAILED: Final = 1  # unknown session, delete not confirmed, a query failed
 EXIT_REFUSED: Final = 2  # no database file, not mcproxy's, or a newer schema

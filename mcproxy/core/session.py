@@ -39,8 +39,8 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from mcproxy import jsonrpc
-from mcproxy.jsonrpc import Kind, Message, RequestId
+from mcproxy.core import jsonrpc
+from mcproxy.core.jsonrpc import Kind, Message, RequestId
 
 # Methods whose repetition cannot change the upstream's state: re-issued transparently when
 # the upstream is lost mid-request. `initialize` is safe because it goes to a *new* process.

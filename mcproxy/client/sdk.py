@@ -6,7 +6,7 @@
 
 The SDK talks to a ``(read_stream, write_stream)`` pair of ``SessionMessage`` streams and
 must keep one pair for its whole life; drops, resumes and re-sent requests all happen below
-it, in ``mcproxy.reconnect``, so the SDK never sees them. Needs the ``mcp`` package (2.x),
+it, in ``mcproxy.client.connection``, so the SDK never sees them. Needs the ``mcp`` package (2.x),
 which mcproxy itself does not depend on.
 """
 
@@ -22,7 +22,12 @@ from mcp.shared.message import SessionMessage
 from mcp.types import jsonrpc_message_adapter
 from pydantic import ValidationError
 
-from mcproxy.reconnect import ConnectionClosed, Message, ReconnectingConnection, ReconnectOptions
+from mcproxy.client.connection import (
+    ConnectionClosed,
+    Message,
+    ReconnectingConnection,
+    ReconnectOptions,
+)
 
 READ_BUFFER = 64  # messages the SDK has not read yet before the connection waits for it
 

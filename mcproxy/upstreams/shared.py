@@ -62,11 +62,11 @@ from typing import Final
 import msgspec
 import structlog
 
-from mcproxy import jsonrpc
+from mcproxy.core import jsonrpc
+from mcproxy.core.jsonrpc import NO_RAW, Kind, Message, RequestId
 from mcproxy.errors import ProtocolError, UpstreamError
-from mcproxy.jsonrpc import NO_RAW, Kind, Message, RequestId
 from mcproxy.tasks import TaskSet
-from mcproxy.upstream import Upstream, UpstreamHandler
+from mcproxy.upstreams.base import Upstream, UpstreamHandler
 
 log = structlog.get_logger("mcproxy")
 
