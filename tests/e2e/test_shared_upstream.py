@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mcproxy.upstreams.shared import CANNOT_ATTRIBUTE
+from mcproxy.upstreams.shared_router import CANNOT_ATTRIBUTE
 from tests.helpers import (
     ProxyProcess,
     WsClient,

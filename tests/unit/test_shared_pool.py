@@ -1,0 +1,236 @@
+"""The shared pool's I/O half (``upstreams.shared``): processes, timers and the per-session
+``SharedUpstream``, with fake child processes (the routing itself is tested loop-free in
+test_shared_router.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Collection
+from typing import Any
+
+import pytest
+
+from mcproxy.errors import UpstreamError
+from mcproxy.upstreams.shared import SharedPool, SharedUpstream
+from tests.helpers import MS, eventually
+
+INIT_RESULT = {"protocolVersion": "2025-11-25", "capabilities": {}, "serverInfo": {"name": "c"}}
+
+
+class FakeProc:
+    """Stands in for a child process (``StdioUpstream``): records every line sent to it.
+    What the child writes is fed to ``handler``, the pool's demultiplexer for it."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+        self.on_close: list[bytes] = []  # lines it writes while it is being stopped
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        for line in self.on_close:
+            self.handler.on_upstream_message(line)
+        self.closed = True
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(json.loads(data))
+
+    def take(self) -> list[dict[str, Any]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+class Recorder:
+    """A session as the shared upstream sees it (``UpstreamHandler``)."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.lost: list[str] = []
+        self.unsent: list[list[int]] = []
+
+    def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
+        self.messages.append(json.loads(line))
+
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
+        self.lost.append(reason)
+        self.unsent.append(sorted(unsent))
+
+
+def request(rid: int | str, method: str, params: dict[str, Any] | None = None) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}})\
+        .encode()  # fmt: skip
+
+
+def result(rid: int | str, value: Any) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": rid, "result": value}).encode()
+
+
+class Rig:
+    def __init__(self, size: int = 1, max_in_flight: int = 0, timeout: float = 5.0) -> None:
+        self.spawned: list[FakeProc] = []
+        self.pool = SharedPool(self.spawn, size, timeout, max_in_flight)
+
+    def spawn(self, handler: Any, label: str) -> FakeProc:
+        proc = FakeProc(handler)
+        self.spawned.append(proc)
+        return proc
+
+    @property
+    def proc(self) -> FakeProc:
+        proc = self.pool.children[0].proc
+        assert isinstance(proc, FakeProc)
+        return proc
+
+    async def session(self) -> tuple[SharedUpstream, Recorder]:
+        recorder = Recorder()
+        up = self.pool("session-id-0123456789", recorder)
+        await up.start()
+        up.send(request(1, "initialize", {"capabilities": {}}))
+        assert up.index is not None
+        proc = self.pool.children[up.index].proc
+        assert isinstance(proc, FakeProc)
+        for sent in proc.take():
+            if sent.get("method") == "initialize":
+                proc.handler.on_upstream_message(result(sent["id"], INIT_RESULT))
+                proc.take()
+        await asyncio.sleep(0)  # the pool's own answers are delivered after the event
+        assert recorder.messages.pop() == {"jsonrpc": "2.0", "id": 1, "result": INIT_RESULT}
+        return up, recorder
+
+
+async def test_losing_the_child_loses_every_session_and_the_next_start_respawns_it() -> None:
+    rig = Rig(max_in_flight=1)
+    sessions = [await rig.session() for _ in range(3)]
+    sessions[0][0].send(request(2, "tools/call", {"name": "x"}))
+    sessions[0][0].send(request(3, "tools/call", {"name": "queued"}))
+    dead = rig.proc
+    dead.handler.on_upstream_lost("exit status 3")
+    assert [r.lost for _, r in sessions] == [["exit status 3"]] * 3
+    assert sessions[0][1].unsent == [[3]]
+    assert rig.pool.children[0].proc is None and not rig.pool.sessions
+    sessions[1][0].send(request(3, "ping"))  # a lost upstream sends nothing
+    dead.handler.on_upstream_lost("again")  # reported once
+    assert [len(r.lost) for _, r in sessions] == [1, 1, 1]
+    again = [rig.pool("s", Recorder()) for _ in range(3)]
+    await asyncio.gather(*(up.start() for up in again))  # one restart for everyone
+    assert len(rig.spawned) == 2 and rig.proc is not dead
+    dead.handler.on_upstream_message(result(1, {}))  # a stale line of the dead process
+    assert all(r.messages == [] for _, r in sessions)
+    assert set(rig.pool.sessions.values()) == set(again)
+    assert rig.pool.snapshot().events["lost"] == 1
+
+
+async def test_sessions_spread_over_the_pool() -> None:
+    rig = Rig(size=2)
+    sessions = [await rig.session() for _ in range(4)]
+    assert [len(c.sessions) for c in rig.pool.router.children] == [2, 2]
+    assert len(rig.spawned) == 2
+    (a, _), (b, _) = sessions[0], sessions[1]
+    assert a.index != b.index
+    state = rig.pool.snapshot()
+    assert state.children == 2 and state.in_flight == 0 and state.events["spawned"] == 2
+
+
+async def test_a_child_lives_as_long_as_it_has_sessions() -> None:
+    rig = Rig()
+    (a, _), (b, _) = await rig.session(), await rig.session()
+    first = rig.proc
+    await a.aclose()
+    await a.aclose()  # idempotent
+    assert not first.closed  # b is still on it
+    await b.aclose()
+    late = rig.pool("s", Recorder())
+    await late.start()  # waits for the stop, then starts a new child
+    assert first.closed and rig.proc is not first and len(rig.spawned) == 2
+    late.send(request(1, "initialize", {"capabilities": {}}))
+    assert rig.proc.take()[0]["method"] == "initialize"  # the new child needs its own
+    await rig.pool.aclose()
+    assert rig.pool.children[0].proc is None
+    with pytest.raises(UpstreamError, match="shutting down"):
+        await rig.pool("s", Recorder()).start()
+
+
+async def test_a_session_closed_while_starting_leaves_the_child_idle() -> None:
+    rig = Rig()
+    up = rig.pool("s", Recorder())
+    starting = asyncio.ensure_future(up.start())
+    await up.aclose()
+    await starting
+    assert up.sid is None and not rig.pool.sessions
+    assert rig.pool.children[0].proc is None  # stopping: nobody is on it
+    await eventually(lambda: rig.spawned[0].closed)
+
+
+async def test_a_child_that_cannot_start_fails_the_sessions_starting() -> None:
+    rig = Rig()
+
+    def broken(handler: Any, label: str) -> Any:
+        proc = FakeProc(handler)
+
+        async def start() -> None:
+            raise UpstreamError("cannot start 'nope'")
+
+        proc.start = start  # type: ignore[method-assign]
+        return proc
+
+    rig.pool.spawn = broken
+    results = await asyncio.gather(
+        *(rig.pool("s", Recorder()).start() for _ in range(3)), return_exceptions=True
+    )
+    assert [str(r) for r in results] == ["cannot start 'nope'"] * 3
+    assert rig.pool.children[0].proc is None and rig.pool.router.children[0].reserved == 0
+
+
+async def test_a_child_that_does_not_answer_initialize_is_killed_and_lost() -> None:
+    rig = Rig(timeout=10 * MS)
+    recorder = Recorder()
+    up = rig.pool("s", recorder)
+    await up.start()
+    up.send(request(1, "initialize", {}))
+    proc = rig.proc
+    await eventually(lambda: recorder.lost)
+    assert recorder.lost == ["the shared upstream did not answer initialize in time"]
+    assert proc.closed and rig.pool.children[0].proc is None
+
+
+async def test_answers_written_while_the_pool_stops_are_delivered() -> None:
+    """Issue 16, item 11: an answer the child writes during the shutdown reaches its session
+    (the daemon closes the pool before the sessions, so it is logged)."""
+    rig = Rig()
+    (a, ra) = await rig.session()
+    a.send(request(7, "tools/call", {"name": "slow"}))
+    (call,) = rig.proc.take()
+    rig.proc.on_close.append(result(call["id"], "done"))
+    await rig.pool.aclose()
+    assert ra.messages == [{"jsonrpc": "2.0", "id": 7, "result": "done"}]
+    assert ra.lost == []  # sessions are not told: they are closed next, and persisted
+    await a.aclose()  # then the session leaves: nothing left to cancel
+    assert rig.spawned[0].sent == []
+    await rig.pool.aclose()  # idempotent
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_pool_needs_a_child(size: int) -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        SharedPool(FakeProc, size, 1.0)
+
+
+def test_config_and_factory() -> None:
+    from mcproxy import config
+    from mcproxy.errors import ConfigError
+    from mcproxy.ops.daemon import upstream_factory
+
+    assert config.Config().upstream.mode == "per-session"
+    shared = config.load(None, {"upstream": {"mode": "shared", "pool_size": 3}})
+    pool = upstream_factory(shared, None)  # type: ignore[arg-type]  # stdio needs no store
+    assert isinstance(pool, SharedPool) and len(pool.children) == 3
+    with pytest.raises(ConfigError, match="needs a 'stdio:' target"):
+        config.load(None, {"upstream": {"mode": "shared", "target": "https://h/mcp"}})
+    with pytest.raises(ConfigError, match="pool_size must be positive"):
+        config.load(None, {"upstream": {"mode": "shared", "pool_size": 0}})
+    with pytest.raises(ConfigError, match="mode"):
+        config.load(None, {"upstream": {"mode": "pooled"}})
