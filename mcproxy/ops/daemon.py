@@ -10,7 +10,8 @@ Shutdown on SIGTERM/SIGINT (docs/ARCHITECTURE.md "Shutdown"):
 2. end every SSE stream and close every WebSocket with 1012 (service restart), so clients
    come back at once to the next process;
 3. stop every upstream (close stdin → SIGTERM → SIGKILL, or DELETE the upstream's HTTP
-   session; bounded) and persist each session;
+   session; bounded) and persist each session; a shared pool's children are stopped before
+   their sessions close, so what they answer while stopping is still logged;
 4. commit what is queued in the log and close the database.
 Each step is bounded by ``server.shutdown_timeout_s``; a second signal skips the grace.
 """
@@ -297,7 +298,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         if isinstance(factory, SharedPool):
-            await factory.aclose()  # the shared children (their sessions detached in _shutdown)
+            await factory.aclose()  # already closed by _shutdown, unless start-up failed
         notifier.status("flushing the log")
         await store.aclose()
         notifier.close()
@@ -314,6 +315,13 @@ async def _shutdown(daemon: _Daemon) -> None:
             daemon.ws_front.close_all(CLOSE_SERVICE_RESTART, "server restarting"), grace
         )
     daemon.notifier.status("stopping upstreams")
+    factory = daemon.hub.upstream_factory
+    if isinstance(factory, SharedPool):
+        # 3a. Shared children stop first, their sessions still attached: an answer a child
+        # writes during its stop ladder is routed and logged like any other. A session that
+        # closed first would cancel its requests on the child and drop such answers (issue 16).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(factory.aclose(), grace)
     with contextlib.suppress(TimeoutError):  # 3. stop upstreams, persist sessions
         await asyncio.wait_for(daemon.hub.aclose(), grace)
     await daemon.ws_front.aclose()

@@ -353,3 +353,57 @@ async def test_parked_sessions_stop_the_child_and_resume_on_a_new_one(
                 await client.close()
     finally:
         proxy.kill()
+
+
+async def test_one_sessions_log_level_does_not_silence_the_others(shared: ProxyProcess) -> None:
+    """Issue 15, finding 14: a client asking for "emergency" only must not lower the level of
+    the child it shares with a client that never sent logging/setLevel."""
+    quiet, bystander = await session(shared), await session(shared)
+    try:
+        answer = await quiet.call("logging/setLevel", {"level": "emergency"})
+        assert "result" in answer, answer
+        rid = await bystander.call_tool("log_later", {"text": "for the bystander", "delay": 0})
+        assert tool_text(await bystander.response(rid)) == "logged"
+        logs = [m for m in bystander.received if m.get("method") == "notifications/message"]
+        assert [m["params"]["data"] for m in logs] == ["for the bystander"]
+        # The quiet one still gets nothing below its own level.
+        rid = await quiet.call_tool("log_later", {"text": "too verbose", "delay": 0})
+        assert tool_text(await quiet.response(rid)) == "logged"
+        assert not [m for m in quiet.received if m.get("method") == "notifications/message"]
+    finally:
+        await asyncio.gather(quiet.close(), bystander.close())
+
+
+async def test_an_answer_written_during_a_graceful_shutdown_reaches_the_client(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    """Issue 16, item 11: a call still running when the proxy gets SIGTERM finishes while the
+    shared child is being stopped; its answer is logged and replayed after the restart."""
+    proxy = shared_proxy(tmp_path, counter_dir)
+    proxy.start()
+    try:
+        client = await session(proxy)
+        sid = client.ws._response.cookies["mcp_session_id"].value
+        rid = await client.request(
+            "tools/call",
+            {
+                "name": "slow",  # unsafe to repeat: lost, it would come back -32010
+                "arguments": {"steps": 3, "delay": 0.2},
+                "_meta": {"progressToken": "p"},
+            },
+        )
+        await next_progress(client, "p")  # running on the child
+        cursor = max(client.lsns())
+        assert await asyncio.to_thread(proxy.terminate) == 0
+        await client.close()
+        assert proxy.events("daemon.stopped")
+        proxy.start()
+        back = await WsClient.connect(proxy.url, sid, last_lsn=cursor)
+        try:
+            answer = await back.response(rid)
+            assert "result" in answer, answer
+            assert tool_text(answer) == "slow done after 3"
+        finally:
+            await back.close()
+    finally:
+        proxy.kill()

@@ -750,3 +750,28 @@ def test_a_pool_needs_a_child(size: int) -> None:
         Router(size)
     with pytest.raises(ValueError, match="max_in_flight"):
         Router(1, -1)
+
+
+def test_a_cancelled_subscribe_still_settles_for_the_others() -> None:
+    rig = Rig()
+    a, b = rig.session(), rig.session()
+    a.send(request(2, "resources/subscribe", {"uri": "res://c"}))
+    b.send(request(3, "resources/subscribe", {"uri": "res://c"}))
+    (subscribe,) = rig.take()
+    a.send(notification("notifications/cancelled", {"requestId": 2}))
+    (cancel,) = rig.take()
+    assert cancel["params"] == {"requestId": subscribe["id"]}
+    rig.feed(result(subscribe["id"], {}))  # its outcome is still b's answer
+    assert a.take() == [] and b.take() == [{"jsonrpc": "2.0", "id": 3, "result": {}}]
+    assert rig.child.subs["res://c"].confirmed
+
+
+def test_log_messages_without_a_level_reach_a_session_that_set_one() -> None:
+    rig = Rig()
+    a = rig.session()
+    a.send(request(2, "logging/setLevel", {"level": "error"}))
+    rig.feed(result(rig.take()[0]["id"], {}))
+    a.take()
+    rig.feed(notification("notifications/message"))
+    rig.feed(notification("notifications/message", {"level": 3}))
+    assert len(a.take()) == 2  # nothing it can compare: not filtered
