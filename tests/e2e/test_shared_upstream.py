@@ -4,8 +4,10 @@ real daemon and the SDK fixture server. Every answer must reach its own session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -374,36 +376,101 @@ async def test_one_sessions_log_level_does_not_silence_the_others(shared: ProxyP
         await asyncio.gather(quiet.close(), bystander.close())
 
 
-async def test_an_answer_written_during_a_graceful_shutdown_reaches_the_client(
-    tmp_path: Path, counter_dir: Path
-) -> None:
-    """Issue 16, item 11: a call still running when the proxy gets SIGTERM finishes while the
-    shared child is being stopped; its answer is logged and replayed after the restart."""
-    proxy = shared_proxy(tmp_path, counter_dir)
+# A stdio server that, like many, finishes the work in hand when its stdin closes before it
+# exits (the SDK server instead cancels it and answers -32000 "Connection closed").
+FINISHER = """
+import json, sys, threading, time
+lock = threading.Lock()
+def write(msg):
+    with lock:
+        sys.stdout.write(json.dumps(msg) + "\\n")
+        sys.stdout.flush()
+def work(rid, token, delay):
+    if token is not None:
+        write({"jsonrpc": "2.0", "method": "notifications/progress",
+               "params": {"progressToken": token, "progress": 1}})
+    time.sleep(delay)
+    write({"jsonrpc": "2.0", "id": rid,
+           "result": {"content": [{"type": "text", "text": "finished"}]}})
+threads = []
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg or "method" not in msg:
+        continue
+    if msg["method"] == "initialize":
+        write({"jsonrpc": "2.0", "id": msg["id"], "result": {
+            "protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}},
+            "serverInfo": {"name": "finisher", "version": "1"}}})
+    elif msg["method"] == "tools/call":
+        params = msg["params"]
+        token = params.get("_meta", {}).get("progressToken")
+        args = (msg["id"], token, params["arguments"]["delay"])
+        thread = threading.Thread(target=work, args=args)
+        thread.start()
+        threads.append(thread)
+    else:
+        write({"jsonrpc": "2.0", "id": msg["id"], "result": {}})
+for thread in threads:
+    thread.join()
+"""
+
+
+async def restart_during_call(
+    tmp_path: Path, upstream: str | None, env: dict[str, str], arguments: dict[str, Any]
+) -> dict[str, Any]:
+    """Start a call of the tool ``work`` (``slow`` on the fixture server), SIGTERM the proxy
+    once the child runs it, restart, resume: the call's answer as the client then sees it."""
+    config = tmp_path / "stop.toml"
+    # The child's stop ladder waits long enough after closing its stdin for it to answer.
+    config.write_text('[upstream]\nmode = "shared"\nstdin_close_grace_s = 8.0\n')
+    proxy = ProxyProcess(tmp_path / "db.sqlite", upstream, "--config", str(config), env=env)
     proxy.start()
     try:
-        client = await session(proxy)
+        client = await WsClient.connect(proxy.url)
+        assert "result" in await client.initialize()
         sid = client.ws._response.cookies["mcp_session_id"].value
-        rid = await client.request(
-            "tools/call",
-            {
-                "name": "slow",  # unsafe to repeat: lost, it would come back -32010
-                "arguments": {"steps": 3, "delay": 0.2},
-                "_meta": {"progressToken": "p"},
-            },
-        )
+        name = "slow" if upstream is None else "work"  # slow: unsafe to repeat, -32010 if lost
+        params = {"name": name, "arguments": arguments, "_meta": {"progressToken": "p"}}
+        rid = await client.request("tools/call", params)
         await next_progress(client, "p")  # running on the child
         cursor = max(client.lsns())
-        assert await asyncio.to_thread(proxy.terminate) == 0
+        stopping = asyncio.ensure_future(asyncio.to_thread(proxy.terminate))
+        with contextlib.suppress(ConnectionError):
+            while True:  # read on, so the 1012 close is answered at once
+                await client.recv()
+        assert await stopping == 0
         await client.close()
-        assert proxy.events("daemon.stopped")
+        assert all(m.get("id") != rid for m in client.received)  # not answered before the close
         proxy.start()
         back = await WsClient.connect(proxy.url, sid, last_lsn=cursor)
         try:
-            answer = await back.response(rid)
-            assert "result" in answer, answer
-            assert tool_text(answer) == "slow done after 3"
+            return await back.response(rid)
         finally:
             await back.close()
     finally:
         proxy.kill()
+
+
+async def test_an_answer_written_during_a_graceful_shutdown_reaches_the_client(
+    tmp_path: Path,
+) -> None:
+    """Issue 16, item 11: a call still running when the proxy gets SIGTERM is answered by the
+    child while it is being stopped; that answer is logged and replayed after the restart,
+    not replaced by -32010 (the session used to cancel its calls on the child first)."""
+    finisher = tmp_path / "finisher.py"
+    finisher.write_text(FINISHER)
+    upstream = f"stdio:{sys.executable} {finisher}"
+    answer = await restart_during_call(tmp_path, upstream, {}, {"delay": 1.0})
+    assert "result" in answer, answer
+    assert tool_text(answer) == "finished"
+
+
+async def test_the_sdk_servers_own_answer_at_shutdown_reaches_the_client(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    """The SDK server answers a call cut by its stdin closing with its own error: the client
+    gets that answer (the server's word on it), not the proxy's -32010."""
+    env = {"FIXTURE_COUNTER_DIR": str(counter_dir)}
+    answer = await restart_during_call(tmp_path, None, env, {"steps": 50, "delay": 0.2})
+    assert answer["error"]["code"] == -32000, answer
+    assert answer["error"]["message"] == "Connection closed"
