@@ -324,7 +324,7 @@ class SharedPool:
     def execute(self, actions: list[Action]) -> None:
         """Carry out the router's actions, in order."""
         for action in actions:
-            if isinstance(action, Write):
+            if isinstance(action, Write):  # the hot path: one Write or Deliver per message
                 self.children[action.child].send(action.data)
             elif isinstance(action, Deliver):
                 up = self.sessions.get(action.sid)

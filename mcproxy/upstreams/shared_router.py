@@ -106,9 +106,11 @@ _INITIALIZED: Final = jsonrpc.encode(jsonrpc.notification_message("notifications
 
 
 # --- actions ---------------------------------------------------------------------------------
+# Plain slotted records, not frozen: one or two are made per message on the hot path, and a
+# frozen dataclass's __init__ costs several times more. Nobody mutates them.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Write:
     """Write ``data`` (one encoded message) to child ``child``'s process."""
 
@@ -116,7 +118,7 @@ class Write:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
     """Give ``data`` to session ``sid`` (``related``: its request this belongs to). ``soon``:
     an answer of the pool's own to what the session is sending right now; deliver it after
@@ -128,7 +130,7 @@ class Deliver:
     soon: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Lose:
     """Session ``sid`` lost its upstream; ``unsent``: its requests the child never saw."""
 
@@ -137,26 +139,26 @@ class Lose:
     unsent: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartInitTimer:
     """Arm the child's ``initialize`` deadline (on expiry: kill it, then ``lost``)."""
 
     child: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelInitTimer:
     child: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stop:
     """The child has no session left: stop its process (its tables are already reset)."""
 
     child: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Warn:
     """Something the operator should see in the log (the router logs nothing itself)."""
 
