@@ -43,6 +43,9 @@ safe is that nothing a child says reaches a session unless it provably belongs t
   its own, and resends those that were still queued here: they cannot have taken effect)
   and respawns through the factory; the first ``start()`` restarts the child, the first
   ``initialize`` re-initializes it, later ones are answered from the new result.
+- **Shutdown.** ``SharedPool.aclose`` stops the children while their sessions are still
+  attached (the daemon closes the pool before the sessions): what a child writes during its
+  stop ladder is routed and logged like anything else, not cancelled and dropped.
 
 The routing tables and every decision above live in ``upstreams.shared_router`` (sans-I/O,
 tested without an event loop); this module is its I/O driver: the processes, the timers and
