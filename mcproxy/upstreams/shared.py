@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import NoReturn
 
 import structlog
 
@@ -118,14 +119,18 @@ class SharedUpstream:
 
     async def start(self) -> None:
         pool, router = self.pool, self.pool.router
+        if pool.closed:
+            await pool.closed_forever()
         index = router.pick()
         child = pool.children[index]
         router.reserve(index)
         try:
             await child.ensure_running()
-        except BaseException:
+        except BaseException as exc:
             router.unreserve(index)
             pool.execute(router.idle(index))
+            if isinstance(exc, UpstreamError) and pool.closed:
+                await pool.closed_forever()
             raise
         router.unreserve(index)
         if self._closed:
@@ -323,6 +328,14 @@ class SharedPool:
             queued=self.router.queued(),
             events=dict(self.stats),
         )
+
+    async def closed_forever(self) -> NoReturn:
+        """Wait until cancelled: the daemon is stopping. A session that (re)starts now is
+        closed next and persisted with its requests still pending, for the next process to
+        resolve; failing its start would make its runner fail them all instead
+        (``upstream_unavailable``). The daemon closes the pool before the sessions."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable: an Event nobody sets")
 
     def execute(self, actions: list[Action]) -> None:
         """Carry out the router's actions, in order."""

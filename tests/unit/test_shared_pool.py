@@ -150,8 +150,42 @@ async def test_a_child_lives_as_long_as_it_has_sessions() -> None:
     assert rig.proc.take()[0]["method"] == "initialize"  # the new child needs its own
     await rig.pool.aclose()
     assert rig.pool.children[0].proc is None
-    with pytest.raises(UpstreamError, match="shutting down"):
-        await rig.pool("s", Recorder()).start()
+    # A session starting during the shutdown waits to be closed rather than fail (its runner
+    # would answer its pending requests with an error; persisted, the next process has them).
+    starting = asyncio.ensure_future(rig.pool("s", Recorder()).start())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not starting.done() and len(rig.spawned) == 2
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+
+
+async def test_a_session_whose_child_starts_as_the_pool_closes_waits_to_be_closed() -> None:
+    rig = Rig()
+    gate = asyncio.Event()
+
+    def slow(handler: Any, label: str) -> Any:
+        proc = FakeProc(handler)
+
+        async def start() -> None:
+            await gate.wait()
+
+        proc.start = start  # type: ignore[method-assign]
+        rig.spawned.append(proc)
+        return proc
+
+    rig.pool.spawn = slow
+    starting = asyncio.ensure_future(rig.pool("s", Recorder()).start())
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(rig.pool.aclose())
+    await asyncio.sleep(0)
+    gate.set()
+    await closing  # the spawn finished after the close began: the process is stopped
+    assert rig.spawned[0].closed and not starting.done()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
 
 
 async def test_a_session_closed_while_starting_leaves_the_child_idle() -> None:
