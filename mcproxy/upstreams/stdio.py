@@ -1,10 +1,13 @@
 """An upstream MCP server run as a child process speaking newline-delimited JSON on stdio.
 
 The child runs in its own process group (so a stop reaches its helpers too) and is bound to
-the proxy with ``PR_SET_PDEATHSIG`` (so a SIGKILLed proxy leaves no orphans). Its stderr is
-logged line by line with the session it belongs to (transports §stdio: stderr is logging, not
-an error). Stopping follows lifecycle §Shutdown for stdio: close stdin, wait; SIGTERM the
-group, wait; SIGKILL the group, every step bounded.
+the proxy with ``PR_SET_PDEATHSIG`` (so a SIGKILLed proxy leaves no orphans). It gets a clean
+environment (``child_environment``: an allow-list of the daemon's variables, never the proxy's
+token variables) and no descriptor but its three pipes (``_isolate``), whichever event loop
+spawns it: every stdio child, per-session or shared, is started by ``StdioUpstream.start``.
+Its stderr is logged line by line with the session it belongs to (transports §stdio: stderr
+is logging, not an error). Stopping follows lifecycle §Shutdown for stdio: close stdin,
+wait; SIGTERM the group, wait; SIGKILL the group, every step bounded.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import structlog
 
-from mcproxy.config import UpstreamConfig
+from mcproxy.config import Config, UpstreamConfig, secret_variables
 from mcproxy.core.framing import LineFramer
 from mcproxy.errors import LineTooLong, UpstreamError
 from mcproxy.tasks import TaskSet
@@ -34,13 +39,39 @@ _STDERR_LINE_MAX = 4096  # longer stderr lines are cut in the log, not in the ch
 _EXIT_POLL_S = 0.01
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def child_environment(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of every stdio child: the variables of ``environ`` named by
+    ``upstream.env_passthrough`` ("PREFIX*" matches a prefix), then ``upstream.env``; never
+    the variables holding the proxy's own secrets (``auth.tokens_env``,
+    ``upstream.bearer_token_env``), even if listed (docs/SECURITY.md, "The upstream")."""
+    patterns = config.upstream.env_passthrough
+    secrets = secret_variables(config)
+    env = {
+        name: value
+        for name, value in environ.items()
+        if name not in secrets and any(fnmatchcase(name, p) for p in patterns)
+    }
+    env.update(config.upstream.env)  # validate() refused secret names here
+    return env
+
+
+def _isolate() -> None:  # runs in the child between fork and exec
+    # Nothing the daemon holds reaches the child but its three pipes: a descriptor the daemon
+    # inherited (a tokens file, a listening socket), the store, client sockets. Marked
+    # close-on-exec rather than closed: the spawner's own exec-error pipe must survive until
+    # exec. Needed under uvloop, whose spawn ignores close_fds and leaks every inheritable
+    # descriptor (and duplicates of the pipes) into the child.
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # a SIGKILLed proxy leaves no orphans
 
 
-def _die_with_parent_batch() -> None:  # the same, and SCHED_BATCH (upstream.batch_scheduling)
-    _die_with_parent()
+def _isolate_batch() -> None:  # the same, and SCHED_BATCH (upstream.batch_scheduling)
+    _isolate()
     # Set before exec, so the program and every thread or process it starts inherit it. A
     # system without the policy runs the child as it is.
     with contextlib.suppress(AttributeError, OSError):
@@ -75,8 +106,14 @@ class StdioUpstream:
         handler: UpstreamHandler,
         config: UpstreamConfig,
         session_label: str,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``env``: the child's environment (the daemon computes ``child_environment`` once);
+        None filters this process's environment by ``config`` alone."""
         self.argv = argv
+        self.env = (
+            dict(env) if env is not None else child_environment(Config(upstream=config), os.environ)
+        )
         self.handler = handler
         self.config = config
         self.session_label = session_label
@@ -95,9 +132,9 @@ class StdioUpstream:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # own session => own process group, pgid == pid
-                preexec_fn=(
-                    _die_with_parent_batch if self.config.batch_scheduling else _die_with_parent
-                ),
+                env=self.env,
+                close_fds=True,
+                preexec_fn=_isolate_batch if self.config.batch_scheduling else _isolate,
             )
         except (OSError, ValueError) as exc:
             raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc
