@@ -119,7 +119,9 @@ class StdioUpstream:
         self.session_label = session_label
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
-        self._tasks = TaskSet(f"upstream:{session_label}")
+        # A reader that dies (a bug in the session's handling of a line) must not leave the
+        # child running unread: the upstream declares itself lost (issue 16 item 5).
+        self._tasks = TaskSet(f"upstream:{session_label}", self._task_failed)
         self._closing = False
         self._lost = False
         self._unsent: list[bytes] = []  # lines of this loop turn, not yet written
@@ -178,12 +180,23 @@ class StdioUpstream:
             reason = str(exc)
         except (ConnectionError, OSError) as exc:
             reason = f"stdout read failed: {exc}"
-        if self._closing:
+        await self._report_lost(proc, reason)
+
+    def _task_failed(self, task: asyncio.Task[object], exc: BaseException) -> None:
+        proc = self._proc
+        if proc is None or self._closing or self._lost:
             return
+        reason = f"internal error in {task.get_name()}: {exc!r}"
+        self._tasks.spawn(self._report_lost(proc, reason), f"lost:{self.session_label}")
+
+    async def _report_lost(self, proc: asyncio.subprocess.Process, reason: str) -> None:
+        """Stop the child (whatever is left of it) and tell the session, once."""
+        if self._closing or self._lost:
+            return
+        self._lost = True
         await self._stop(proc)
         reason = f"{reason} (exit status {proc.returncode})"
         log.warning("upstream.lost", session=self.session_label, pid=proc.pid, reason=reason)
-        self._lost = True
         self.handler.on_upstream_lost(reason)
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
