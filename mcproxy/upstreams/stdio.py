@@ -23,9 +23,11 @@ from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from mcproxy.config import Config, UpstreamConfig, secret_variables
+from mcproxy.core import jsonrpc
 from mcproxy.core.framing import LineFramer
 from mcproxy.errors import LineTooLong, UpstreamError
 from mcproxy.tasks import TaskSet
@@ -37,6 +39,16 @@ _PR_SET_PDEATHSIG = 1
 _READ_CHUNK = 256 * 1024
 _STDERR_LINE_MAX = 4096  # longer stderr lines are cut in the log, not in the child
 _EXIT_POLL_S = 0.01
+
+
+class _Head(msgspec.Struct, gc=False):
+    """Enough of a refused message to answer it: the rest is skipped while decoding."""
+
+    id: int | str | None = None
+    method: str | None = None
+
+
+_HEAD = msgspec.json.Decoder(_Head)
 
 
 def child_environment(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
@@ -125,6 +137,8 @@ class StdioUpstream:
         self._closing = False
         self._lost = False
         self._unsent: list[bytes] = []  # lines of this loop turn, not yet written
+        self._unsent_bytes = 0
+        self._dropped = 0  # notifications and responses dropped over max_queued_bytes
 
     async def start(self) -> None:
         try:
@@ -154,13 +168,55 @@ class StdioUpstream:
         # escape them inside strings, so the encoded envelope is always one line).
         # The lines of one loop turn leave in one write: each pipe write is a system call
         # and wakes the child, and a shared child gets thousands of lines a second.
+        queued = self._unsent_bytes + proc.stdin.transport.get_write_buffer_size()
+        if queued and queued + len(data) > self.config.max_queued_bytes:
+            self._refuse(data, queued)
+            return
         unsent = self._unsent
         unsent += (data, b"\n")
+        self._unsent_bytes += len(data) + 1
         if len(unsent) == 2:
             asyncio.get_running_loop().call_soon(self._write_unsent)
 
+    def _refuse(self, data: bytes, queued: int) -> None:
+        """Over ``upstream.max_queued_bytes``: the child is not reading what it was sent.
+        Holding more would grow the proxy without bound (issue 15 finding 4); a request is
+        answered -32015 (never sent, so safe to retry), anything else is dropped and logged.
+        The answer comes on a later loop turn, as an upstream answer would: never from inside
+        the caller's ``send``."""
+        try:
+            head = _HEAD.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            head = _Head()
+        limit = self.config.max_queued_bytes
+        if head.method is not None and head.id is not None:
+            error = jsonrpc.error_bytes(
+                head.id,
+                jsonrpc.UPSTREAM_BUSY,
+                "the upstream server is not reading its input; the request was not sent",
+                {"queuedBytes": queued, "limit": limit},
+            )
+            asyncio.get_running_loop().call_soon(self._answer_refused, error)
+            return
+        self._dropped += 1
+        if self._dropped & (self._dropped - 1) == 0:  # 1, 2, 4, 8...: bounded logging
+            log.warning(
+                "upstream.send_dropped",
+                session=self.session_label,
+                pid=self.pid,
+                message=head.method or "response",
+                queued_bytes=queued,
+                limit=limit,
+                dropped=self._dropped,
+            )
+
+    def _answer_refused(self, error: bytes) -> None:
+        if not self._closing and not self._lost:
+            self.handler.on_upstream_message(error)
+
     def _write_unsent(self) -> None:
         unsent, self._unsent = self._unsent, []
+        self._unsent_bytes = 0
         proc = self._proc
         if unsent and proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.write(b"".join(unsent))
