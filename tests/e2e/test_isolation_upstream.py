@@ -4,6 +4,7 @@ live upstream processes. Real daemons, real children, real sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -13,10 +14,13 @@ import pytest
 
 from tests.helpers import (
     FIXTURE_SERVER,
+    INIT_PARAMS,
     HttpClient,
     ProxyProcess,
     WsClient,
     eventually,
+    messages,
+    pid_alive,
     tool_text,
 )
 
@@ -121,5 +125,95 @@ async def test_a_child_that_stops_reading_does_not_grow_the_proxy(tmp_path: Path
         assert len(dropped) < 10  # logged at 1, 2, 4, 8, ... drops, not once each
     finally:
         await flooder.close()
+        await bystander.close()
+        proxy.kill()
+
+
+def live_children(proxy: ProxyProcess) -> int:
+    return sum(pid_alive(pid) for pid in proxy.upstream_pids())
+
+
+def capped(tmp_path: Path, total: int, per_principal: int) -> ProxyProcess:
+    config = tmp_path / "capped.toml"
+    config.write_text(
+        f"[upstream]\nmax_live_upstreams = {total}\n"
+        f"max_live_upstreams_per_principal = {per_principal}\n"
+    )
+    return ProxyProcess(tmp_path / "mcproxy.db", None, "--config", str(config)).start()
+
+
+async def initialize_over_http(url: str) -> dict[str, object]:
+    client = HttpClient(url)
+    try:
+        _, events = await client.request("initialize", INIT_PARAMS)
+        return messages(events)[-1]
+    finally:
+        await client.close()
+
+
+async def test_live_upstreams_are_capped_parking_the_least_recently_used_idle(
+    tmp_path: Path,
+) -> None:
+    proxy = capped(tmp_path, 3, 3)
+    attached = [await WsClient.connect(proxy.url) for _ in range(3)]
+    try:
+        ids = [(await c.initialize())["result"]["mcpSessionId"] for c in attached]
+        await eventually(lambda: live_children(proxy) == 3)
+        # Three sessions with a client attached: none can be parked, the fourth is refused.
+        refused = await initialize_over_http(proxy.url)
+        error = refused["error"]
+        assert isinstance(error, dict) and error["code"] == -32011, refused
+        assert "upstream.max_live_upstreams" in error["data"]["reason"]
+        assert live_children(proxy) == 3
+        # One client leaves: its session is idle, and is parked to make room for a new one.
+        leaving = attached.pop(0)
+        cursor = max(leaving.lsns())
+        await leaving.close()
+        admitted = await initialize_over_http(proxy.url)
+        assert "result" in admitted, admitted
+        parked = [e["session"] for e in proxy.events("upstream.park_for_room")]
+        assert parked == [ids[0][:8] + "…"]
+        assert live_children(proxy) == 3
+        # The parked session comes back (its upstream respawned, in room made by parking the
+        # new, now idle, HTTP session), and every other session still answers.
+        back = await WsClient.connect(proxy.url, ids[0], last_lsn=cursor)
+        attached.append(back)
+        for client in attached:
+            echo = await client.response(await client.call_tool("echo", {"text": "ok"}))
+            assert tool_text(echo) == "ok"
+        assert live_children(proxy) <= 3
+    finally:
+        for client in attached:
+            await client.close()
+        proxy.kill()
+
+
+async def test_a_session_flood_is_not_a_process_flood(tmp_path: Path) -> None:
+    # Issue 15 finding 5: 30 concurrent initialize POSTs spawned 30 children.
+    proxy = capped(tmp_path, 4, 4)
+    bystander = await WsClient.connect(proxy.url)
+    peak = 0
+    flooding = True
+
+    async def watch() -> None:
+        nonlocal peak
+        while flooding:
+            peak = max(peak, live_children(proxy))
+            await asyncio.sleep(0.01)
+
+    try:
+        await bystander.initialize()
+        watcher = asyncio.ensure_future(watch())
+        answers = await asyncio.gather(*(initialize_over_http(proxy.url) for _ in range(30)))
+        flooding = False
+        await watcher
+        codes = [a["error"]["code"] for a in answers if "error" in a]  # type: ignore[index]
+        assert set(codes) <= {-32011}, answers
+        assert len(answers) - len(codes) >= 3  # at least as many as there was room for
+        assert peak <= 4
+        echo = await bystander.response(await bystander.call_tool("echo", {"text": "fine"}))
+        assert tool_text(echo) == "fine"
+        assert live_children(proxy) <= 4
+    finally:
         await bystander.close()
         proxy.kill()
