@@ -262,11 +262,13 @@ class UpstreamSlots:
         return (runner.core.principal if runner is not None else None) or ANONYMOUS
 
     def _full(self, principal: str) -> str | None:
+        # The principal's share first: parking one of its own sessions frees a slot of the
+        # total too, and never costs another principal its upstream.
         cfg = self.hub.config.upstream
-        if len(self.live) >= cfg.max_live_upstreams:
-            return "upstream.max_live_upstreams"
         if self.per_principal[principal] >= cfg.max_live_upstreams_per_principal:
             return "upstream.max_live_upstreams_per_principal"
+        if len(self.live) >= cfg.max_live_upstreams:
+            return "upstream.max_live_upstreams"
         return None
 
     async def acquire(self, session_id: str) -> None:

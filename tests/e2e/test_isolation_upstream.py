@@ -143,10 +143,15 @@ def capped(tmp_path: Path, total: int, per_principal: int) -> ProxyProcess:
 
 
 async def initialize_over_http(url: str) -> dict[str, object]:
-    client = HttpClient(url)
+    return (await new_http_session(url))[1]
+
+
+async def new_http_session(url: str, token: str | None = None) -> tuple[str, dict[str, object]]:
+    """A new session over HTTP: its id (a log prefix) and the answer to its initialize."""
+    client = HttpClient(url, {"Authorization": f"Bearer {token}"} if token else None)
     try:
-        _, events = await client.request("initialize", INIT_PARAMS)
-        return messages(events)[-1]
+        resp, events = await client.request("initialize", INIT_PARAMS)
+        return resp.headers.get("Mcp-Session-Id", "")[:8] + "…", messages(events)[-1]
     finally:
         await client.close()
 
@@ -216,4 +221,42 @@ async def test_a_session_flood_is_not_a_process_flood(tmp_path: Path) -> None:
         assert live_children(proxy) <= 4
     finally:
         await bystander.close()
+        proxy.kill()
+
+
+async def test_a_full_principal_share_parks_that_principals_own_idle_session(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "capped.toml"
+    config.write_text(
+        '[auth]\ntokens_env = "MCPROXY_TEST_TOKENS"\n'
+        "[upstream]\nmax_live_upstreams = 3\nmax_live_upstreams_per_principal = 2\n"
+    )
+    tokens = "alice:alice-token-0123456789,bob:bob-token-0123456789"
+    proxy = ProxyProcess(
+        tmp_path / "mcproxy.db",
+        None,
+        "--config",
+        str(config),
+        env={"MCPROXY_TEST_TOKENS": tokens},
+    ).start()
+    alice, bob = "alice-token-0123456789", "bob-token-0123456789"
+    try:
+        b1, _ = await new_http_session(proxy.url, bob)  # the least recently used of all
+        a1, _ = await new_http_session(proxy.url, alice)
+        a2, _ = await new_http_session(proxy.url, alice)  # the total is full now
+        # Alice's share is full: her own idle session makes room, not Bob's older one.
+        a3, answer = await new_http_session(proxy.url, alice)
+        assert "result" in answer, answer
+        # Bob's share is not full, the total is: the least recently used idle one goes.
+        b2, answer = await new_http_session(proxy.url, bob)
+        assert "result" in answer, answer
+        parked = [(e["session"], e["limit"]) for e in proxy.events("upstream.park_for_room")]
+        assert parked == [
+            (a1, "upstream.max_live_upstreams_per_principal"),
+            (b1, "upstream.max_live_upstreams"),
+        ]
+        assert live_children(proxy) == 3
+        assert len({a1, a2, a3, b1, b2}) == 5
+    finally:
         proxy.kill()
