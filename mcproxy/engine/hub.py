@@ -291,7 +291,7 @@ class UpstreamSlots:
                 and runner.idle
             ]
             if not idle:
-                self.hub.metrics.upstream_events.labels("refused").inc()
+                # Counted as spawn_failed by the runner; the log says why.
                 log.warning("upstream.capacity", session=short_id(session_id), limit=full)
                 raise UpstreamCapacity(f"too many live upstreams ({full}); none idle to park")
             victim = min(idle, key=lambda r: r.last_active)
