@@ -160,9 +160,12 @@ async def test_live_upstreams_are_capped_parking_the_least_recently_used_idle(
     tmp_path: Path,
 ) -> None:
     proxy = capped(tmp_path, 3, 3)
-    attached = [await WsClient.connect(proxy.url) for _ in range(3)]
+    attached: list[WsClient] = []
     try:
-        ids = [(await c.initialize())["result"]["mcpSessionId"] for c in attached]
+        ids = []
+        for _ in range(3):  # each binds its session at once (limits.bind_timeout_s)
+            attached.append(await WsClient.connect(proxy.url))
+            ids.append((await attached[-1].initialize())["result"]["mcpSessionId"])
         await eventually(lambda: live_children(proxy) == 3)
         # Three sessions with a client attached: none can be parked, the fourth is refused.
         refused = await initialize_over_http(proxy.url)
