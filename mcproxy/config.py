@@ -11,7 +11,7 @@ import os
 import shlex
 import tomllib
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -74,6 +74,35 @@ DEFAULT_READ_TIMEOUT_S: Final = 300.0
 # Resumption attempts for one dropped SSE stream (waiting `retry`, doubling) before the
 # upstream counts as lost.
 DEFAULT_SSE_MAX_RECONNECTS: Final = 5
+# Isolation and resource bounds of the upstreams (issue 15; docs/SECURITY.md).
+# The child's environment: only these variables of the daemon's ("PREFIX*" matches a prefix),
+# then `env` on top. Never the variables named by auth.tokens_env or upstream.bearer_token_env,
+# even if listed: the child must not see the proxy's secrets.
+DEFAULT_ENV_PASSTHROUGH: Final = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    "PYTHON*",
+    "VIRTUAL_ENV",
+)
+DEFAULT_ENV: Final[dict[str, str]] = {}  # static, non-secret variables set for the child
+# Bytes written toward one stdio child and not yet read by it. Beyond this a request is
+# answered -32015 at once and a notification is dropped (logged): a child that stops reading
+# must not grow the proxy. A single larger message still goes when nothing is queued.
+DEFAULT_MAX_QUEUED_BYTES: Final = 4 * 1024 * 1024
+# Live per-session upstreams (child processes, or upstream HTTP sessions), in total and per
+# principal. At the cap the least recently used idle session is parked to make room; with
+# none to park the new upstream is refused (-32011). Not applied to mode = "shared", whose
+# processes are `pool_size`. ~12 MB per Python SDK child: 128 of them are ~1.5 GB.
+DEFAULT_MAX_LIVE_UPSTREAMS: Final = 128
+DEFAULT_MAX_LIVE_UPSTREAMS_PER_PRINCIPAL: Final = 64
 
 # --- [store] ----------------------------------------------------------------------------
 DEFAULT_DB_PATH: Final = (
@@ -125,6 +154,14 @@ LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 SESSION_ID_MIN: Final = 16
 SESSION_ID_MAX: Final = 128
 
+# Bounds live on the record itself (msgspec checks them while converting, and the error names
+# the key and the bound), so no hand-kept table can drift from the fields it checks.
+Positive = Annotated[float, msgspec.Meta(gt=0)]  # a duration or a rate that must pass
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]  # 0 means "at once" / "no wait"
+Count = Annotated[int, msgspec.Meta(ge=1)]  # a size or a count of at least one
+OptionalCount = Annotated[int, msgspec.Meta(ge=0)]  # 0 means "none" or "no limit" (documented)
+Milliseconds = Annotated[int, msgspec.Meta(ge=1)]
+
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -134,56 +171,62 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     listen: str = DEFAULT_LISTEN
     path: str = DEFAULT_PATH
     require_session_id: bool = DEFAULT_REQUIRE_SESSION_ID
-    heartbeat_s: float = DEFAULT_HEARTBEAT_S
-    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    heartbeat_s: Positive = DEFAULT_HEARTBEAT_S
+    shutdown_timeout_s: Positive = DEFAULT_SHUTDOWN_TIMEOUT_S
     cookie_name: str = DEFAULT_COOKIE_NAME
     allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
-    sse_retry_ms: int = DEFAULT_SSE_RETRY_MS
-    sse_keepalive_s: float = DEFAULT_SSE_KEEPALIVE_S
+    sse_retry_ms: Milliseconds = DEFAULT_SSE_RETRY_MS
+    sse_keepalive_s: Positive = DEFAULT_SSE_KEEPALIVE_S
 
 
 class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     target: str = DEFAULT_UPSTREAM
     mode: Literal["per-session", "shared"] = DEFAULT_UPSTREAM_MODE
-    pool_size: int = DEFAULT_POOL_SIZE
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    pool_size: Count = DEFAULT_POOL_SIZE
+    max_in_flight: OptionalCount = DEFAULT_MAX_IN_FLIGHT
     batch_scheduling: bool = DEFAULT_BATCH_SCHEDULING
-    stdin_close_grace_s: float = DEFAULT_STDIN_CLOSE_GRACE_S
-    sigterm_grace_s: float = DEFAULT_SIGTERM_GRACE_S
-    respawn_initial_delay_s: float = DEFAULT_RESPAWN_INITIAL_DELAY_S
-    respawn_max_delay_s: float = DEFAULT_RESPAWN_MAX_DELAY_S
-    respawn_stable_s: float = DEFAULT_RESPAWN_STABLE_S
-    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    stdin_close_grace_s: NonNegative = DEFAULT_STDIN_CLOSE_GRACE_S
+    sigterm_grace_s: NonNegative = DEFAULT_SIGTERM_GRACE_S
+    respawn_initial_delay_s: NonNegative = DEFAULT_RESPAWN_INITIAL_DELAY_S
+    respawn_max_delay_s: Positive = DEFAULT_RESPAWN_MAX_DELAY_S
+    respawn_stable_s: NonNegative = DEFAULT_RESPAWN_STABLE_S
+    init_timeout_s: Positive = DEFAULT_INIT_TIMEOUT_S
+    max_line_bytes: Count = DEFAULT_MAX_LINE_BYTES
     headers: dict[str, str] = msgspec.field(default_factory=lambda: dict(DEFAULT_HEADERS))
     bearer_token_env: str = DEFAULT_BEARER_TOKEN_ENV
     bearer_token_file: str = DEFAULT_BEARER_TOKEN_FILE
     tls_verify: bool = DEFAULT_TLS_VERIFY
     tls_ca_file: str = DEFAULT_TLS_CA_FILE
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
-    sse_max_reconnects: int = DEFAULT_SSE_MAX_RECONNECTS
+    connect_timeout_s: Positive = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: Positive = DEFAULT_READ_TIMEOUT_S
+    sse_max_reconnects: OptionalCount = DEFAULT_SSE_MAX_RECONNECTS
+    # Isolation and resource bounds (issue 15).
+    env_passthrough: tuple[str, ...] = DEFAULT_ENV_PASSTHROUGH
+    env: dict[str, str] = msgspec.field(default_factory=lambda: dict(DEFAULT_ENV))
+    max_queued_bytes: Count = DEFAULT_MAX_QUEUED_BYTES
+    max_live_upstreams: Count = DEFAULT_MAX_LIVE_UPSTREAMS
+    max_live_upstreams_per_principal: Count = DEFAULT_MAX_LIVE_UPSTREAMS_PER_PRINCIPAL
 
 
 class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     path: str = DEFAULT_DB_PATH
     durability: Literal["normal", "full"] = DEFAULT_DURABILITY
-    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch: Count = DEFAULT_MAX_BATCH
 
 
 class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS
-    dedupe_window: int = DEFAULT_DEDUPE_WINDOW
-    send_queue_max: int = DEFAULT_SEND_QUEUE_MAX
-    max_sessions: int = DEFAULT_MAX_SESSIONS
-    max_sessions_per_principal: int = DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
-    connections_per_s: float = DEFAULT_CONNECTIONS_PER_S
-    connection_burst: int = DEFAULT_CONNECTION_BURST
-    messages_per_s: float = DEFAULT_MESSAGES_PER_S
-    message_burst: int = DEFAULT_MESSAGE_BURST
-    bind_timeout_s: float = DEFAULT_BIND_TIMEOUT_S
+    max_message_bytes: Count = DEFAULT_MAX_MESSAGE_BYTES
+    max_pending_requests: Count = DEFAULT_MAX_PENDING_REQUESTS
+    dedupe_window: Count = DEFAULT_DEDUPE_WINDOW
+    send_queue_max: Count = DEFAULT_SEND_QUEUE_MAX
+    max_sessions: Count = DEFAULT_MAX_SESSIONS
+    max_sessions_per_principal: Count = DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
+    connections_per_s: Positive = DEFAULT_CONNECTIONS_PER_S
+    connection_burst: Count = DEFAULT_CONNECTION_BURST
+    messages_per_s: Positive = DEFAULT_MESSAGES_PER_S
+    message_burst: Count = DEFAULT_MESSAGE_BURST
+    bind_timeout_s: Positive = DEFAULT_BIND_TIMEOUT_S
 
 
 class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -193,10 +236,10 @@ class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 
 class SessionsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    park_after_s: float = DEFAULT_PARK_AFTER_S
-    expire_after_s: float = DEFAULT_EXPIRE_AFTER_S
-    max_log_events: int = DEFAULT_MAX_LOG_EVENTS
-    sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S
+    park_after_s: Positive = DEFAULT_PARK_AFTER_S
+    expire_after_s: Positive = DEFAULT_EXPIRE_AFTER_S
+    max_log_events: Count = DEFAULT_MAX_LOG_EVENTS
+    sweep_interval_s: Positive = DEFAULT_SWEEP_INTERVAL_S
 
 
 class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -355,44 +398,33 @@ def validate(config: Config) -> Config:
         raise ConfigError("metrics.path must start with '/'")
     if config.metrics.listen:
         parse_listen(config.metrics.listen)
-    positive: dict[str, float] = {
-        "server.heartbeat_s": config.server.heartbeat_s,
-        "server.shutdown_timeout_s": config.server.shutdown_timeout_s,
-        "server.sse_retry_ms": config.server.sse_retry_ms,
-        "server.sse_keepalive_s": config.server.sse_keepalive_s,
-        "upstream.init_timeout_s": config.upstream.init_timeout_s,
-        "upstream.max_line_bytes": config.upstream.max_line_bytes,
-        "upstream.respawn_max_delay_s": config.upstream.respawn_max_delay_s,
-        "upstream.connect_timeout_s": config.upstream.connect_timeout_s,
-        "upstream.read_timeout_s": config.upstream.read_timeout_s,
-        "upstream.pool_size": config.upstream.pool_size,
-        "store.max_batch": config.store.max_batch,
-        "limits.max_message_bytes": config.limits.max_message_bytes,
-        "limits.max_pending_requests": config.limits.max_pending_requests,
-        "limits.dedupe_window": config.limits.dedupe_window,
-        "limits.send_queue_max": config.limits.send_queue_max,
-        "limits.max_sessions": config.limits.max_sessions,
-        "limits.max_sessions_per_principal": config.limits.max_sessions_per_principal,
-        "limits.connections_per_s": config.limits.connections_per_s,
-        "limits.connection_burst": config.limits.connection_burst,
-        "limits.messages_per_s": config.limits.messages_per_s,
-        "limits.message_burst": config.limits.message_burst,
-        "limits.bind_timeout_s": config.limits.bind_timeout_s,
-        "sessions.park_after_s": config.sessions.park_after_s,
-        "sessions.expire_after_s": config.sessions.expire_after_s,
-        "sessions.max_log_events": config.sessions.max_log_events,
-        "sessions.sweep_interval_s": config.sessions.sweep_interval_s,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value}")
-    if config.upstream.respawn_initial_delay_s < 0:
-        raise ConfigError("upstream.respawn_initial_delay_s must not be negative")
-    if config.upstream.sse_max_reconnects < 0:
-        raise ConfigError("upstream.sse_max_reconnects must not be negative")
-    if config.upstream.max_in_flight < 0:
-        raise ConfigError("upstream.max_in_flight must not be negative (0: no limit)")
+    _validate_environment(config)
     return config
+
+
+def secret_variables(config: Config) -> frozenset[str]:
+    """The environment variables that hold the proxy's own secrets: never given to a child."""
+    return frozenset(n for n in (config.auth.tokens_env, config.upstream.bearer_token_env) if n)
+
+
+def _validate_environment(config: Config) -> None:
+    up = config.upstream
+    for name in up.env_passthrough:
+        bare = name[:-1] if name.endswith("*") else name
+        if not bare or "=" in bare or "*" in bare or "\0" in bare:
+            raise ConfigError(f"upstream.env_passthrough: {name!r} is not a variable name")
+    secrets = secret_variables(config)
+    for name, value in up.env.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise ConfigError(f"upstream.env: {name!r} is not a valid variable")
+        if name in secrets:
+            raise ConfigError(
+                f"upstream.env: {name!r} holds the proxy's tokens; it is never given to the child"
+            )
+    if up.max_live_upstreams_per_principal > up.max_live_upstreams:
+        raise ConfigError(
+            "upstream.max_live_upstreams_per_principal must not exceed upstream.max_live_upstreams"
+        )
 
 
 def load(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -413,5 +445,11 @@ def load(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = 
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+        # msgspec says "Expected `float` >= 0.0, got -5.0 - at `$.upstream.sigterm_grace_s`":
+        # lead with the key, as every other config error does.
+        text = str(exc)
+        message, sep, where = text.rpartition(" - at `$.")
+        if sep and where.endswith("`"):
+            text = f"{where[:-1]}: {message}"
+        raise ConfigError(f"{path or 'config'}: {text}") from exc
     return validate(config)

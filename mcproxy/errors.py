@@ -61,6 +61,11 @@ class UpstreamError(MCProxyError):
     """The upstream server could not be started, or it broke the connection."""
 
 
+class UpstreamCapacity(UpstreamError):
+    """No upstream may start: ``upstream.max_live_upstreams`` (or its per-principal share) is
+    reached and no idle session could be parked. Its text is safe to show the client."""
+
+
 class LineTooLong(UpstreamError):
     """A stdio line exceeded ``upstream.max_line_bytes`` (the framing cannot resync)."""
 

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+import shlex
 import signal
 import struct
 import subprocess
@@ -41,9 +42,17 @@ class ProxyProcess:
         *extra: str,
         env: dict[str, str] | None = None,
         port: int = 0,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.db = db
+        self.pass_fds = pass_fds  # descriptors the daemon inherits
         self.upstream = upstream or fixture_upstream()
+        # A stdio child sees only an allow-list of the daemon's environment (upstream
+        # .env_passthrough): the fixture's own variables are handed to it explicitly.
+        for_child = {k: v for k, v in (env or {}).items() if k.startswith("FIXTURE_")}
+        if for_child and self.upstream.startswith("stdio:"):
+            assigned = " ".join(shlex.quote(f"{k}={v}") for k, v in for_child.items())
+            self.upstream = f"stdio:env {assigned} {self.upstream[len('stdio:') :]}"
         self.extra = extra
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -73,6 +82,7 @@ class ProxyProcess:
             stderr=subprocess.PIPE,
             env=self.env,
             cwd=ROOT,
+            pass_fds=self.pass_fds,
         )
         threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
         if not self._ready.wait(TIMEOUT):

@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
+from collections.abc import Collection
 from typing import Final
 
 import structlog
@@ -21,9 +22,9 @@ from mcproxy.core.guard import AddressLimiter
 from mcproxy.core.session import Limits, Session
 from mcproxy.engine.runner import SessionRunner, short_id
 from mcproxy.engine.store import Store
-from mcproxy.errors import LimitExceeded
+from mcproxy.errors import LimitExceeded, UpstreamCapacity
 from mcproxy.metrics import Metrics
-from mcproxy.upstreams.base import UpstreamFactory
+from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
 
 log = structlog.get_logger("mcproxy")
 
@@ -59,6 +60,11 @@ class Hub:
             dedupe_window=config.limits.dedupe_window,
         )
         self.runners: dict[str, SessionRunner] = {}
+        if config.upstream.mode == "per-session":  # shared: its processes are pool_size
+            self.slots: UpstreamSlots | None = UpstreamSlots(self)
+            self.upstream_factory = self.slots.wrap(upstream_factory)
+        else:
+            self.slots = None
         self.counts: Counter[str] = Counter()  # stored sessions per principal
         self.tokens = tokens or TokenTable([])
         limits = config.limits
@@ -226,3 +232,121 @@ class Hub:
     async def aclose(self) -> None:
         runners = list(self.runners.values())
         await asyncio.gather(*(r.aclose() for r in runners), return_exceptions=True)
+
+
+class UpstreamSlots:
+    """The cap on live per-session upstreams (``upstream.max_live_upstreams``, in total and
+    per principal; issue 15 finding 5: a session flood must not be a process flood).
+
+    A slot is taken when an upstream starts and given back when it is closed, lost or fails
+    to start. At the cap, the least recently used idle session (no client attached, nothing
+    in flight: what ``sweep`` would park later anyway) is parked now to make room, of the
+    same principal when it is that principal's share that is full; with none to park the
+    start is refused with ``UpstreamCapacity``, which the session answers -32011 with the
+    reason (docs/SECURITY.md).
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.live: dict[str, str] = {}  # session id -> principal, of upstreams holding a slot
+        self.per_principal: Counter[str] = Counter()
+
+    def wrap(self, factory: UpstreamFactory) -> UpstreamFactory:
+        def admitted(session_id: str, handler: UpstreamHandler) -> Upstream:
+            return _Admitted(self, session_id, factory, handler)
+
+        return admitted
+
+    def _principal(self, session_id: str) -> str:
+        runner = self.hub.runners.get(session_id)
+        return (runner.core.principal if runner is not None else None) or ANONYMOUS
+
+    def _full(self, principal: str) -> str | None:
+        # The principal's share first: parking one of its own sessions frees a slot of the
+        # total too, and never costs another principal its upstream.
+        cfg = self.hub.config.upstream
+        if self.per_principal[principal] >= cfg.max_live_upstreams_per_principal:
+            return "upstream.max_live_upstreams_per_principal"
+        if len(self.live) >= cfg.max_live_upstreams:
+            return "upstream.max_live_upstreams"
+        return None
+
+    async def acquire(self, session_id: str) -> None:
+        """Take a slot for ``session_id``, parking idle sessions if needed.
+
+        Raises:
+            UpstreamCapacity: the cap is reached and no idle session can be parked.
+        """
+        principal = self._principal(session_id)
+        tried: set[str] = set()
+        while (full := self._full(principal)) is not None:
+            same = full.endswith("per_principal")
+            idle = [
+                runner
+                for sid, owner in self.live.items()
+                if sid != session_id
+                and sid not in tried
+                and (not same or owner == principal)
+                and (runner := self.hub.runners.get(sid)) is not None
+                and runner.idle
+            ]
+            if not idle:
+                # Counted as spawn_failed by the runner; the log says why.
+                log.warning("upstream.capacity", session=short_id(session_id), limit=full)
+                raise UpstreamCapacity(f"too many live upstreams ({full}); none idle to park")
+            victim = min(idle, key=lambda r: r.last_active)
+            tried.add(victim.id)
+            log.info("upstream.park_for_room", session=victim.label, limit=full)
+            await self.hub.park(victim.id)
+        self.live[session_id] = principal
+        self.per_principal[principal] += 1
+
+    def release(self, session_id: str) -> None:
+        principal = self.live.pop(session_id, None)
+        if principal is not None:
+            self.per_principal[principal] -= 1
+
+
+class _Admitted:
+    """An upstream that holds a slot of ``UpstreamSlots`` from its start to its end."""
+
+    def __init__(
+        self,
+        slots: UpstreamSlots,
+        session_id: str,
+        factory: UpstreamFactory,
+        handler: UpstreamHandler,
+    ) -> None:
+        self.slots = slots
+        self.session_id = session_id
+        self.handler = handler
+        self.on_upstream_message = handler.on_upstream_message  # straight through
+        self.inner = factory(session_id, self)
+        self._holding = False  # released once, by whichever end comes first
+
+    async def start(self) -> None:
+        await self.slots.acquire(self.session_id)
+        self._holding = True
+        try:
+            await self.inner.start()
+        except BaseException:
+            self._release()
+            raise
+
+    def send(self, data: bytes) -> None:
+        self.inner.send(data)
+
+    async def aclose(self) -> None:
+        try:
+            await self.inner.aclose()
+        finally:
+            self._release()
+
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
+        self._release()
+        self.handler.on_upstream_lost(reason, unsent)
+
+    def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.slots.release(self.session_id)

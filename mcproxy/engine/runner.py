@@ -44,7 +44,7 @@ from mcproxy.core.session import (
     UpstreamState,
 )
 from mcproxy.engine.store import Store
-from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
+from mcproxy.errors import MCProxyError, ProtocolError, UpstreamCapacity, UpstreamError
 from mcproxy.metrics import Metrics
 from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, backoff
@@ -600,7 +600,9 @@ class SessionRunner:
             except UpstreamError as exc:
                 self.metrics.upstream_events.labels("spawn_failed").inc()
                 log.error("upstream.spawn_failed", session=self.label, error=str(exc))
-                self.execute(self.core.upstream_unavailable("spawn failed"))
+                # Only a capacity refusal says why on the wire: other causes carry paths.
+                reason = str(exc) if isinstance(exc, UpstreamCapacity) else "spawn failed"
+                self.execute(self.core.upstream_unavailable(reason))
                 return
             self.metrics.upstream_events.labels("spawned").inc()
             self.upstream = upstream

@@ -48,7 +48,7 @@ from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
 from mcproxy.upstreams.http import HttpOptions, HttpUpstream
 from mcproxy.upstreams.shared import SharedPool
-from mcproxy.upstreams.stdio import StdioUpstream, command_available
+from mcproxy.upstreams.stdio import StdioUpstream, child_environment, command_available
 
 log = structlog.get_logger("mcproxy")
 
@@ -115,10 +115,11 @@ def upstream_factory(config: Config, store: Store) -> UpstreamFactory:
 
         return http_factory
     argv = target.argv
+    env = child_environment(config, os.environ)  # once: no token variable, ever
     if config.upstream.mode == "shared":  # one pool of children for every session
 
         def child(handler: UpstreamHandler, label: str) -> Upstream:
-            return StdioUpstream(argv, handler, config.upstream, label)
+            return StdioUpstream(argv, handler, config.upstream, label, env)
 
         return SharedPool(
             child,
@@ -128,7 +129,7 @@ def upstream_factory(config: Config, store: Store) -> UpstreamFactory:
         )
 
     def factory(session_id: str, handler: UpstreamHandler) -> Upstream:
-        return StdioUpstream(argv, handler, config.upstream, short_id(session_id))
+        return StdioUpstream(argv, handler, config.upstream, short_id(session_id), env)
 
     return factory
 

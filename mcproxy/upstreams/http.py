@@ -29,7 +29,11 @@ answers (and ends the upstream session a killed proxy left behind); the core the
   on every later request, with ``MCP-Protocol-Version`` (§"Protocol Version Header"). A 404
   for it means the upstream ended it (it restarted, or expired the session): the upstream is
   lost, and the runner starts a new instance, which the core re-initializes from the stored
-  ``initialize``, log level and subscriptions. ``aclose()`` DELETEs the session. Its id is
+  ``initialize``, log level and subscriptions. A request answered that way (404, or a 400
+  saying the session is unknown or not initialized) was refused before anything ran, so it
+  is reported ``unsent`` with the loss, as are the requests still waiting in the outbox: the
+  core sends them to the new upstream session as they are, whatever the tool's annotations,
+  instead of answering "outcome unknown". ``aclose()`` DELETEs the session. Its id is
   persisted with the proxy session (``StateSlot``), so that after a proxy crash the next
   ``start()`` DELETEs it instead of leaking it.
 
@@ -83,6 +87,10 @@ _GATEWAY_ERRORS: Final = frozenset({502, 503, 504})
 # SDK allows one), throttling, a gateway without its upstream.
 _TRANSIENT: Final = frozenset({409, 425, 429, *_GATEWAY_ERRORS})
 _ERROR_BODY_MAX: Final = 64 * 1024  # of an HTTP error answer, read for its JSON-RPC error
+# A 400 whose body says this refused the request for its session, not for its content: the
+# SDKs answer "No valid session ID provided" (Python) or "Server not initialized" (TypeScript)
+# to a session id that a restarted server does not know.
+_NO_SESSION_HINTS: Final = (b"session", b"not initialized")
 # After its response a request's stream ends (transports §"Sending Messages" item 6.4).
 # Reading up to that end lets the connection be reused (measured: half of the latency mcproxy
 # adds per call); a server that keeps the stream open is cut after this.
@@ -264,11 +272,15 @@ class HttpUpstream:
         self._headers: dict[str, str] = {}  # the MCP headers of every request after initialize
         self._outbox: deque[bytes] = deque()
         self._wakeup = asyncio.Event()
-        self._tasks = TaskSet(f"upstream:{session_label}")
+        # A stream reader or the writer that dies of an unexpected error loses the upstream
+        # (the session re-issues or answers what was in flight) rather than leaving a request
+        # waiting forever on a task that no longer exists (issue 16 item 5).
+        self._tasks = TaskSet(f"upstream:{session_label}", self._task_failed)
         self._ending = TaskSet(f"upstream-end:{session_label}")  # survives _tasks.cancel_all
         self._listening = False
         self._closing = False
         self._lost = False
+        self._refused: set[int] = set()  # request ids the upstream provably did not accept
         self._delay_cap_s = max(config.respawn_max_delay_s, DEFAULT_RETRY_MS / 1000)
 
     # --- Upstream protocol ------------------------------------------------------------
@@ -395,6 +407,9 @@ class HttpUpstream:
             async with self._http.post(
                 self.url, data=data, headers=self._post_headers(), allow_redirects=False
             ) as resp:
+                if await self._session_unknown(resp):
+                    self._lose(f"upstream session unknown (HTTP {resp.status})", ended=True)
+                    return False
                 if not self._session_alive(resp):
                     return False
                 if resp.status >= 300:
@@ -425,6 +440,13 @@ class HttpUpstream:
             async with self._http.post(
                 self.url, data=data, headers=self._post_headers(), allow_redirects=False
             ) as resp:
+                if await self._session_unknown(resp):
+                    # Refused before anything ran: not "outcome unknown", but sent again to
+                    # the next upstream session (after its initialize).
+                    if stream.related is not None:
+                        self._refused.add(stream.related)
+                    self._lose(f"upstream session unknown (HTTP {resp.status})", ended=True)
+                    return
                 if not self._session_alive(resp):
                     return
                 if resp.status >= 300:
@@ -457,6 +479,19 @@ class HttpUpstream:
             )
         if not stream.answered:
             await self._resume(stream, initialize, why)
+
+    async def _session_unknown(self, resp: aiohttp.ClientResponse) -> bool:
+        """The answer proves the upstream refused a POST for its session (so did not act on
+        it): 404 for our session id (transports §"Session Management" item 4), or a 400 whose
+        body says the session is unknown or not initialized (a restarted SDK server)."""
+        if self.session_id is None:
+            return False
+        if resp.status == 404:
+            return True
+        if resp.status != 400:
+            return False
+        body = (await resp.content.read(_ERROR_BODY_MAX)).lower()
+        return any(hint in body for hint in _NO_SESSION_HINTS)
 
     def _session_alive(self, resp: aiohttp.ClientResponse, resuming: bool = False) -> bool:
         """False (and the upstream lost) if the answer says the session or the server is
@@ -700,6 +735,9 @@ class HttpUpstream:
 
     # --- ending -----------------------------------------------------------------------
 
+    def _task_failed(self, task: asyncio.Task[object], exc: BaseException) -> None:
+        self._lose(f"internal error in {task.get_name()}: {exc!r}")
+
     def _lose(self, reason: str, ended: bool = False) -> None:
         """The upstream session cannot go on: stop everything, then tell the session (once).
         ``ended``: the upstream already forgot the session (404), so no DELETE."""
@@ -717,8 +755,16 @@ class HttpUpstream:
         await self._close_http()
         if self._closing:
             return
-        log.warning("upstream.lost", session=self.session_label, reason=reason)
-        self.handler.on_upstream_lost(reason)
+        # Never POSTed (still in the outbox) or provably refused: they go to the next upstream
+        # session as they are (``UpstreamHandler.on_upstream_lost``).
+        unsent = set(self._refused)
+        for data in self._outbox:
+            head = _head(data)
+            if head.method is not None and type(head.id) is int:
+                unsent.add(head.id)
+        self._outbox.clear()
+        log.warning("upstream.lost", session=self.session_label, reason=reason, unsent=len(unsent))
+        self.handler.on_upstream_lost(reason, unsent)
 
     async def _end_session(self) -> None:
         """transports §"Session Management" item 5: DELETE the session we no longer use."""

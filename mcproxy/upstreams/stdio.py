@@ -1,10 +1,13 @@
 """An upstream MCP server run as a child process speaking newline-delimited JSON on stdio.
 
 The child runs in its own process group (so a stop reaches its helpers too) and is bound to
-the proxy with ``PR_SET_PDEATHSIG`` (so a SIGKILLed proxy leaves no orphans). Its stderr is
-logged line by line with the session it belongs to (transports §stdio: stderr is logging, not
-an error). Stopping follows lifecycle §Shutdown for stdio: close stdin, wait; SIGTERM the
-group, wait; SIGKILL the group, every step bounded.
+the proxy with ``PR_SET_PDEATHSIG`` (so a SIGKILLed proxy leaves no orphans). It gets a clean
+environment (``child_environment``: an allow-list of the daemon's variables, never the proxy's
+token variables) and no descriptor but its three pipes (``_isolate``), whichever event loop
+spawns it: every stdio child, per-session or shared, is started by ``StdioUpstream.start``.
+Its stderr is logged line by line with the session it belongs to (transports §stdio: stderr
+is logging, not an error). Stopping follows lifecycle §Shutdown for stdio: close stdin,
+wait; SIGTERM the group, wait; SIGKILL the group, every step bounded.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 
+import msgspec
 import structlog
 
-from mcproxy.config import UpstreamConfig
+from mcproxy.config import Config, UpstreamConfig, secret_variables
+from mcproxy.core import jsonrpc
 from mcproxy.core.framing import LineFramer
 from mcproxy.errors import LineTooLong, UpstreamError
 from mcproxy.tasks import TaskSet
@@ -34,13 +41,49 @@ _STDERR_LINE_MAX = 4096  # longer stderr lines are cut in the log, not in the ch
 _EXIT_POLL_S = 0.01
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+class _Head(msgspec.Struct, gc=False):
+    """Enough of a refused message to answer it: the rest is skipped while decoding."""
+
+    id: int | str | None = None
+    method: str | None = None
+
+
+_HEAD = msgspec.json.Decoder(_Head)
+
+
+def child_environment(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of every stdio child: the variables of ``environ`` named by
+    ``upstream.env_passthrough`` ("PREFIX*" matches a prefix), then ``upstream.env``; never
+    the variables holding the proxy's own secrets (``auth.tokens_env``,
+    ``upstream.bearer_token_env``), even if listed (docs/SECURITY.md, "The upstream")."""
+    patterns = config.upstream.env_passthrough
+    secrets = secret_variables(config)
+    env = {
+        name: value
+        for name, value in environ.items()
+        if name not in secrets and any(fnmatchcase(name, p) for p in patterns)
+    }
+    env.update(config.upstream.env)  # validate() refused secret names here
+    return env
+
+
+def _isolate() -> None:  # runs in the child between fork and exec
+    # Nothing the daemon holds reaches the child but its three pipes: a descriptor the daemon
+    # inherited (a tokens file, a listening socket), the store, client sockets. Marked
+    # close-on-exec rather than closed: the spawner's own exec-error pipe must survive until
+    # exec. Needed under uvloop, whose spawn ignores close_fds and leaks every inheritable
+    # descriptor (and duplicates of the pipes) into the child.
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # a SIGKILLed proxy leaves no orphans
 
 
-def _die_with_parent_batch() -> None:  # the same, and SCHED_BATCH (upstream.batch_scheduling)
-    _die_with_parent()
+def _isolate_batch() -> None:  # the same, and SCHED_BATCH (upstream.batch_scheduling)
+    _isolate()
     # Set before exec, so the program and every thread or process it starts inherit it. A
     # system without the policy runs the child as it is.
     with contextlib.suppress(AttributeError, OSError):
@@ -75,17 +118,27 @@ class StdioUpstream:
         handler: UpstreamHandler,
         config: UpstreamConfig,
         session_label: str,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``env``: the child's environment (the daemon computes ``child_environment`` once);
+        None filters this process's environment by ``config`` alone."""
         self.argv = argv
+        self.env = (
+            dict(env) if env is not None else child_environment(Config(upstream=config), os.environ)
+        )
         self.handler = handler
         self.config = config
         self.session_label = session_label
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
-        self._tasks = TaskSet(f"upstream:{session_label}")
+        # A reader that dies (a bug in the session's handling of a line) must not leave the
+        # child running unread: the upstream declares itself lost (issue 16 item 5).
+        self._tasks = TaskSet(f"upstream:{session_label}", self._task_failed)
         self._closing = False
         self._lost = False
         self._unsent: list[bytes] = []  # lines of this loop turn, not yet written
+        self._unsent_bytes = 0
+        self._dropped = 0  # notifications and responses dropped over max_queued_bytes
 
     async def start(self) -> None:
         try:
@@ -95,9 +148,9 @@ class StdioUpstream:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # own session => own process group, pgid == pid
-                preexec_fn=(
-                    _die_with_parent_batch if self.config.batch_scheduling else _die_with_parent
-                ),
+                env=self.env,
+                close_fds=True,
+                preexec_fn=_isolate_batch if self.config.batch_scheduling else _isolate,
             )
         except (OSError, ValueError) as exc:
             raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc
@@ -115,13 +168,55 @@ class StdioUpstream:
         # escape them inside strings, so the encoded envelope is always one line).
         # The lines of one loop turn leave in one write: each pipe write is a system call
         # and wakes the child, and a shared child gets thousands of lines a second.
+        queued = self._unsent_bytes + proc.stdin.transport.get_write_buffer_size()
+        if queued and queued + len(data) > self.config.max_queued_bytes:
+            self._refuse(data, queued)
+            return
         unsent = self._unsent
         unsent += (data, b"\n")
+        self._unsent_bytes += len(data) + 1
         if len(unsent) == 2:
             asyncio.get_running_loop().call_soon(self._write_unsent)
 
+    def _refuse(self, data: bytes, queued: int) -> None:
+        """Over ``upstream.max_queued_bytes``: the child is not reading what it was sent.
+        Holding more would grow the proxy without bound (issue 15 finding 4); a request is
+        answered -32015 (never sent, so safe to retry), anything else is dropped and logged.
+        The answer comes on a later loop turn, as an upstream answer would: never from inside
+        the caller's ``send``."""
+        try:
+            head = _HEAD.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            head = _Head()
+        limit = self.config.max_queued_bytes
+        if head.method is not None and head.id is not None:
+            error = jsonrpc.error_bytes(
+                head.id,
+                jsonrpc.UPSTREAM_BUSY,
+                "the upstream server is not reading its input; the request was not sent",
+                {"queuedBytes": queued, "limit": limit},
+            )
+            asyncio.get_running_loop().call_soon(self._answer_refused, error)
+            return
+        self._dropped += 1
+        if self._dropped & (self._dropped - 1) == 0:  # 1, 2, 4, 8...: bounded logging
+            log.warning(
+                "upstream.send_dropped",
+                session=self.session_label,
+                pid=self.pid,
+                message=head.method or "response",
+                queued_bytes=queued,
+                limit=limit,
+                dropped=self._dropped,
+            )
+
+    def _answer_refused(self, error: bytes) -> None:
+        if not self._closing and not self._lost:
+            self.handler.on_upstream_message(error)
+
     def _write_unsent(self) -> None:
         unsent, self._unsent = self._unsent, []
+        self._unsent_bytes = 0
         proc = self._proc
         if unsent and proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.write(b"".join(unsent))
@@ -141,12 +236,23 @@ class StdioUpstream:
             reason = str(exc)
         except (ConnectionError, OSError) as exc:
             reason = f"stdout read failed: {exc}"
-        if self._closing:
+        await self._report_lost(proc, reason)
+
+    def _task_failed(self, task: asyncio.Task[object], exc: BaseException) -> None:
+        proc = self._proc
+        if proc is None or self._closing or self._lost:
             return
+        reason = f"internal error in {task.get_name()}: {exc!r}"
+        self._tasks.spawn(self._report_lost(proc, reason), f"lost:{self.session_label}")
+
+    async def _report_lost(self, proc: asyncio.subprocess.Process, reason: str) -> None:
+        """Stop the child (whatever is left of it) and tell the session, once."""
+        if self._closing or self._lost:
+            return
+        self._lost = True
         await self._stop(proc)
         reason = f"{reason} (exit status {proc.returncode})"
         log.warning("upstream.lost", session=self.session_label, pid=proc.pid, reason=reason)
-        self._lost = True
         self.handler.on_upstream_lost(reason)
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:

@@ -53,10 +53,15 @@ class HttpFixture:
     """``tests/fixtures/server.py http``: one process on a fixed port (a restart keeps it)."""
 
     def __init__(
-        self, tmp: Path, env: dict[str, str] | None = None, json_response: bool = False
+        self,
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        json_response: bool = False,
+        retry_ms: int = RETRY_MS,
     ) -> None:
         self.port = free_port()
         self.json_response = json_response
+        self.retry_ms = retry_ms
         self.env = {"FIXTURE_COUNTER_DIR": str(tmp), **(env or {})}
         self.log = tmp / f"fixture-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,7 +69,7 @@ class HttpFixture:
     def launch(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(FIXTURE_SERVER), "http", str(self.port), str(RETRY_MS)]
+                [sys.executable, str(FIXTURE_SERVER), "http", str(self.port), str(self.retry_ms)]
                 + (["json"] if self.json_response else []),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -426,6 +431,36 @@ async def test_upstream_killed_and_restarted_mid_call(
         await client.close()
     await eventually(lambda: len(proxy.events("upstream.session")) == 2)  # re-initialized once
     assert len(proxy.events("upstream.lost")) == 1
+
+
+async def test_a_call_refused_by_a_restarted_upstream_runs_once_on_the_new_one(
+    tmp_path: Path, proxy_for: Callable[..., ProxyProcess]
+) -> None:
+    # Issue 16 item 1: the upstream restarts between two calls; the next call's POST is
+    # answered 404 (the old session is unknown to it) before anything ran. It must run, once,
+    # on a new upstream session, whatever its annotations (bump is not read-only), instead of
+    # coming back -32010. A long `retry` keeps the GET stream from noticing the restart first.
+    upstream = await HttpFixture(tmp_path, retry_ms=20_000).start()
+    proxy = proxy_for(upstream.url)
+    client = await WsClient.connect(proxy.url)
+    try:
+        await client.initialize()
+        first = await client.response(await client.call_tool("bump", {"name": "runs"}))
+        assert tool_text(first) == "1"
+        upstream.kill()
+        await upstream.start()  # same port, no sessions: it answers 404 to the old one
+
+        again = await client.response(await client.call_tool("bump", {"name": "runs"}))
+        assert "error" not in again, again
+        assert tool_text(again) == "2"  # ran once more, on the new upstream session
+        assert (tmp_path / "runs").read_text().count("\n") == 2
+        lsns = client.lsns()
+        assert lsns == list(range(1, len(lsns) + 1))
+    finally:
+        await client.close()
+        upstream.kill()
+    await eventually(lambda: len(proxy.events("upstream.session")) == 2)  # re-initialized once
+    assert [e["unsent"] for e in proxy.events("upstream.lost")] == [1]
 
 
 async def test_proxy_killed_and_restarted_keeps_the_session(

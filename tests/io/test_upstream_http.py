@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import pytest
@@ -24,17 +24,23 @@ INIT_RESULT = {"protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo"
 class Session:
     """The session side: what the upstream hands over."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_on: int | None = None) -> None:
         self.messages: list[tuple[dict[str, Any], int | None]] = []
         self.lost: list[str] = []
+        self.unsent: list[set[int]] = []
         self.changed = asyncio.Event()
+        self.fail_on = fail_on  # raise while handling the answer to this id (a bug)
 
     def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
-        self.messages.append((json.loads(line), related))
+        message = json.loads(line)
+        if self.fail_on is not None and message.get("id") == self.fail_on:
+            raise RuntimeError("bug in the session")
+        self.messages.append((message, related))
         self.changed.set()
 
-    def on_upstream_lost(self, reason: str) -> None:
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
         self.lost.append(reason)
+        self.unsent.append(set(unsent))
         self.changed.set()
 
     async def until(self, predicate: Callable[[], bool]) -> None:
@@ -251,7 +257,8 @@ async def test_gateway_errors_and_session_expiry_lose_the_upstream(server: Serve
     up.send(json.dumps(INIT).encode())
     up.send(b'{"jsonrpc":"2.0","id":2,"method":"ping"}')
     await again.until(lambda: bool(again.lost))
-    assert again.lost == ["upstream session expired (HTTP 404)"]
+    assert again.lost == ["upstream session unknown (HTTP 404)"]
+    assert again.unsent == [{2}]  # refused before it ran: sent again, not "outcome unknown"
     assert slot.value is None and [k for k, _, _ in server.seen][-1] == "POST ping"  # no DELETE
 
 
@@ -273,3 +280,70 @@ async def test_start_ends_a_stale_session_or_fails_clearly(server: Server) -> No
 
     with pytest.raises(UpstreamError, match="cannot reach"):
         await upstream(f"http://127.0.0.1:{free_port()}/mcp", Session()).start()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "refused"),
+    [
+        (404, b"Session not found", True),
+        (
+            400,
+            b'{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session'
+            b' ID provided"},"id":null}',
+            True,
+        ),
+        (
+            400,
+            b'{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: Server not'
+            b' initialized"},"id":null}',
+            True,
+        ),
+        (400, b'{"jsonrpc":"2.0","error":{"code":-32602,"message":"bad arguments"},"id":3}', False),
+    ],
+)
+async def test_a_request_refused_for_its_session_is_unsent_not_unknown(
+    server: Server, status: int, body: bytes, refused: bool
+) -> None:
+    # Issue 16 item 1: a restarted upstream answers 404 (or 400, "no session") to the old
+    # session's requests before running anything: those requests are reported unsent (the
+    # core sends them again after re-initializing), and so are those never POSTed.
+    async def refuse(request: web.Request, body_: dict[str, Any] | None) -> web.Response:
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    server.routes |= {"POST initialize": initialized(), "POST tools/call": refuse}
+    session = Session()
+    up = upstream(server.url, session)
+    await up.start()
+    up.send(json.dumps(INIT).encode())
+    await session.until(lambda: bool(session.messages))
+    up.send(b'{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{}}')
+    if refused:
+        await session.until(lambda: bool(session.lost))
+        assert session.unsent == [{3}] and "session unknown" in session.lost[0]
+        assert [k for k, _, _ in server.seen][-1] == "POST tools/call"  # no DELETE: it is gone
+    else:  # refused for its content: answered, and the session goes on
+        await session.until(lambda: len(session.messages) == 2)
+        error = session.messages[1][0]["error"]
+        assert error["data"]["httpStatus"] == 400
+        assert not session.lost
+    await up.aclose()
+
+
+async def test_a_reader_that_dies_loses_the_upstream(server: Server) -> None:
+    # Issue 16 item 5: an unexpected error in a stream reader (here: in the session's handling
+    # of the answer) must reach the session as a loss, not leave its request waiting forever.
+    async def answer(request: web.Request, body: dict[str, Any] | None) -> web.Response:
+        assert body is not None
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": {}})
+
+    server.routes |= {"POST initialize": initialized(), "POST tools/call": answer}
+    session = Session(fail_on=5)
+    up = upstream(server.url, session)
+    await up.start()
+    up.send(json.dumps(INIT).encode())
+    up.send(b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{}}')
+    await session.until(lambda: bool(session.lost))
+    assert "internal error" in session.lost[0] and "bug in the session" in session.lost[0]
+    assert [k for k, _, _ in server.seen][-1] == "DELETE"  # its upstream session was ended
+    await up.aclose()
+    assert len(session.lost) == 1

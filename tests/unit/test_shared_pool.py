@@ -264,7 +264,7 @@ def test_config_and_factory() -> None:
     assert isinstance(pool, SharedPool) and len(pool.children) == 3
     with pytest.raises(ConfigError, match="needs a 'stdio:' target"):
         config.load(None, {"upstream": {"mode": "shared", "target": "https://h/mcp"}})
-    with pytest.raises(ConfigError, match="pool_size must be positive"):
+    with pytest.raises(ConfigError, match=r"upstream.pool_size: .* >= 1"):
         config.load(None, {"upstream": {"mode": "shared", "pool_size": 0}})
     with pytest.raises(ConfigError, match="mode"):
         config.load(None, {"upstream": {"mode": "pooled"}})
