@@ -113,6 +113,9 @@ DEFAULT_CONNECTION_BURST: Final = 2000
 DEFAULT_MESSAGES_PER_S: Final = 5000.0  # client messages per session (token bucket)
 DEFAULT_MESSAGE_BURST: Final = 10000
 DEFAULT_BIND_TIMEOUT_S: Final = 10.0  # a WebSocket must bind a session within this
+# What one client connection may leave unread (its socket's write buffer plus queued replies)
+# before it is dropped: WebSocket close 1013, SSE stream ended; it resumes from its cursor.
+DEFAULT_MAX_OUTPUT_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_SEND_QUEUE_MAX: Final = (
     4096  # live messages buffered per socket before reading back from the log
 )
@@ -184,6 +187,7 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     messages_per_s: float = DEFAULT_MESSAGES_PER_S
     message_burst: int = DEFAULT_MESSAGE_BURST
     bind_timeout_s: float = DEFAULT_BIND_TIMEOUT_S
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
 
 
 class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -378,6 +382,7 @@ def validate(config: Config) -> Config:
         "limits.messages_per_s": config.limits.messages_per_s,
         "limits.message_burst": config.limits.message_burst,
         "limits.bind_timeout_s": config.limits.bind_timeout_s,
+        "limits.max_output_bytes": config.limits.max_output_bytes,
         "sessions.park_after_s": config.sessions.park_after_s,
         "sessions.expire_after_s": config.sessions.expire_after_s,
         "sessions.max_log_events": config.sessions.max_log_events,

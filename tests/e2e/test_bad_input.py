@@ -7,7 +7,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import INIT_PARAMS, SSE_HEADERS, HttpClient, ProxyProcess, WsClient, tool_text
+from tests.helpers import (
+    INIT_PARAMS,
+    SSE_HEADERS,
+    TIMEOUT,
+    HttpClient,
+    ProxyProcess,
+    WsClient,
+    tool_text,
+)
 
 
 async def test_invalid_json_keeps_the_connection(proxy: ProxyProcess) -> None:
@@ -61,7 +69,7 @@ async def test_binary_frame_closes_with_1003(proxy: ProxyProcess) -> None:
     try:
         await bystander.initialize()
         await client.ws.send_bytes(b"\x00\x01")
-        frame = await client.ws.receive(timeout=5)
+        frame = await client.ws.receive(timeout=TIMEOUT)
         assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == 1003
         # Others are unaffected.
         echo = await bystander.response(await bystander.call_tool("echo", {"text": "fine"}))
@@ -100,7 +108,7 @@ async def test_oversized_frame_and_strict_mode(tmp_path: Path) -> None:
         try:
             await client.initialize()
             await client.ws.send_str('{"jsonrpc":"2.0","method":"x","params":"' + "y" * 4096 + '"}')
-            frame = await client.ws.receive(timeout=5)
+            frame = await client.ws.receive(timeout=TIMEOUT)
             assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == 1009
         finally:
             await client.close()
