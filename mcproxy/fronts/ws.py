@@ -315,6 +315,8 @@ class WsConnection(asyncio.Protocol):
         log.warning("ws.over_budget", conn=self.label, buffered=buffered, owed=self.ws.owed)
         if self.ws.close_over_budget():
             self._flush()
+            # Nor is what it sends worth our time now: it is gone after CLOSE_WAIT_S.
+            transport.pause_reading()
             self._wait_for_close()
         return True
 
