@@ -19,7 +19,16 @@ import pytest
 from mcproxy.config import DEFAULT_MAX_OUTPUT_BYTES
 from mcproxy.core.websocket import OP_PING, OP_TEXT
 from tests.e2e.test_ws_protocol import INIT, RawWs, upgrade
-from tests.helpers import MS, TIMEOUT, ProxyProcess, WsClient, client_frame, tool_text
+from tests.helpers import (
+    MS,
+    TIMEOUT,
+    HttpClient,
+    ProxyProcess,
+    WsClient,
+    client_frame,
+    eventually,
+    tool_text,
+)
 
 MB = 1024 * 1024
 # What the daemon may grow by during a flood from two deaf sockets: their two budgets, plus
@@ -148,3 +157,48 @@ async def test_a_peer_dropped_over_budget_resumes_its_session(proxy: ProxyProces
         assert tool_text(fine) == "resumed"
     finally:
         await again.close()
+
+
+async def test_an_sse_stream_nobody_reads_is_ended(tmp_path: Path) -> None:
+    """The Streamable HTTP front: a GET stream whose client reads nothing is dropped once
+    more than the budget waits for it; the session and its other clients go on. (aiohttp's
+    own backpressure holds the buffer near one message, so the budget here is below one.)"""
+    config = tmp_path / "mcproxy.toml"
+    config.write_text(
+        f"[server]\nsse_keepalive_s = {200 * MS}\n[limits]\nmax_output_bytes = {256 * 1024}\n"
+    )
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", str(config)).start()
+    http = HttpClient(proxy.url)
+    try:
+        await http.initialize()
+        assert http.session_id is not None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.port))
+        deaf = RawWs(*await asyncio.open_connection(sock=sock))
+        deaf.send(
+            (
+                f"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n"
+                f"Accept: text/event-stream\r\nMcp-Session-Id: {http.session_id}\r\n"
+                f"MCP-Protocol-Version: {http.version}\r\n\r\n"
+            ).encode()
+        )
+        assert (await deaf.head()).startswith("HTTP/1.1 200 ")
+        # Each lands on the general stream as a log notification, sent after the call's
+        # own stream ended; 8 MB in all, more than the kernel's socket buffers take.
+        big = "x" * (400 * 1024)
+        for _ in range(20):
+            params = {"name": "notify_later", "arguments": {"text": big, "delay": 50 * MS}}
+            assert "result" in await http.call("tools/call", params)
+
+        def dropped() -> bool:
+            return any(e.get("event") == "http.over_budget" for e in proxy.logs)
+
+        await eventually(dropped)
+        answer = await http.call("tools/call", {"name": "echo", "arguments": {"text": "on"}})
+        assert tool_text(answer) == "on"
+        deaf.close()
+    finally:
+        await http.close()
+        proxy.kill()
