@@ -142,6 +142,9 @@ DEFAULT_CONNECTION_BURST: Final = 2000
 DEFAULT_MESSAGES_PER_S: Final = 5000.0  # client messages per session (token bucket)
 DEFAULT_MESSAGE_BURST: Final = 10000
 DEFAULT_BIND_TIMEOUT_S: Final = 10.0  # a WebSocket must bind a session within this
+# What one client connection may leave unread (its socket's write buffer plus queued replies)
+# before it is dropped: WebSocket close 1013, SSE stream ended; it resumes from its cursor.
+DEFAULT_MAX_OUTPUT_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_SEND_QUEUE_MAX: Final = (
     4096  # live messages buffered per socket before reading back from the log
 )
@@ -227,6 +230,7 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     messages_per_s: Positive = DEFAULT_MESSAGES_PER_S
     message_burst: Count = DEFAULT_MESSAGE_BURST
     bind_timeout_s: Positive = DEFAULT_BIND_TIMEOUT_S
+    max_output_bytes: Count = DEFAULT_MAX_OUTPUT_BYTES
 
 
 class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -84,6 +84,7 @@ class Kind(enum.IntEnum):
 _DECODER: Final = msgspec.json.Decoder(Message)
 _ENCODER: Final = msgspec.json.Encoder()
 _OBJECT_DECODER: Final = msgspec.json.Decoder(dict[str, Raw])
+_TOO_DEEP: Final = "JSON nested too deeply"
 
 
 def decode(data: bytes | str) -> Message:
@@ -100,6 +101,10 @@ def decode(data: bytes | str) -> Message:
         raise InvalidMessage(str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise ParseError(str(exc)) from exc
+    except RecursionError:
+        # Even a skipped (Raw) value is walked level by level: nesting deeper than the
+        # interpreter's stack allows is refused like any other JSON we cannot parse.
+        raise ParseError(_TOO_DEEP) from None
     kind_of(msg)  # validates the shape
     return msg
 
@@ -177,7 +182,9 @@ def raw_object(raw: Raw) -> dict[str, Raw] | None:
         return None
     try:
         return _OBJECT_DECODER.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
+        # A client's params: one that passed ``decode`` may still be too deep here, where
+        # the stack is already deeper; treated as "not an object we can look into".
         return None
 
 
@@ -352,7 +359,7 @@ def _partial(raw: Raw, typ: type[Any]) -> Any:
         return None
     try:
         return msgspec.json.decode(raw, type=typ)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: see raw_object
         return None
 
 

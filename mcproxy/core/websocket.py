@@ -1,4 +1,6 @@
-"""The server side of RFC 6455, sans-I/O: the opening handshake and the framing.
+"""The server side of RFC 6455, sans-I/O: the opening handshake, the framing, and the
+connection's state (``ServerConnection``: open, closing, closed; the ping and close rules; the
+output budget).
 
 Why mcproxy speaks WebSocket itself instead of through aiohttp's ``WebSocketResponse``: an
 idle session is mostly its connection, and aiohttp keeps a request handler task, the parsed
@@ -7,6 +9,7 @@ benchmarks/bench_scale.py), and runs several coroutine hops per frame. Here a co
 parser with a small buffer. aiohttp still serves every other request on the same port.
 
 This module reads bytes and returns values; it imports no asyncio and never reads the clock.
+``fronts/ws.py`` is the I/O around it: the ``asyncio.Protocol``, the session binding, the timers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import re
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Final
 from urllib.parse import parse_qsl, urlsplit
 
@@ -41,6 +45,7 @@ CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_SERVICE_RESTART: Final = 1012
+CLOSE_TRY_AGAIN_LATER: Final = 1013
 
 # Codes a peer may put in a close frame (§7.4.1, §7.4.2 and the IANA registry): 1004-1006
 # and 1015 are reserved for local use, below 1000 and from 5000 are invalid.
@@ -50,6 +55,7 @@ _ACCEPT_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 _ZERO_MASK: Final = b"\0\0\0\0"
 MAX_HEAD_BYTES: Final = 16 * 1024  # an opening handshake larger than this goes to aiohttp
 _MAX_CONTROL_PAYLOAD: Final = 125  # §5.5
+_JOIN_BELOW: Final = 16 * 1024  # a frame below this is one chunk; above, header and payload
 
 
 # --- the opening handshake ---------------------------------------------------------------
@@ -331,3 +337,194 @@ def valid_text(payload: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+# --- the connection ----------------------------------------------------------------------
+
+
+class State(IntEnum):
+    """Where a connection is in its life (RFC 6455 §4, §7); the handshake is done before."""
+
+    OPEN = 1  # messages flow both ways
+    CLOSING = 2  # our close frame is out: we wait for the peer's (§7.1.2), send nothing more
+    CLOSED = 3  # both close frames are out, or the peer broke the protocol: drop the TCP
+
+
+@dataclass(frozen=True, slots=True)
+class TextReceived:
+    """A whole text message, valid UTF-8 (§8.1), received while open."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReceived:
+    """The peer's close frame: ours (an echo of its code if it started) is queued; the state
+    is CLOSED, so the server drops the TCP connection now (§7.1.1)."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolFailed:
+    """The peer broke the protocol: a close frame saying why is queued and the state is
+    CLOSED (§7.1.7, "Fail the WebSocket Connection")."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseStarted:
+    """We began the closing handshake in answer to the peer (a binary frame: 1003)."""
+
+    code: int
+    reason: str
+
+
+Event = TextReceived | PongReceived | CloseReceived | ProtocolFailed | CloseStarted
+
+
+class ConnectionClosing(Exception):
+    """A message was offered after the closing handshake began (§5.5.1: no data after a
+    close frame)."""
+
+
+class ServerConnection:
+    """One server-side WebSocket after the opening handshake, sans-I/O (as in ``websockets``).
+
+    ``receive_data`` turns bytes from the peer into events; every ``send_*`` and the automatic
+    answers (pong, close echo) queue bytes that ``data_to_send`` hands to the I/O layer.
+
+    The output budget: a peer that does not read must not make us hold its output without
+    bound (docs/SECURITY.md). The I/O layer says how much it still holds (``buffered``: the
+    transport's write buffer) and what it accepted to send later (``owe``/``paid``: queued
+    replies); ``over_budget`` is true once that exceeds ``max_output``, checked *before* each
+    new output, so at most ``max_output`` plus one message is held. Past it the peer is
+    closed with 1013 (``close_over_budget``): it may resume its session from its cursor.
+    """
+
+    __slots__ = ("_out", "_parser", "close_code", "max_output", "owed", "state")
+
+    def __init__(self, max_message: int, max_output: int) -> None:
+        self._parser = FrameParser(max_message)
+        self.max_output = max_output
+        self.state = State.OPEN
+        self.close_code: int | None = None  # the code we sent, or the peer's if it started
+        self.owed = 0
+        self._out: list[bytes] = []
+
+    # --- input ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        try:
+            frames = self._parser.feed(data)
+        except FrameError as exc:
+            return [self._fail(exc.close_code, str(exc))]
+        events: list[Event] = []
+        for opcode, payload in frames:  # (each way to CLOSED below ends the loop)
+            if opcode == OP_TEXT:
+                if self.state is not State.OPEN:
+                    continue  # after our close frame, data is dropped (§7.1.2)
+                if not valid_text(payload):
+                    events.append(
+                        self._fail(CLOSE_INVALID_DATA, "text frames must be UTF-8 (RFC 6455 §8.1)")
+                    )
+                    break
+                events.append(TextReceived(payload))
+            elif opcode == OP_CLOSE:
+                events.append(self._peer_close(payload))
+                break
+            elif opcode == OP_PING:
+                # §5.5.2: answer with the same payload, while open: a closing connection
+                # answers nothing (and a peer that pings without reading is over budget).
+                if self.state is State.OPEN:
+                    self._frame(OP_PONG, payload)
+            elif opcode == OP_PONG:
+                events.append(PongReceived(payload))
+            elif self.state is State.OPEN:  # OP_BINARY: MCP messages are text
+                reason = "binary frames are not supported by MCP"
+                self.send_close(CLOSE_UNSUPPORTED_DATA, reason)
+                events.append(CloseStarted(CLOSE_UNSUPPORTED_DATA, reason))
+        return events
+
+    def _peer_close(self, payload: bytes) -> Event:
+        try:
+            code, reason = parse_close(payload)
+        except FrameError as exc:
+            return self._fail(exc.close_code, str(exc))
+        if self.state is State.OPEN:  # the peer started: echo its code (§5.5.1)
+            self.close_code = code
+            self._frame(
+                OP_CLOSE, close_payload(CLOSE_NORMAL if code == CLOSE_NO_STATUS else code, "")
+            )
+        self.state = State.CLOSED
+        return CloseReceived(code, reason)
+
+    def _fail(self, code: int, reason: str) -> ProtocolFailed:
+        if self.state is State.OPEN:
+            self.close_code = code
+            self._frame(OP_CLOSE, close_payload(code, reason))
+        self.state = State.CLOSED
+        return ProtocolFailed(code, reason)
+
+    # --- output --------------------------------------------------------------------------
+
+    def send_text(self, data: bytes) -> None:
+        if self.state is not State.OPEN:
+            raise ConnectionClosing("the WebSocket is closing")
+        self._frame(OP_TEXT, data)
+
+    def send_ping(self, payload: bytes = b"") -> None:
+        if self.state is State.OPEN:
+            self._frame(OP_PING, payload)
+
+    def send_close(self, code: int, reason: str) -> bool:
+        """Begin the closing handshake (once): True if our close frame was queued now."""
+        if self.state is not State.OPEN:
+            return False
+        self.state = State.CLOSING
+        self.close_code = code
+        self._frame(OP_CLOSE, close_payload(code, reason))
+        return True
+
+    def data_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        header = frame_header(opcode, len(payload))
+        if len(payload) < _JOIN_BELOW:
+            self._out.append(header + payload)
+        else:
+            self._out += (header, payload)  # no copy of a big payload
+
+    # --- the output budget ---------------------------------------------------------------
+
+    def owe(self, size: int) -> None:
+        """The I/O layer accepted ``size`` bytes to send later (a queued reply)."""
+        self.owed += size
+
+    def paid(self, size: int) -> None:
+        """Owed bytes went out."""
+        self.owed = max(0, self.owed - size)
+
+    def over_budget(self, buffered: int) -> bool:
+        pending = buffered + self.owed + sum(len(chunk) for chunk in self._out)
+        return pending > self.max_output
+
+    def close_over_budget(self) -> bool:
+        """Close a peer that does not read what it is sent (1013: it may come back and
+        resume). True if the close frame was queued now."""
+        return self.send_close(
+            CLOSE_TRY_AGAIN_LATER,
+            f"output budget exceeded: over {self.max_output} bytes unread",
+        )

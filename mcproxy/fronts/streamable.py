@@ -65,12 +65,34 @@ class SseStream:
 
     _ids = itertools.count(1)
 
-    def __init__(self, resp: web.StreamResponse, stream: int | None, tasks: TaskSet) -> None:
+    def __init__(
+        self,
+        resp: web.StreamResponse,
+        stream: int | None,
+        tasks: TaskSet,
+        transport: asyncio.Transport | None = None,
+        max_output: int = 0,
+    ) -> None:
         self.resp = resp
         self.stream = stream  # None: every stream (the cross-transport cursor form)
         self.label = f"sse#{next(self._ids)}"
         self._tasks = tasks
         self._pump: asyncio.Task[None] | None = None
+        self._transport = transport
+        self._max_output = max_output  # limits.max_output_bytes; 0: not checked
+
+    def _check_budget(self) -> None:
+        """The output budget (docs/SECURITY.md): a client that leaves more than
+        ``limits.max_output_bytes`` unread loses the stream, which is dropped at once (a
+        graceful end would wait for it to read); it resumes with ``Last-Event-ID``."""
+        transport = self._transport
+        if transport is None or not self._max_output:
+            return
+        buffered = transport.get_write_buffer_size()
+        if buffered > self._max_output:
+            log.warning("http.over_budget", conn=self.label, buffered=buffered)
+            transport.abort()
+            raise ConnectionResetError("the client does not read its stream")
 
     async def send(self, data: bytes, lsn: int | None) -> None:
         head = b""
@@ -80,6 +102,7 @@ class SseStream:
         if b"\n" in data or b"\r" in data:
             # JSON from an upstream may be pretty-printed; SSE joins data lines with "\n".
             data = b"\ndata: ".join(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"))
+        self._check_budget()
         await self.resp.write(head + b"data: " + data + b"\n\n")
 
     async def prime(self, event_id: str, retry_ms: int) -> None:
@@ -110,6 +133,7 @@ class SseStream:
             if done:
                 break
             try:
+                self._check_budget()  # a pump stuck on a peer that reads nothing ends here
                 await self.resp.write(b": keepalive\n\n")
             except (ConnectionError, RuntimeError):
                 pump.cancel()
@@ -355,7 +379,9 @@ class StreamableHttpFront:
         stream, primed if the client is recent enough; None: a resumption, not primed."""
         resp = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
         await resp.prepare(request)
-        conn = SseStream(resp, stream, self._tasks)
+        conn = SseStream(
+            resp, stream, self._tasks, request.transport, self.config.limits.max_output_bytes
+        )
         self.streams.add(conn)
         try:
             if version is not None and version >= PRIMING_SINCE and stream is not None:

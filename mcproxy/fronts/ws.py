@@ -43,30 +43,24 @@ from mcproxy.core.session import Reply
 from mcproxy.core.websocket import (
     CLOSE_ABNORMAL,
     CLOSE_INTERNAL_ERROR,
-    CLOSE_INVALID_DATA,
-    CLOSE_NO_STATUS,
     CLOSE_NORMAL,
     CLOSE_POLICY,
-    CLOSE_UNSUPPORTED_DATA,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    FrameParser,
+    CLOSE_TRY_AGAIN_LATER,
+    CloseStarted,
+    PongReceived,
+    ProtocolFailed,
     RequestHead,
+    ServerConnection,
+    State,
+    TextReceived,
     accept_response,
-    close_payload,
-    frame_header,
     handshake_problem,
     http_refusal,
     offered_protocols,
-    parse_close,
-    valid_text,
 )
 from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
 from mcproxy.engine.runner import Outbox, SessionRunner
-from mcproxy.errors import FrameError, LimitExceeded, ProtocolError, StoreError
+from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
 from mcproxy.tasks import TaskSet
 
 log = structlog.get_logger("mcproxy")
@@ -78,7 +72,6 @@ CLOSE_FORBIDDEN: Final = 4403  # 4000-4999 are for applications (RFC 6455 §7.4.
 # After our close frame, how long the peer has to answer with its own before the TCP
 # connection is dropped anyway (RFC 6455 §7.1.1: the server closes the TCP connection first).
 CLOSE_WAIT_S: Final = 2.0
-_WRITE_IN_ONE: Final = 16 * 1024  # below this a frame is copied into one write, else two
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +95,9 @@ class Accepted:
 
 class WsConnection(asyncio.Protocol):
     """One client socket after the opening handshake; the ``Attachment`` a
-    ``SessionRunner`` pumps its outbox into."""
+    ``SessionRunner`` pumps its outbox into. The RFC 6455 rules (state, ping, close, output
+    budget) are ``core.websocket.ServerConnection``'s; this class moves the bytes, binds the
+    session and keeps the timers."""
 
     _ids = itertools.count(1)
 
@@ -115,17 +110,17 @@ class WsConnection(asyncio.Protocol):
         previous: asyncio.BaseProtocol | None,
     ) -> None:
         loop = asyncio.get_running_loop()
+        limits = front.config.limits
         self.front = front
         self.transport: asyncio.Transport | None = transport
         self.principal = principal
         self.peer = peer
         self.label = f"ws#{next(self._ids)}"
         self.runner: SessionRunner | None = None
-        self.close_code: int | None = None
+        self.ws = ServerConnection(limits.max_message_bytes, limits.max_output_bytes)
         self.closed: asyncio.Future[None] = loop.create_future()
         self.last_heard = loop.time()
         self.ping_sent: float | None = None
-        self._parser = FrameParser(front.config.limits.max_message_bytes)
         # aiohttp's handler for the connection, when the upgrade came through its router:
         # told when the socket goes, so it finishes too.
         self._previous = previous
@@ -137,8 +132,14 @@ class WsConnection(asyncio.Protocol):
         self._binder: asyncio.Task[None] | None = None
         self._backlog: list[Message] = []
         self._drained: asyncio.Future[None] | None = None
-        self._closing = False  # our close frame is out, or the peer's came in
         self._timer: asyncio.TimerHandle | None = None
+        self._close_timer = False  # ``_timer`` is the wait for the peer's close frame
+
+    @property
+    def close_code(self) -> int:
+        """What the connection ended (or is ending) with: 1006 if no close frame went."""
+        code = self.ws.close_code
+        return CLOSE_ABNORMAL if code is None else code
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -151,27 +152,30 @@ class WsConnection(asyncio.Protocol):
             self._early = early
             return
         self.last_heard = asyncio.get_running_loop().time()
-        try:
-            frames = self._parser.feed(data)
-        except FrameError as exc:
-            self._fail(exc.close_code, str(exc))
+        events = self.ws.receive_data(data)
+        # Pongs and close frames first: pongs only within the output budget (issue 15).
+        if self.ws.state is State.OPEN and self._over_budget():
             return
-        for opcode, payload in frames:
+        self._flush()
+        for event in events:
             if self.transport is None:
                 return
-            if opcode == OP_TEXT:
-                if not self._closing:
-                    self._text(payload)
-            elif opcode == OP_CLOSE:
-                self._peer_closed(payload)
-                return
-            elif opcode == OP_PING:
-                self._write(OP_PONG, payload)
-            elif opcode == OP_PONG:
+            if isinstance(event, TextReceived):
+                self._text(event.payload)
+            elif isinstance(event, PongReceived):
                 self.ping_sent = None
-            elif opcode == OP_BINARY and not self._closing:
-                self.front.hub.metrics.error(f"ws_{CLOSE_UNSUPPORTED_DATA}")
-                self.begin_close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported by MCP")
+            elif isinstance(event, ProtocolFailed):
+                self.front.hub.metrics.error(f"ws_{event.code}")
+                log.info("ws.frame_error", conn=self.label, code=event.code, error=event.reason)
+            elif isinstance(event, CloseStarted):
+                self.front.hub.metrics.error(f"ws_{event.code}")
+                self._wait_for_close()
+        if self.ws.state is State.CLOSED:
+            # The peer's close came (ours is out now), or it broke the protocol: the server
+            # closes the TCP connection first (§7.1.1).
+            self._stop_pump()
+            if self.transport is not None:
+                self.transport.close()
 
     def pause_writing(self) -> None:
         if self._drained is None:
@@ -184,8 +188,6 @@ class WsConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.close_code is None:
-            self.close_code = CLOSE_ABNORMAL
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -215,9 +217,6 @@ class WsConnection(asyncio.Protocol):
             self.data_received(bytes(early))
 
     def _text(self, payload: bytes) -> None:
-        if not valid_text(payload):
-            self._fail(CLOSE_INVALID_DATA, "text frames must be UTF-8 (RFC 6455 §8.1)")
-            return
         try:
             msg = jsonrpc.decode(payload)
         except ProtocolError as exc:
@@ -234,7 +233,7 @@ class WsConnection(asyncio.Protocol):
 
     async def _bind_backlog(self) -> None:
         try:
-            while self._backlog and self.transport is not None and not self._closing:
+            while self._backlog and self.transport is not None and self.ws.state is State.OPEN:
                 msg = self._backlog.pop(0)
                 if self.runner is None:
                     await self.front.bind(self, msg, self._proposed, self._url_cursor)
@@ -270,14 +269,14 @@ class WsConnection(asyncio.Protocol):
             return
         for action in direct:
             if isinstance(action, Reply):
-                outbox.push_direct(action.data)
+                self.reply(action.data)
             else:
                 outbox.push_again(action.lsn)
 
     def bind_to(self, runner: SessionRunner) -> None:
         """From now on this socket carries ``runner``'s session (the caller attaches it)."""
         self.runner = runner
-        if self._timer is not None and not self._closing:
+        if self._timer is not None and not self._close_timer:
             self._timer.cancel()  # the bind deadline no longer applies
             self._timer = None
 
@@ -287,36 +286,63 @@ class WsConnection(asyncio.Protocol):
         self._timer = None
         if not self._reading:
             self.abort()  # still no 101 (the session did not load in time): just hang up
-        elif self.runner is None and self.transport is not None and not self._closing:
+        elif self.runner is None and self.transport is not None and self.ws.state is State.OPEN:
             self.front.hub.metrics.error(f"ws_{CLOSE_POLICY}")
             self.begin_close(CLOSE_POLICY, "no session bound in time")
 
     # --- writing -----------------------------------------------------------------------
 
-    def _write(self, opcode: int, payload: bytes) -> None:
+    def _flush(self) -> None:
+        chunks = self.ws.data_to_send()
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if not chunks or transport is None or transport.is_closing():
             return
-        header = frame_header(opcode, len(payload))
-        if len(payload) < _WRITE_IN_ONE:
-            transport.write(header + payload)
+        if len(chunks) == 1:
+            transport.write(chunks[0])
         else:
-            transport.writelines((header, payload))
+            transport.writelines(chunks)
+
+    def _over_budget(self) -> bool:
+        """Check the output budget before more output; past it, close the peer (1013)."""
+        transport = self.transport
+        if transport is None:
+            return True
+        buffered = transport.get_write_buffer_size()
+        if not self.ws.over_budget(buffered):
+            return False
+        self.ws.data_to_send()  # pongs for a peer that reads nothing: not worth holding
+        self.front.hub.metrics.error(f"ws_{CLOSE_TRY_AGAIN_LATER}")
+        log.warning("ws.over_budget", conn=self.label, buffered=buffered, owed=self.ws.owed)
+        if self.ws.close_over_budget():
+            self._flush()
+            # Nor is what it sends worth our time now: it is gone after CLOSE_WAIT_S.
+            transport.pause_reading()
+            self._wait_for_close()
+        return True
 
     async def send(self, data: bytes, lsn: int | None = None) -> None:
-        if self._closing or self.transport is None:
+        if self.ws.state is not State.OPEN or self.transport is None:
             raise ConnectionError("the WebSocket is closing")
-        self._write(OP_TEXT, data)
+        if lsn is None:
+            self.ws.paid(len(data))  # a queued reply (or the prelude) leaves the outbox
+        if self._over_budget():
+            raise ConnectionError("the client does not read")
+        self.ws.send_text(data)
+        self._flush()
         if self._drained is not None:
             await self._drained  # the kernel buffer is full: wait for the client to read
 
     def reply(self, data: bytes) -> None:
         """Answer this connection in order with whatever the session is sending it."""
+        if self.ws.state is not State.OPEN or self._over_budget():
+            return
         outbox = self._outbox()
         if outbox is not None:
+            self.ws.owe(len(data))  # held in the outbox until the pump sends it
             outbox.push_direct(data)
-        elif not self._closing:
-            self._write(OP_TEXT, data)
+        else:
+            self.ws.send_text(data)
+            self._flush()
 
     def _outbox(self) -> Outbox | None:
         runner = self.runner
@@ -337,6 +363,12 @@ class WsConnection(asyncio.Protocol):
         except StoreError as exc:
             log.error("ws.store_failed", conn=self.label, error=str(exc))
             self.begin_close(CLOSE_INTERNAL_ERROR, "event log unavailable")
+        except Exception as exc:
+            # Anything else would leave an open socket that never sends again (issue 16
+            # item 5): say so once, and close so the client resumes on a new connection.
+            log.error("ws.pump_failed", conn=self.label, error=repr(exc), exc_info=exc)
+            self._pump = None  # (this task: not cancelled by begin_close)
+            self.begin_close(CLOSE_INTERNAL_ERROR, "internal error")
 
     def _stop_pump(self) -> None:
         if self._pump is not None:
@@ -355,13 +387,16 @@ class WsConnection(asyncio.Protocol):
         """Send our close frame (once); the TCP connection goes when the peer answers with
         its own, or after ``CLOSE_WAIT_S`` (RFC 6455 §7.1.2)."""
         self._stop_pump()
-        if self._closing or self.transport is None:
+        if self.transport is None or not self.ws.send_close(code, reason):
             return
-        self._closing = True
-        self.close_code = code
-        self._write(OP_CLOSE, close_payload(code, reason))
+        self._flush()
+        self._wait_for_close()
+
+    def _wait_for_close(self) -> None:
+        self._stop_pump()
         if self._timer is not None:
             self._timer.cancel()
+        self._close_timer = True
         self._timer = asyncio.get_running_loop().call_later(CLOSE_WAIT_S, self.abort)
 
     async def close(self, code: int, reason: str) -> None:
@@ -374,45 +409,19 @@ class WsConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _peer_closed(self, payload: bytes) -> None:
-        try:
-            code, _ = parse_close(payload)
-        except FrameError as exc:
-            self._fail(exc.close_code, str(exc))
-            return
-        if not self._closing:  # the peer started: echo its code (§5.5.1), then hang up
-            self._closing = True
-            self.close_code = code
-            echo = CLOSE_NORMAL if code == CLOSE_NO_STATUS else code
-            self._write(OP_CLOSE, close_payload(echo, ""))
-        self._stop_pump()
-        if self.transport is not None:
-            self.transport.close()
-
-    def _fail(self, code: int, reason: str) -> None:
-        """The peer broke the protocol: say why and drop the connection (§7.1.7)."""
-        self.front.hub.metrics.error(f"ws_{code}")
-        log.info("ws.frame_error", conn=self.label, code=code, error=reason)
-        if not self._closing:
-            self._closing = True
-            self.close_code = code
-            self._write(OP_CLOSE, close_payload(code, reason))
-        self._stop_pump()
-        if self.transport is not None:
-            self.transport.close()
-
     def check_alive(self, now: float, interval: float) -> None:
         """One heartbeat tick: ping a socket silent for ``interval``; drop one whose ping
         went unanswered for half of it (the client resumes on a new one)."""
-        if self.transport is None or not self._reading or self._closing:
+        if self.transport is None or not self._reading or self.ws.state is not State.OPEN:
             return
         if self.ping_sent is not None:
             if now - self.ping_sent >= interval / 2:
                 log.info("ws.heartbeat_timeout", conn=self.label)
                 self.abort()
-        elif now - self.last_heard >= interval:
+        elif now - self.last_heard >= interval and not self._over_budget():
             self.ping_sent = now
-            self._write(OP_PING, b"")
+            self.ws.send_ping()
+            self._flush()
 
 
 class WebSocketFront:

@@ -7,7 +7,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import INIT_PARAMS, ProxyProcess, WsClient, tool_text
+from tests.helpers import (
+    INIT_PARAMS,
+    SSE_HEADERS,
+    TIMEOUT,
+    HttpClient,
+    ProxyProcess,
+    WsClient,
+    tool_text,
+)
 
 
 async def test_invalid_json_keeps_the_connection(proxy: ProxyProcess) -> None:
@@ -61,7 +69,7 @@ async def test_binary_frame_closes_with_1003(proxy: ProxyProcess) -> None:
     try:
         await bystander.initialize()
         await client.ws.send_bytes(b"\x00\x01")
-        frame = await client.ws.receive(timeout=5)
+        frame = await client.ws.receive(timeout=TIMEOUT)
         assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == 1003
         # Others are unaffected.
         echo = await bystander.response(await bystander.call_tool("echo", {"text": "fine"}))
@@ -100,7 +108,7 @@ async def test_oversized_frame_and_strict_mode(tmp_path: Path) -> None:
         try:
             await client.initialize()
             await client.ws.send_str('{"jsonrpc":"2.0","method":"x","params":"' + "y" * 4096 + '"}')
-            frame = await client.ws.receive(timeout=5)
+            frame = await client.ws.receive(timeout=TIMEOUT)
             assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == 1009
         finally:
             await client.close()
@@ -122,3 +130,47 @@ async def test_upstream_that_cannot_start_gets_a_clear_error(tmp_path: Path) -> 
             await client.close()
     finally:
         proxy.kill()
+
+
+def _deep_call(request_id: int, depth: int = 1000) -> str:
+    """A tools/call whose params nest ``depth`` levels deep (written by hand: ``json`` itself
+    cannot build it), in ``arguments`` and in ``_meta``, where the proxy looks."""
+    nested = "[" * depth + "]" * depth
+    return (
+        f'{{"jsonrpc":"2.0","id":{request_id},"method":"tools/call","params":'
+        f'{{"name":"echo","_meta":{{"deep":{nested}}},"arguments":{{"text":{nested}}}}}}}'
+    )
+
+
+async def test_deeply_nested_json_is_a_parse_error_on_both_fronts(proxy: ProxyProcess) -> None:
+    """issue 15 finding 10: nesting past the interpreter's stack was an uncaught
+    RecursionError (HTTP 500, a WebSocket aborted without a close frame)."""
+    client = await WsClient.connect(proxy.url)
+    bystander = HttpClient(proxy.url)
+    try:
+        await client.initialize()
+        await bystander.initialize()
+        await client.ws.send_str(_deep_call(5))
+        error = await client.recv()
+        assert error["id"] is None and error["error"]["code"] == -32700
+        # The connection is kept, and still usable.
+        echo = await client.response(await client.call_tool("echo", {"text": "still here"}))
+        assert tool_text(echo) == "still here"
+        for session in (None, bystander.session_id):
+            headers = dict(SSE_HEADERS, **({"Mcp-Session-Id": session} if session else {}))
+            if session:
+                headers["MCP-Protocol-Version"] = bystander.version
+            async with bystander.http.post(
+                proxy.url,
+                data=_deep_call(6),
+                headers={**headers, "Content-Type": "application/json"},
+            ) as resp:
+                assert resp.status == 400
+                body = await resp.json()
+                assert body["error"]["code"] == -32700 and body["id"] is None
+        answer = await bystander.call("tools/call", {"name": "echo", "arguments": {"text": "ok"}})
+        assert tool_text(answer) == "ok"
+        assert not [e for e in proxy.logs if e.get("event") == "raw" or e.get("level") == "error"]
+    finally:
+        await client.close()
+        await bystander.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import struct
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mcproxy.core.websocket import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, parse_close
-from tests.helpers import INIT_PARAMS, TIMEOUT, ProxyProcess, client_frame
+from tests.helpers import INIT_PARAMS, MS, TIMEOUT, ProxyProcess, client_frame, eventually
 
 INIT = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INIT_PARAMS})
 
@@ -108,7 +109,7 @@ async def test_handshake_on_a_fresh_and_on_a_kept_alive_connection(proxy: ProxyP
     assert answer["id"] == 2 and "over a reused socket" in json.dumps(answer["result"])
     reused.send(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
     assert await reused.closed_with() == 1000 and await reused.eof()
-    await asyncio.sleep(0.2)  # aiohttp's handler for that connection finishes quietly
+    await asyncio.sleep(200 * MS)  # aiohttp's handler for that connection finishes quietly
     assert not [e for e in proxy.logs if e.get("event") == "raw" or e.get("level") == "error"]
 
 
@@ -167,28 +168,71 @@ async def test_bad_handshakes_get_http_errors(proxy: ProxyProcess) -> None:
         assert await ws.http_body(head) and await ws.eof()
 
 
+class PingAnswerer:
+    """A peer that keeps reading: it answers every ping at once (as a browser does) and
+    queues the rest, so the heartbeat never finds it late however slow the test is."""
+
+    def __init__(self, ws: RawWs) -> None:
+        self.ws = ws
+        self.pings = 0
+        self.frames: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            first, second = await self.ws.reader.readexactly(2)
+            size = second & 0x7F
+            if size == 126:
+                (size,) = struct.unpack("!H", await self.ws.reader.readexactly(2))
+            elif size == 127:
+                (size,) = struct.unpack("!Q", await self.ws.reader.readexactly(8))
+            opcode, payload = first & 0x0F, await self.ws.reader.readexactly(size)
+            if opcode == OP_PING:
+                self.ws.send(client_frame(OP_PONG, payload))
+                self.pings += 1
+            else:
+                self.frames.put_nowait((opcode, payload))
+
+    async def message(self) -> dict[str, Any]:
+        opcode, payload = await asyncio.wait_for(self.frames.get(), TIMEOUT)
+        assert opcode == OP_TEXT, (opcode, payload)
+        return dict(json.loads(payload))
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
 async def test_heartbeat_drops_a_silent_peer_and_keeps_a_live_one(tmp_path: Path) -> None:
+    # The heartbeat scales with the suite's unit: a peer has half of it to answer a ping.
     config = tmp_path / "mcproxy.toml"
-    config.write_text("[server]\nheartbeat_s = 0.4\n")
+    config.write_text(f"[server]\nheartbeat_s = {1000 * MS}\n")
     proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", str(config)).start()
     try:
-        silent, live = await RawWs.open(proxy.port), await RawWs.open(proxy.port)
-        for ws in (silent, live):
+        peers = []
+        for _ in range(2):  # both answer pings while their session starts
+            ws = await RawWs.open(proxy.port)
             ws.send(upgrade(proxy.port) + client_frame(OP_TEXT, INIT.encode()))
             assert (await ws.head()).startswith("HTTP/1.1 101 ")
-            assert "result" in await ws.message()
-        loop = asyncio.get_running_loop()
-        until = loop.time() + 2.0
-        pings = 0
-        while loop.time() < until:  # the live one answers every ping
-            opcode, payload = await live.frame()
-            assert opcode == OP_PING
-            live.send(client_frame(OP_PONG, payload))
-            pings += 1
-        assert pings >= 2
-        # The silent one never answered: dropped without a close frame (1006 on our side).
-        assert await asyncio.wait_for(silent.reader.read(), TIMEOUT) in (b"", b"\x89\x00")
-        assert any(e.get("event") == "ws.heartbeat_timeout" for e in proxy.logs)
-        live.close()
+            peers.append(PingAnswerer(ws))
+        for peer in peers:
+            assert "result" in await peer.message()
+        silent, live = peers
+        await silent.stop()  # from now on it reads nothing and answers nothing
+        assert await asyncio.wait_for(silent.ws.reader.read(), TIMEOUT) in (b"", b"\x89\x00")
+        # (The log line is read from the daemon's stderr by another thread: wait for it.)
+        await eventually(lambda: any(e.get("event") == "ws.heartbeat_timeout" for e in proxy.logs))
+        # The live one was pinged too, answered, and is still served.
+        await eventually(lambda: live.pings >= 2)
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
+        call["params"] = {"name": "echo", "arguments": {"text": "alive"}}
+        live.ws.send(client_frame(OP_TEXT, json.dumps(call).encode()))
+        answer = await live.message()
+        assert answer["id"] == 2 and "alive" in json.dumps(answer["result"])
+        timeouts = [e for e in proxy.logs if e.get("event") == "ws.heartbeat_timeout"]
+        assert len(timeouts) == 1
+        await live.stop()
+        live.ws.close()
     finally:
         proxy.kill()

@@ -10,6 +10,7 @@ import aiohttp
 from tests.helpers import (
     INIT_PARAMS,
     MS,
+    TIMEOUT,
     ProxyProcess,
     WsClient,
     logged,
@@ -41,7 +42,7 @@ async def test_resume_after_drop_during_slow_call(proxy: ProxyProcess) -> None:
     client = await WsClient.connect(proxy.url)
     init = await client.initialize()
     session_id = init["result"]["mcpSessionId"]
-    call_id = await client.call_tool("slow", {"steps": 5, "delay": 0.1}, progress_token="p1")
+    call_id = await client.call_tool("slow", {"steps": 5, "delay": 100 * MS}, progress_token="p1")
     first = await client.recv()
     assert first["method"] == "notifications/progress"
     cursor = client.lsns()[-1]
@@ -98,7 +99,7 @@ async def test_last_connection_wins(proxy: ProxyProcess) -> None:
     session_id = (await first.initialize())["result"]["mcpSessionId"]
     second = await WsClient.connect(proxy.url, session_id, last_lsn=1)
     try:
-        closed = await first.ws.receive(timeout=5)
+        closed = await first.ws.receive(timeout=TIMEOUT)
         assert closed.type is aiohttp.WSMsgType.CLOSE
         assert closed.data == 1000
         assert closed.extra == "MCP session reconnected on another connection"
@@ -121,7 +122,7 @@ async def test_retried_request_id_runs_once(proxy: ProxyProcess, counter_dir: Pa
     assert (counter_dir / "done").read_text().count("x") == 1
 
     # A retry of a request still running after a drop: joined, not re-run.
-    params = {"name": "bump", "arguments": {"name": "flying", "delay": 0.3}}
+    params = {"name": "bump", "arguments": {"name": "flying", "delay": 300 * MS}}
     await client.request("tools/call", params, "r2")
     cursor = client.lsns()[-1]
     await client.drop()
@@ -143,7 +144,7 @@ async def test_upstream_crash_is_respawned_and_reinitialized(proxy: ProxyProcess
         await client.initialize()
         await client.call("tools/list")  # teaches the proxy which tools are read-only
         pid_before = int(tool_text(await client.response(await client.call_tool("pid", {}))))
-        reading = await client.call_tool("slow_read", {"steps": 3, "delay": 0.1}, "r")
+        reading = await client.call_tool("slow_read", {"steps": 3, "delay": 100 * MS}, "r")
         assert (await client.recv())["method"] == "notifications/progress"  # it is running
         crashed = await client.response(await client.call_tool("crash", {}))
         assert crashed["error"]["code"] == -32010  # outcome unknown: never silently re-run
@@ -210,7 +211,7 @@ async def test_cancel_is_forwarded_with_translated_id(proxy: ProxyProcess) -> No
     client = await WsClient.connect(proxy.url)
     try:
         await client.initialize()
-        call_id = await client.call_tool("slow", {"steps": 20, "delay": 0.05}, "tok")
+        call_id = await client.call_tool("slow", {"steps": 20, "delay": 50 * MS}, "tok")
         await client.recv()  # first progress: the call is running upstream
         await client.send(
             {
@@ -241,8 +242,8 @@ async def test_sigterm_closes_with_1012_and_stops_children(proxy: ProxyProcess) 
     pids = proxy.upstream_pids()
     assert pids and all(pid_alive(p) for p in pids)
     proxy.proc.send_signal(15)  # type: ignore[union-attr]
-    frame = await client.ws.receive(timeout=5)
+    frame = await client.ws.receive(timeout=TIMEOUT)
     assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == 1012
-    assert proxy.proc.wait(10) == 0  # type: ignore[union-attr]
+    assert proxy.proc.wait(TIMEOUT) == 0  # type: ignore[union-attr]
     await client.close()
     wait_until(lambda: not any(pid_alive(p) for p in pids))

@@ -1,4 +1,5 @@
-"""RFC 6455, server side: the handshake helpers and the frame parser, byte by byte."""
+"""RFC 6455, server side: the handshake helpers, the frame parser byte by byte, and the
+connection's state machine (open, closing, closed; ping, close and budget rules)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,27 @@ from hypothesis import strategies as st
 from mcproxy.core.websocket import (
     CLOSE_INVALID_DATA,
     CLOSE_NO_STATUS,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
+    CLOSE_UNSUPPORTED_DATA,
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
     OP_PING,
+    OP_PONG,
     OP_TEXT,
+    CloseReceived,
+    CloseStarted,
+    ConnectionClosing,
     FrameParser,
+    PongReceived,
+    ProtocolFailed,
+    ServerConnection,
+    State,
+    TextReceived,
     accept_response,
     close_payload,
     frame_header,
@@ -211,3 +225,134 @@ def test_any_masking_fragmenting_and_chunking_round_trips(
     for i in range(0, len(stream), chunk):
         got += parser.feed(stream[i : i + chunk])
     assert got == [(OP_BINARY, m) for m in messages]
+
+
+# --- the connection state machine (no sockets, no loop) ------------------------------------
+
+
+def _conn(max_output: int = 1 << 20) -> ServerConnection:
+    return ServerConnection(max_message=1 << 16, max_output=max_output)
+
+
+def _frames(chunks: list[bytes]) -> list[tuple[int, bytes]]:
+    """Parse what the server queued (unmasked frames) with a tolerant reader."""
+    data, out, pos = b"".join(chunks), [], 0
+    while pos < len(data):
+        first, size = data[pos], data[pos + 1] & 0x7F
+        pos += 2
+        if size == 126:
+            (size,) = struct.unpack("!H", data[pos : pos + 2])
+            pos += 2
+        elif size == 127:
+            (size,) = struct.unpack("!Q", data[pos : pos + 8])
+            pos += 8
+        out.append((first & 0x0F, data[pos : pos + size]))
+        pos += size
+    return out
+
+
+def test_text_and_ping_while_open() -> None:
+    conn = _conn()
+    events = conn.receive_data(client_frame(OP_TEXT, b"{}") + client_frame(OP_PING, b"hi"))
+    assert events == [TextReceived(b"{}")]
+    assert _frames(conn.data_to_send()) == [(OP_PONG, b"hi")]  # §5.5.3: same payload
+    assert conn.data_to_send() == []
+    assert conn.receive_data(client_frame(OP_PONG, b"x")) == [PongReceived(b"x")]
+    conn.send_text(b"a" * 20000)  # a big frame: header and payload apart, not copied
+    assert [len(c) for c in conn.data_to_send()] == [4, 20000]
+    conn.send_ping()
+    assert _frames(conn.data_to_send()) == [(OP_PING, b"")]
+    assert conn.state is State.OPEN
+
+
+def test_peer_close_is_echoed_and_ends_the_connection() -> None:
+    conn = _conn()
+    events = conn.receive_data(client_frame(OP_CLOSE, struct.pack("!H", 4001) + b"bye"))
+    assert events == [CloseReceived(4001, "bye")]
+    assert conn.state is State.CLOSED and conn.close_code == 4001
+    assert _frames(conn.data_to_send()) == [(OP_CLOSE, struct.pack("!H", 4001))]  # §5.5.1
+    assert conn.receive_data(client_frame(OP_TEXT, b"late")) == []  # nothing after CLOSED
+    with pytest.raises(ConnectionClosing):
+        conn.send_text(b"{}")
+    empty = _conn()
+    assert empty.receive_data(client_frame(OP_CLOSE, b"")) == [CloseReceived(CLOSE_NO_STATUS, "")]
+    assert _frames(empty.data_to_send()) == [(OP_CLOSE, struct.pack("!H", CLOSE_NORMAL))]
+
+
+def test_our_close_then_the_echo() -> None:
+    conn = _conn()
+    assert conn.send_close(CLOSE_NORMAL, "done") is True
+    assert conn.send_close(CLOSE_POLICY, "again") is False  # once
+    assert conn.state is State.CLOSING and conn.close_code == CLOSE_NORMAL
+    assert _frames(conn.data_to_send()) == [(OP_CLOSE, struct.pack("!H", 1000) + b"done")]
+    # While closing: data is dropped, pings are not answered, nothing may be sent (§5.5.1).
+    assert conn.receive_data(client_frame(OP_TEXT, b"{}") + client_frame(OP_PING, b"")) == []
+    assert conn.data_to_send() == []
+    conn.send_ping()
+    assert conn.data_to_send() == []
+    with pytest.raises(ConnectionClosing):
+        conn.send_text(b"{}")
+    echo = conn.receive_data(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
+    assert echo == [CloseReceived(CLOSE_NORMAL, "")] and conn.state is State.CLOSED
+    assert conn.data_to_send() == [] and conn.close_code == CLOSE_NORMAL  # no second echo
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (client_frame(OP_TEXT, b"\xff"), CLOSE_INVALID_DATA),
+        (bytes((0x81, 0x02)) + b"{}", CLOSE_PROTOCOL_ERROR),  # unmasked
+        (client_frame(OP_CLOSE, b"\x03"), CLOSE_PROTOCOL_ERROR),
+        (client_frame(OP_CLOSE, struct.pack("!H", 1005)), CLOSE_PROTOCOL_ERROR),
+    ],
+)
+def test_protocol_failures_close_with_their_code(data: bytes, code: int) -> None:
+    conn = _conn()
+    events = conn.receive_data(data + client_frame(OP_TEXT, b"{}"))
+    assert len(events) == 1 and isinstance(events[0], ProtocolFailed) and events[0].code == code
+    assert conn.state is State.CLOSED and conn.close_code == code
+    ((opcode, payload),) = _frames(conn.data_to_send())
+    assert opcode == OP_CLOSE and parse_close(payload)[0] == code
+    assert conn.receive_data(client_frame(OP_TEXT, b"{}")) == []
+
+
+def test_a_failure_while_closing_sends_no_second_close() -> None:
+    conn = _conn()
+    conn.send_close(CLOSE_NORMAL, "")
+    conn.data_to_send()
+    events = conn.receive_data(client_frame(OP_CLOSE, b"\x03"))
+    assert isinstance(events[0], ProtocolFailed) and conn.state is State.CLOSED
+    assert conn.data_to_send() == [] and conn.close_code == CLOSE_NORMAL
+
+
+def test_binary_starts_a_1003_close() -> None:
+    conn = _conn()
+    events = conn.receive_data(client_frame(OP_BINARY, b"\x00") + client_frame(OP_BINARY, b""))
+    assert events == [
+        CloseStarted(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported by MCP")
+    ]
+    assert conn.state is State.CLOSING
+    ((_, payload),) = _frames(conn.data_to_send())
+    assert parse_close(payload)[0] == CLOSE_UNSUPPORTED_DATA
+
+
+def test_text_before_a_close_in_the_same_read_is_delivered() -> None:
+    conn = _conn()
+    data = client_frame(OP_TEXT, b"{}") + client_frame(OP_CLOSE, struct.pack("!H", 1000))
+    assert conn.receive_data(data) == [TextReceived(b"{}"), CloseReceived(1000, "")]
+
+
+def test_output_budget() -> None:
+    conn = _conn(max_output=1000)
+    assert not conn.over_budget(buffered=1000)
+    assert conn.over_budget(buffered=1001)
+    conn.owe(600)
+    assert conn.over_budget(buffered=401) and not conn.over_budget(buffered=400)
+    conn.paid(600)
+    conn.paid(600)  # a prelude sent without being owed: never below zero
+    assert conn.owed == 0 and not conn.over_budget(buffered=1000)
+    assert conn.close_over_budget() is True and conn.state is State.CLOSING
+    ((_, payload),) = _frames(conn.data_to_send())
+    code, reason = parse_close(payload)
+    assert code == CLOSE_TRY_AGAIN_LATER and "1000 bytes" in reason
+    assert conn.close_over_budget() is False
