@@ -30,7 +30,7 @@ from aiohttp import web
 
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
-from mcproxy.core.guard import HostPolicy
+from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
 from mcproxy.core.jsonrpc import Kind
 from mcproxy.core.session import GENERAL_STREAM, Reply
 from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
@@ -297,7 +297,7 @@ class StreamableHttpFront:
 
     def _admit(self, request: web.Request) -> web.Response | str:
         """Host/Origin, protocol version and authentication: the principal, or a refusal."""
-        refusal = self.guard.check(request.host, request.headers.get("Origin"))
+        refusal = self.guard.check(request.raw_path, guarded_headers(request))
         if refusal is not None:
             log.warning("http.refused", reason=refusal.reason, peer=request.remote)
             return self._error(refusal.status, None, jsonrpc.INVALID_REQUEST, refusal.reason)
@@ -395,6 +395,12 @@ def parse_event_id(value: str) -> tuple[int | None, int] | None:
     if dot:
         return int(head), int(tail)
     return None, int(head)
+
+
+def guarded_headers(request: web.Request) -> dict[str, list[str]]:
+    """Every value of the headers the guard reads (``HostPolicy.check``); not
+    ``request.host``, which falls back to this machine's name when ``Host`` is missing."""
+    return {name: request.headers.getall(name, []) for name in SINGLETON_HEADERS}
 
 
 def _accepts(request: web.Request, media: str) -> bool:

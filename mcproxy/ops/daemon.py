@@ -233,7 +233,12 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
     daemon = _Daemon(config, store, hub, metrics, ws_front, http_front, notifier)
     scrape = daemon.scrape if config.metrics.enabled else None
     app = build_app(
-        config, ws_front, http_front, daemon.readiness, None if config.metrics.listen else scrape
+        config,
+        ws_front,
+        http_front,
+        daemon.readiness,
+        None if config.metrics.listen else scrape,
+        guard,
     )
     runners = [
         web.AppRunner(
@@ -244,7 +249,14 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         )
     ]
     if scrape is not None and config.metrics.listen:
-        runners.append(web.AppRunner(build_metrics_app(config, scrape), access_log=None))
+        metrics_guard = HostPolicy(
+            config.server.allowed_hosts,
+            config.server.allowed_origins,
+            parse_listen(config.metrics.listen)[0],
+        )
+        runners.append(
+            web.AppRunner(build_metrics_app(config, scrape, metrics_guard), access_log=None)
+        )
     try:
         notifier.status("recovering sessions")
         await store.delete_orphans()

@@ -3,8 +3,10 @@ binding, the non-loopback guard, and each limit."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from tests.helpers import (
     HttpClient,
     ProxyProcess,
     WsClient,
+    free_port,
     tool_text,
 )
 
@@ -178,3 +181,114 @@ async def test_a_socket_that_never_binds_is_closed(tmp_path: Path) -> None:
         await bound.close()
     finally:
         proxy.kill()
+
+
+async def raw_status(port: int, request: bytes) -> int:
+    """The status of one raw request (HTTP/1.x), the connection closed after."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+def post_initialize(lines: str, version: str = "HTTP/1.1", target: str = "/mcp") -> bytes:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INIT_PARAMS})
+    return (
+        f"POST {target} {version}\r\n{lines}Content-Type: application/json\r\n"
+        f"Accept: application/json, text/event-stream\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\n\r\n{body}"
+    ).encode()
+
+
+def upgrade_request(lines: str, version: str = "HTTP/1.1", target: str = "/mcp") -> bytes:
+    return (
+        f"GET {target} {version}\r\n{lines}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: mcp\r\n\r\n"
+    ).encode()
+
+
+async def test_header_edge_cases_are_refused_alike_on_both_fronts(tmp_path: Path) -> None:
+    """Issue 15 finding 14: each was accepted by at least one front; the guard's one strict
+    parser and its rule on repeats now refuse them on both."""
+    proxy = ProxyProcess(tmp_path / "db.sqlite").start()
+    port = proxy.port
+    here = f"Host: 127.0.0.1:{port}\r\n"
+    cases: list[tuple[str, str, str, str, int]] = [
+        # (what, header lines, HTTP version, request target, status)
+        ("host with junk after the address", "Host: [::1]evil\r\n", "HTTP/1.1", "/mcp", 400),
+        (
+            "origin with user information",
+            f"{here}Origin: http://localhost:1@evil.com\r\n",
+            "HTTP/1.1",
+            "/mcp",
+            403,
+        ),
+        ("HTTP/1.0 without Host", "", "HTTP/1.0", "/mcp", 400),
+        ("absolute form naming another host", here, "HTTP/1.1", "http://evil.com/mcp", 400),
+        (
+            "two Origins",
+            f"{here}Origin: http://127.0.0.1:{port}\r\nOrigin: http://evil.com\r\n",
+            "HTTP/1.1",
+            "/mcp",
+            400,
+        ),
+        (
+            "two Authorizations",
+            f"{here}Authorization: Bearer a-token-0123456789\r\nAuthorization: Bearer x\r\n",
+            "HTTP/1.1",
+            "/mcp",
+            400,
+        ),
+    ]
+    try:
+        for what, lines, version, target, status in cases:
+            got = await raw_status(port, post_initialize(lines, version, target))
+            assert got == status, ("POST", what, got)
+            got = await raw_status(port, upgrade_request(lines, version, target))
+            assert got == status, ("upgrade", what, got)
+        # The same requests, well-formed, are served by both.
+        assert await raw_status(port, post_initialize(here)) == 200
+        assert await raw_status(port, upgrade_request(here)) == 101
+        origin = f"{here}Origin: http://localhost:{port}\r\n"
+        assert await raw_status(port, post_initialize(origin, target=proxy.url)) == 200
+    finally:
+        proxy.kill()
+
+
+async def test_probes_and_metrics_are_guarded(tmp_path: Path) -> None:
+    """Issue 15 finding 13: a DNS-rebinding page must not read /metrics (or the probes); a
+    scraper on another host uses the separate metrics listener, whose own address is allowed."""
+    metrics_port = free_port()
+    config = config_file(tmp_path, f'[metrics]\nlisten = "127.0.0.2:{metrics_port}"\n')
+    main = ProxyProcess(tmp_path / "db.sqlite").start()
+    separate = ProxyProcess(tmp_path / "other.sqlite", None, "--config", config).start()
+    try:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            for lines, status in (
+                (f"Host: localhost:{main.port}\r\n", 200),
+                ("Host: rebound.evil.com\r\n", 421),
+                (f"Host: localhost:{main.port}\r\nOrigin: http://rebound.evil.com\r\n", 403),
+                ("Host: [::1]evil\r\n", 400),
+            ):
+                request = f"GET {path} HTTP/1.1\r\n{lines}Connection: close\r\n\r\n".encode()
+                assert await raw_status(main.port, request) == status, (path, lines)
+
+        def scrape_as(host: str) -> bytes:
+            return f"GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+
+        listener = ("127.0.0.2", metrics_port)
+        reader, writer = await asyncio.open_connection(*listener)
+        writer.write(scrape_as(f"127.0.0.2:{metrics_port}"))  # named by its own address
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).split()[1] == b"200"
+        writer.close()
+        reader, writer = await asyncio.open_connection(*listener)
+        writer.write(scrape_as("rebound.evil.com"))
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).split()[1] == b"421"
+        writer.close()
+    finally:
+        main.kill()
+        separate.kill()
