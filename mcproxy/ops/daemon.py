@@ -22,6 +22,7 @@ import contextlib
 import gc
 import os
 import signal
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,30 @@ from mcproxy.upstreams.stdio import StdioUpstream, command_available
 
 log = structlog.get_logger("mcproxy")
 
+# A tokens file with any of these bits is refused: group/other write, other read.
+TOKENS_FILE_FORBIDDEN = stat.S_IWGRP | stat.S_IWOTH | stat.S_IROTH
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def prepare_state(path: Path) -> None:
+    """The database, its WAL and shared-memory files private to this user whatever the umask
+    (sessions and their messages are in them), and the directories created for them too.
+
+    SQLite creates ``-wal`` and ``-shm`` with the database file's own mode, so the file is
+    made 0600 before SQLite opens it; files left by an older, laxer run are tightened. A
+    directory that already exists is the operator's (``/tmp``, a shared volume): left alone.
+    """
+    missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    for directory in reversed(missing):  # the XDG base directory spec asks 0700 too
+        directory.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        directory.chmod(PRIVATE_DIR)  # mkdir's mode is filtered by the umask
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+    os.close(fd)
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", PRIVATE_FILE)
+
 
 class _UpstreamState:
     """An HTTP upstream's ``StateSlot``: the ``upstream_state`` column of its session's row."""
@@ -78,9 +103,18 @@ def load_tokens(config: Config) -> TokenTable:
     tables: list[TokenTable] = []
     if auth.tokens_file:
         try:
-            text = Path(auth.tokens_file).expanduser().read_text()
+            with Path(auth.tokens_file).expanduser().open() as file:
+                mode = os.fstat(file.fileno()).st_mode
+                text = file.read()
         except OSError as exc:
             raise ConfigError(f"auth.tokens_file: {exc}") from exc
+        if mode & TOKENS_FILE_FORBIDDEN:
+            # Refused, not warned about: a file others can write lets them add a principal,
+            # one everybody can read gives the tokens away (docs/SECURITY.md).
+            raise ConfigError(
+                f"auth.tokens_file: {auth.tokens_file} is mode {stat.S_IMODE(mode):04o}; it must"
+                " not be writable by group or others, nor readable by others (chmod 600 or 640)"
+            )
         tables.append(TokenTable.parse(text, auth.tokens_file))
     if auth.tokens_env:
         value = os.environ.get(auth.tokens_env)
@@ -216,6 +250,10 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
 
     tokens = load_tokens(config)
     path = db_path(config)
+    try:
+        prepare_state(path)
+    except OSError as exc:
+        raise ConfigError(f"store.path: {exc}") from exc
     store = await Store.open(path, config.store.durability, config.store.max_batch)
     try:
         factory = upstream_factory(config, store)

@@ -262,3 +262,70 @@ async def test_children_run_under_batch_scheduling_unless_turned_off(tmp_path: P
         finally:
             proxy.kill()
     assert policies == {True: os.SCHED_BATCH, False: os.SCHED_OTHER}
+
+
+async def test_state_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Issue 15 finding 12: under umask 022 (the README's way to run it) the database, its
+    WAL and shared-memory files and the directory made for them were 0644/0755."""
+    state = tmp_path / "state" / "mcproxy"
+    previous = os.umask(0o022)
+    try:
+        proxy = ProxyProcess(state / "db.sqlite").start()
+    finally:
+        os.umask(previous)
+    try:
+        client = HttpClient(proxy.url)
+        await client.initialize()  # something written: the WAL and its index exist
+        await client.close()
+        modes = {
+            path.name: path.stat().st_mode & 0o777
+            for path in (state, state / "db.sqlite", state / "db.sqlite-wal")
+        }
+        modes["db.sqlite-shm"] = (state / "db.sqlite-shm").stat().st_mode & 0o777
+        assert modes == {
+            "mcproxy": 0o700,
+            "db.sqlite": 0o600,
+            "db.sqlite-wal": 0o600,
+            "db.sqlite-shm": 0o600,
+        }
+        assert (tmp_path / "state").stat().st_mode & 0o077 == 0  # parents made private too
+    finally:
+        proxy.kill()
+    # Files left readable by an older run are tightened on the next start.
+    (state / "db.sqlite").chmod(0o644)
+    (state / "db.sqlite-wal").chmod(0o666)
+    proxy.start()
+    try:
+        assert (state / "db.sqlite").stat().st_mode & 0o777 == 0o600
+        assert (state / "db.sqlite-wal").stat().st_mode & 0o777 == 0o600
+    finally:
+        proxy.kill()
+
+
+def test_a_tokens_file_others_can_read_or_write_is_refused(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:alice-token-0123456789abcdef\n")
+    config = write_config(tmp_path, f'[auth]\ntokens_file = "{tokens}"\n')
+    for mode, refused in ((0o644, True), (0o620, True), (0o602, True), (0o640, False)):
+        tokens.chmod(mode)
+        proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config)
+        if refused:
+            run = subprocess.run(
+                [sys.executable, "-m", "mcproxy", "--db", str(tmp_path / "db.sqlite"),
+                 "--listen", "127.0.0.1:0", "--config", config, "--log-format", "json"],
+                capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, check=False,
+            )  # fmt: skip
+            assert run.returncode == 2, (oct(mode), run.stderr)
+            assert f"mode {mode:04o}" in run.stderr and "chmod 600" in run.stderr
+        else:
+            proxy.start()
+            proxy.kill()
+
+
+def test_help_names_every_command() -> None:
+    """Issue 16: `mcproxy --help` did not mention `connect` or `sessions`."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mcproxy", "--help"],
+        capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    assert "mcproxy connect ws://" in run.stdout and "mcproxy sessions list" in run.stdout

@@ -22,6 +22,7 @@ from tests.helpers import (
     HttpClient,
     ProxyProcess,
     WsClient,
+    eventually,
     free_port,
     tool_text,
 )
@@ -43,6 +44,7 @@ def secured(tmp_path: Path) -> ProxyProcess:
     tokens.write_text(
         f"# principals\nalice:{ALICE}\nbob:sha256:{hashlib.sha256(BOB.encode()).hexdigest()}\n"
     )
+    tokens.chmod(0o600)  # a tokens file others can read is refused
     config = config_file(tmp_path, f'[auth]\ntokens_file = "{tokens}"\n')
     return ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
 
@@ -292,3 +294,37 @@ async def test_probes_and_metrics_are_guarded(tmp_path: Path) -> None:
     finally:
         main.kill()
         separate.kill()
+
+
+async def test_no_credential_and_no_plain_text_reaches_the_log(secured: ProxyProcess) -> None:
+    """Issue 15 finding 11: aiohttp's parser errors quote the raw header bytes, a token with
+    a trailing control character included, and were printed as plain-text tracebacks."""
+    subprotocol = "mcp.auth." + base64.urlsafe_b64encode(ALICE.encode()).decode().rstrip("=")
+    cookie = "mcp_session_id=cookie-secret-0123456789abcdef"
+    port = secured.port
+    try:
+        for line in (
+            f"Authorization: Bearer {ALICE}\x01",
+            f"Authorization: {ALICE}\x01",
+            f"Sec-WebSocket-Protocol: mcp, {subprotocol}\x01",
+            f"Cookie: {cookie}\x7f",
+        ):
+            for request in (
+                post_initialize(f"Host: localhost\r\n{line}\r\n"),
+                upgrade_request(f"Host: localhost\r\n{line}\r\n"),
+            ):
+                assert await raw_status(port, request) == 400
+        before = len(secured.logs)
+        # A well-formed request still works, and its refusal is logged as one JSON line.
+        assert await raw_status(port, post_initialize("Host: localhost\r\n")) == 401
+        await eventually(lambda: len(secured.logs) > before)
+        await eventually(lambda: len([e for e in secured.logs if "aiohttp" in str(e)]) >= 8)
+    finally:
+        secured.terminate()
+    text = "\n".join(json.dumps(entry) for entry in secured.logs)
+    for secret in (ALICE, subprotocol, cookie.partition("=")[2], subprotocol[len("mcp.auth.") :]):
+        assert secret not in text
+    plain = [e for e in secured.logs if e.get("event") == "raw"]
+    assert not plain, plain[:5]  # every stderr line was a JSON object
+    failures = [e for e in secured.logs if e.get("logger") == "aiohttp.server"]
+    assert failures and all(isinstance(e.get("exception"), list) for e in failures)
