@@ -88,7 +88,22 @@ class SseStream:
         await self.resp.write(b"id: %s\nretry: %d\ndata: \n\n" % (event_id.encode(), retry_ms))
 
     def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
-        self._pump = self._tasks.spawn(outbox.run(after_lsn, prelude, ended), f"pump:{self.label}")
+        self._pump = self._tasks.spawn(
+            self._run(outbox, after_lsn, prelude, ended), f"pump:{self.label}"
+        )
+
+    async def _run(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
+        try:
+            await outbox.run(after_lsn, prelude, ended)
+        except (ConnectionError, RuntimeError) as exc:
+            # The client went away mid-write (aiohttp: a reset, or a write after the response
+            # ended): ordinary, and the log keeps everything for its resume. Not a failure.
+            self.client_gone(exc)
+        except StoreError as exc:
+            log.error("http.store_failed", conn=self.label, error=str(exc))
+
+    def client_gone(self, exc: BaseException) -> None:
+        log.info("http.client_gone", conn=self.label, error=type(exc).__name__)
 
     def supersede(self) -> None:
         self.stop()
@@ -111,13 +126,12 @@ class SseStream:
                 break
             try:
                 await self.resp.write(b": keepalive\n\n")
-            except (ConnectionError, RuntimeError):
+            except (ConnectionError, RuntimeError) as exc:
+                self.client_gone(exc)
                 pump.cancel()
                 break
-        if not pump.cancelled():
-            exc = pump.exception()
-            if isinstance(exc, StoreError):
-                log.error("http.store_failed", conn=self.label, error=str(exc))
+        # The pump logs its own end (``_run``); a cancelled one may not have finished yet,
+        # and asking it for its exception then raised InvalidStateError (issue 16 item 8).
 
 
 class StreamableHttpFront:

@@ -4,6 +4,7 @@ parking, expiry and pruning."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sqlite3
@@ -14,11 +15,13 @@ from pathlib import Path
 import aiohttp
 
 from tests.helpers import (
+    MS,
     ROOT,
     TIMEOUT,
     HttpClient,
     ProxyProcess,
     WsClient,
+    eventually,
     fixture_upstream,
     pid_alive,
     scrape,
@@ -329,3 +332,51 @@ def test_help_names_every_command() -> None:
         capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, check=True,
     )  # fmt: skip
     assert "mcproxy connect ws://" in run.stdout and "mcproxy sessions list" in run.stdout
+
+
+async def test_clients_that_go_away_mid_stream_are_info_not_tracebacks(tmp_path: Path) -> None:
+    """Issue 16 item 8: a GET stream whose client vanished raised InvalidStateError in
+    SseStream.serve (an aiohttp plain-text traceback), and a POST stream whose client vanished
+    mid-write was logged as task.failed with a traceback. Both are ordinary: one info line."""
+    config = write_config(tmp_path, f"[server]\nsse_keepalive_s = {50 * MS}\n")
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+    client = HttpClient(proxy.url)
+    try:
+        await client.initialize()
+        assert client.session_id is not None
+        head = (
+            f"Host: 127.0.0.1:{proxy.port}\r\nAccept: application/json, text/event-stream\r\n"
+            f"Mcp-Session-Id: {client.session_id}\r\nMCP-Protocol-Version: 2025-11-25\r\n"
+        )
+        call = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "method": "tools/call",
+                "params": {
+                    "name": "slow",
+                    "arguments": {"steps": 200, "delay": 20 * MS},
+                    "_meta": {"progressToken": "p"},
+                },
+            }
+        )
+        for request in (
+            f"GET /mcp HTTP/1.1\r\n{head}\r\n",  # the general stream: only keep-alives
+            f"POST /mcp HTTP/1.1\r\n{head}Content-Type: application/json\r\n"
+            f"Content-Length: {len(call)}\r\n\r\n{call}",  # progress written all along
+        ):
+            gone = len(proxy.events("http.client_gone"))
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(request.encode())
+            assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+            await asyncio.wait_for(reader.readuntil(b"\n\n"), TIMEOUT)  # streaming
+            writer.transport.abort()  # the client vanishes (a reset, no goodbye)
+            await eventually(lambda g=gone: len(proxy.events("http.client_gone")) > g)
+        echo = await client.call("tools/call", {"name": "echo", "arguments": {"text": "still"}})
+        assert tool_text(echo) == "still"
+    finally:
+        await client.close()
+        proxy.terminate()
+    assert not [e for e in proxy.logs if e.get("event") == "raw"]  # JSON lines only
+    assert not [e for e in proxy.logs if e.get("level") in ("error", "critical")]
+    assert all(e["level"] == "info" for e in proxy.events("http.client_gone"))
