@@ -113,6 +113,13 @@ DEFAULT_CONNECTION_BURST: Final = 2000
 DEFAULT_MESSAGES_PER_S: Final = 5000.0  # client messages per session (token bucket)
 DEFAULT_MESSAGE_BURST: Final = 10000
 DEFAULT_BIND_TIMEOUT_S: Final = 10.0  # a WebSocket must bind a session within this
+# An HTTP connection idle between requests is closed after this (aiohttp's own default is an
+# hour). SDK clients reuse a connection within seconds; a reconnect costs one handshake.
+DEFAULT_HTTP_KEEPALIVE_S: Final = 30.0
+# Open TCP connections per client address on the main listener (both fronts); beyond it a new
+# one is answered 429 and closed. High: on loopback every local client shares one address
+# (the scale benchmark holds 10,000 WebSockets from 127.0.0.1). Lower it for remote clients.
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: Final = 20_000
 DEFAULT_SEND_QUEUE_MAX: Final = (
     4096  # live messages buffered per socket before reading back from the log
 )
@@ -184,6 +191,8 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     messages_per_s: float = DEFAULT_MESSAGES_PER_S
     message_burst: int = DEFAULT_MESSAGE_BURST
     bind_timeout_s: float = DEFAULT_BIND_TIMEOUT_S
+    http_keepalive_s: float = DEFAULT_HTTP_KEEPALIVE_S
+    max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
 
 
 class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -378,6 +387,8 @@ def validate(config: Config) -> Config:
         "limits.messages_per_s": config.limits.messages_per_s,
         "limits.message_burst": config.limits.message_burst,
         "limits.bind_timeout_s": config.limits.bind_timeout_s,
+        "limits.http_keepalive_s": config.limits.http_keepalive_s,
+        "limits.max_connections_per_address": config.limits.max_connections_per_address,
         "sessions.park_after_s": config.sessions.park_after_s,
         "sessions.expire_after_s": config.sessions.expire_after_s,
         "sessions.max_log_events": config.sessions.max_log_events,

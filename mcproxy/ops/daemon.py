@@ -284,6 +284,9 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             handle_signals=False,
             access_log=None,
             shutdown_timeout=config.server.shutdown_timeout_s,
+            # Idle connections between requests (issue 15 finding 7: aiohttp's default is
+            # an hour, unauthenticated ones included).
+            keepalive_timeout=config.limits.http_keepalive_s,
         )
     ]
     if scrape is not None and config.metrics.listen:
@@ -293,7 +296,11 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             parse_listen(config.metrics.listen)[0],
         )
         runners.append(
-            web.AppRunner(build_metrics_app(config, scrape, metrics_guard), access_log=None)
+            web.AppRunner(
+                build_metrics_app(config, scrape, metrics_guard),
+                access_log=None,
+                keepalive_timeout=config.limits.http_keepalive_s,
+            )
         )
     try:
         notifier.status("recovering sessions")

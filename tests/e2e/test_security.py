@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import (
     INIT_PARAMS,
+    MS,
     ROOT,
     SSE_HEADERS,
     TIMEOUT,
@@ -328,3 +329,51 @@ async def test_no_credential_and_no_plain_text_reaches_the_log(secured: ProxyPro
     assert not plain, plain[:5]  # every stderr line was a JSON object
     failures = [e for e in secured.logs if e.get("logger") == "aiohttp.server"]
     assert failures and all(isinstance(e.get("exception"), list) for e in failures)
+
+
+async def test_idle_http_connections_and_connections_per_address_are_bounded(
+    tmp_path: Path,
+) -> None:
+    """Issue 15 finding 7: an idle kept-alive HTTP connection was held for an hour (aiohttp's
+    default), and one address could hold any number of sockets."""
+    keepalive = 300 * MS
+    config = config_file(
+        tmp_path,
+        f"[limits]\nhttp_keepalive_s = {keepalive}\nmax_connections_per_address = 3\n",
+    )
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+    health = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode()
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(health)
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        await asyncio.wait_for(reader.readuntil(b"}"), TIMEOUT)  # the JSON body
+        idle_since = loop.time()
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # closed by the server
+        assert loop.time() - idle_since >= keepalive * 0.9
+        writer.close()
+
+        held = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(3)]
+        assert await raw_status(proxy.port, health) == 429  # a fourth from the same address
+        # A bystander on another address is not affected (127.0.0.2 is loopback too).
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.port, local_addr=("127.0.0.2", 0)
+        )
+        writer.write(health)
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        held.pop()[1].close()  # one closes: room for one more, once the server has seen it
+
+        async def admitted() -> bool:
+            return await raw_status(proxy.port, health) == 200
+
+        deadline = loop.time() + TIMEOUT
+        while not await admitted():
+            assert loop.time() < deadline
+            await asyncio.sleep(10 * MS)
+        for _, w in held:
+            w.close()
+    finally:
+        proxy.kill()
