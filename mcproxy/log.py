@@ -24,7 +24,6 @@ import logging
 import re
 import sys
 import threading
-import warnings
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -120,8 +119,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])
-    logging.captureWarnings(True)
-    warnings.simplefilter("default")
+    logging.captureWarnings(True)  # the warnings Python shows anyway, as log lines
     std = logging.getLogger("mcproxy.python")
     # The interpreter's last-resort printers would write plain text: log instead.
     sys.unraisablehook = lambda u: std.error(
