@@ -31,8 +31,10 @@ DEFAULT_ALLOWED_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
 # Browser Origins allowed besides those whose host is an allowed host; "*" allows all.
 DEFAULT_ALLOWED_ORIGINS: Final[tuple[str, ...]] = ()
 # SSE `retry` (ms) sent with each stream's priming event: how long a client waits before it
-# resumes with Last-Event-ID (transports §Resumability). Short, so a restart goes unnoticed.
-DEFAULT_SSE_RETRY_MS: Final = 1000
+# resumes with Last-Event-ID (transports §Resumability). The official SDKs try twice, each
+# after `retry`, then give up on the stream: 3000 covers a ~6 s restart, at the cost of a
+# resume that waits 3 s after any drop (docs/PROTOCOL.md "Choosing sse_retry_ms").
+DEFAULT_SSE_RETRY_MS: Final = 3000
 DEFAULT_SSE_KEEPALIVE_S: Final = 15.0  # SSE comment line on an idle stream (proxies, dead peers)
 
 # --- [upstream] -------------------------------------------------------------------------
