@@ -56,6 +56,7 @@ class Relay:
         self.target_port, self.port = target_port, 0
         self.hold, self.held = False, asyncio.Event()
         self._links: set[asyncio.StreamWriter] = set()
+        self._accepts: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
     async def start(self) -> Relay:
@@ -75,7 +76,18 @@ class Relay:
         if close and self._server is not None:
             self._server.close()
 
+    async def aclose(self) -> None:
+        """Cut everything and wait for the links to wind down: one still piping when the loop
+        ends is cancelled, and Python 3.11's stream callback prints that as a traceback (the
+        client's close handshake leaves a link a few iterations from its end)."""
+        self.cut(close=True)
+        await asyncio.gather(*self._accepts, return_exceptions=True)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._accepts.add(task)
+        task.add_done_callback(self._accepts.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -214,7 +226,7 @@ async def main() -> None:
                 attempts("restarts:", restart_waits)
                 producer.cancel()
         finally:
-            relay.cut(close=True)
+            await relay.aclose()
             daemon.stop()
 
 

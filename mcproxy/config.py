@@ -31,8 +31,10 @@ DEFAULT_ALLOWED_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
 # Browser Origins allowed besides those whose host is an allowed host; "*" allows all.
 DEFAULT_ALLOWED_ORIGINS: Final[tuple[str, ...]] = ()
 # SSE `retry` (ms) sent with each stream's priming event: how long a client waits before it
-# resumes with Last-Event-ID (transports §Resumability). Short, so a restart goes unnoticed.
-DEFAULT_SSE_RETRY_MS: Final = 1000
+# resumes with Last-Event-ID (transports §Resumability). The official SDKs try twice, each
+# after `retry`, then give up on the stream: 3000 covers a ~6 s restart, at the cost of a
+# resume that waits 3 s after any drop (docs/PROTOCOL.md "Choosing sse_retry_ms").
+DEFAULT_SSE_RETRY_MS: Final = 3000
 DEFAULT_SSE_KEEPALIVE_S: Final = 15.0  # SSE comment line on an idle stream (proxies, dead peers)
 
 # --- [upstream] -------------------------------------------------------------------------
@@ -145,6 +147,13 @@ DEFAULT_BIND_TIMEOUT_S: Final = 10.0  # a WebSocket must bind a session within t
 # What one client connection may leave unread (its socket's write buffer plus queued replies)
 # before it is dropped: WebSocket close 1013, SSE stream ended; it resumes from its cursor.
 DEFAULT_MAX_OUTPUT_BYTES: Final = 8 * 1024 * 1024
+# An HTTP connection idle between requests is closed after this (aiohttp's own default is an
+# hour). SDK clients reuse a connection within seconds; a reconnect costs one handshake.
+DEFAULT_HTTP_KEEPALIVE_S: Final = 30.0
+# Open TCP connections per client address on the main listener (both fronts); beyond it a new
+# one is answered 429 and closed. High: on loopback every local client shares one address
+# (the scale benchmark holds 10,000 WebSockets from 127.0.0.1). Lower it for remote clients.
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: Final = 20_000
 DEFAULT_SEND_QUEUE_MAX: Final = (
     4096  # live messages buffered per socket before reading back from the log
 )
@@ -231,6 +240,8 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     message_burst: Count = DEFAULT_MESSAGE_BURST
     bind_timeout_s: Positive = DEFAULT_BIND_TIMEOUT_S
     max_output_bytes: Count = DEFAULT_MAX_OUTPUT_BYTES
+    http_keepalive_s: Positive = DEFAULT_HTTP_KEEPALIVE_S
+    max_connections_per_address: Count = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
 
 
 class AuthConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -26,6 +26,7 @@ from mcproxy.client.connection import (
 from mcproxy.core.framing import LineFramer
 
 EXIT_CLOSED: Final = 1  # the proxy ended the session or refused us
+EXIT_FAILED: Final = 3  # the bridge itself failed (its queue overflowed, a line too long)
 _PARSE_ERROR: Final = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}'
 MAX_LINE_BYTES: Final = 16 * 1024 * 1024
 
@@ -33,7 +34,7 @@ MAX_LINE_BYTES: Final = 16 * 1024 * 1024
 async def run(url: str, options: ReconnectOptions | None = None) -> int:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    stdin, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     out = sys.stdout.buffer
     done = asyncio.Event()
     ended: list[ConnectionClosed] = []
@@ -52,12 +53,20 @@ async def run(url: str, options: ReconnectOptions | None = None) -> int:
     waiter = asyncio.create_task(done.wait())
     await asyncio.wait({pump, waiter}, return_when=asyncio.FIRST_COMPLETED)
     terminal = done.is_set()  # the proxy ended it; otherwise stdin reached its end
+    # The pump's own failure (QueueFull, a line over MAX_LINE_BYTES, ...) is the bridge's
+    # failure: the desktop client must see a non-zero exit and why, not a clean end.
+    failure = pump.exception() if pump.done() and not pump.cancelled() else None
     pump.cancel()
     waiter.cancel()
+    await asyncio.gather(pump, waiter, return_exceptions=True)
     await conn.close()
+    stdin.close()
     if terminal:
         print(f"mcproxy connect: {ended[0]}", file=sys.stderr)
         return EXIT_CLOSED
+    if failure is not None:
+        print(f"mcproxy connect: {type(failure).__name__}: {failure}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

@@ -87,6 +87,7 @@ class ReconnectOptions:
     max_retries: int | None = None  # None: forever
     max_enqueued_messages: int = 1000
     heartbeat_s: float = 20.0  # WebSocket pings; a silent peer is dropped, then resumed
+    close_timeout_s: float = 2.0  # close(): how long to wait for the server's close frame
 
 
 def delays(options: ReconnectOptions, rng: Callable[[], float] = random.random) -> Any:
@@ -180,13 +181,23 @@ class ReconnectingConnection:
         self._unanswered.pop(_key(request_id), None)
 
     async def close(self) -> None:
+        """End the connection cleanly: RFC 6455 §7.1.2, a close frame (1000) and the server's
+        echo, waited for at most ``close_timeout_s``, then the TCP connection. (The reading
+        task clears ``_ws`` when it stops, so the socket is taken first: closing after that
+        used to drop the TCP connection without a frame, which the server logged as 1006.)"""
         self.closed = self.closed or ConnectionClosed("closed by the client")
+        ws = self._ws
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self._ws is not None:
-            await self._ws.close()
+        if ws is not None and not ws.closed:
+            try:
+                await asyncio.wait_for(
+                    ws.close(code=1000, message=b"client closing"), self.options.close_timeout_s
+                )
+            except (TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
+                log.info("client.close_unanswered", error=repr(exc))
         if self._http is not None:
             await self._http.close()
 

@@ -153,8 +153,12 @@ class MCPClient:
     async def close(self) -> None:
         self._save_state()
         await self._conn.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        # Awaited, not only cancelled: a handler must not outlive its client (nor run on
+        # into a closed loop); one that failed on its way out is logged by ``_done``.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- requests ---------------------------------------------------------------------
 
@@ -331,7 +335,12 @@ class MCPClient:
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("client.handler_failed", error=repr(exc), exc_info=exc)
 
 
 async def _call(callback: Callable[..., Any], *args: Any) -> None:

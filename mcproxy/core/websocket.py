@@ -123,8 +123,8 @@ def parse_request_head(raw: bytes) -> RequestHead | None:
         key = name.decode("ascii").lower()
         text = value.decode("latin-1").strip(" \t")
         if key in headers:
-            if key in ("host", "content-length", "sec-websocket-key"):
-                return None  # a repeat of a singleton header: let aiohttp refuse it
+            if key in ("host", "content-length", "sec-websocket-key", "origin", "authorization"):
+                return None  # a repeat of a singleton header: aiohttp's path refuses it
             text = f"{headers[key]}{'; ' if key == 'cookie' else ', '}{text}"
         headers[key] = text
     if "content-length" in headers or "transfer-encoding" in headers:

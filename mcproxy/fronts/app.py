@@ -7,12 +7,27 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from mcproxy.config import Config
-from mcproxy.fronts.streamable import StreamableHttpFront
+from mcproxy.core.guard import HostPolicy
+from mcproxy.fronts.streamable import StreamableHttpFront, guarded_headers
 from mcproxy.fronts.ws import WebSocketFront
 from mcproxy.metrics import CONTENT_TYPE
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
 Scrape = Callable[[], Awaitable[bytes]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _guarded(guard: HostPolicy, handler: Handler) -> Handler:
+    """The fronts' Host/Origin check on the probes too: a DNS-rebinding page must not read
+    /metrics or /readyz any more than it may reach /mcp (docs/SECURITY.md)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        refusal = guard.check(request.raw_path, guarded_headers(request))
+        if refusal is not None:
+            return web.Response(status=refusal.status, text=refusal.reason + "\n")
+        return await handler(request)
+
+    return handle
 
 
 async def _healthz(_: web.Request) -> web.Response:
@@ -43,6 +58,7 @@ def build_app(
     http_front: StreamableHttpFront,
     readiness: Readiness,
     scrape: Scrape | None,
+    guard: HostPolicy,
 ) -> web.Application:
     """The main listener. ``scrape`` set: /metrics is served here too."""
 
@@ -57,15 +73,17 @@ def build_app(
     app.router.add_get(config.server.path, get, allow_head=False)
     app.router.add_post(config.server.path, http_front.post)
     app.router.add_delete(config.server.path, http_front.delete)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz(readiness))
+    app.router.add_get("/healthz", _guarded(guard, _healthz))
+    app.router.add_get("/readyz", _guarded(guard, _readyz(readiness)))
     if scrape is not None:
-        app.router.add_get(config.metrics.path, _metrics(scrape))
+        app.router.add_get(config.metrics.path, _guarded(guard, _metrics(scrape)))
     return app
 
 
-def build_metrics_app(config: Config, scrape: Scrape) -> web.Application:
-    """A separate metrics listener (``metrics.listen``), e.g. on a private interface."""
+def build_metrics_app(config: Config, scrape: Scrape, guard: HostPolicy) -> web.Application:
+    """A separate metrics listener (``metrics.listen``), e.g. on a private interface. Its
+    guard allows ``server.allowed_hosts`` and its own listen address, so a scraper on another
+    host names that address (docs/SECURITY.md)."""
     app = web.Application()
-    app.router.add_get(config.metrics.path, _metrics(scrape))
+    app.router.add_get(config.metrics.path, _guarded(guard, _metrics(scrape)))
     return app

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
-from mcproxy.core.guard import HostPolicy
+from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
 from mcproxy.core.jsonrpc import Kind
 from mcproxy.core.session import GENERAL_STREAM, Reply
 from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
@@ -111,7 +111,22 @@ class SseStream:
         await self.resp.write(b"id: %s\nretry: %d\ndata: \n\n" % (event_id.encode(), retry_ms))
 
     def start(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
-        self._pump = self._tasks.spawn(outbox.run(after_lsn, prelude, ended), f"pump:{self.label}")
+        self._pump = self._tasks.spawn(
+            self._run(outbox, after_lsn, prelude, ended), f"pump:{self.label}"
+        )
+
+    async def _run(self, outbox: Outbox, after_lsn: int, prelude: list[bytes], ended: bool) -> None:
+        try:
+            await outbox.run(after_lsn, prelude, ended)
+        except (ConnectionError, RuntimeError) as exc:
+            # The client went away mid-write (aiohttp: a reset, or a write after the response
+            # ended): ordinary, and the log keeps everything for its resume. Not a failure.
+            self.client_gone(exc)
+        except StoreError as exc:
+            log.error("http.store_failed", conn=self.label, error=str(exc))
+
+    def client_gone(self, exc: BaseException) -> None:
+        log.info("http.client_gone", conn=self.label, error=type(exc).__name__)
 
     def supersede(self) -> None:
         self.stop()
@@ -135,13 +150,12 @@ class SseStream:
             try:
                 self._check_budget()  # a pump stuck on a peer that reads nothing ends here
                 await self.resp.write(b": keepalive\n\n")
-            except (ConnectionError, RuntimeError):
+            except (ConnectionError, RuntimeError) as exc:
+                self.client_gone(exc)
                 pump.cancel()
                 break
-        if not pump.cancelled():
-            exc = pump.exception()
-            if isinstance(exc, StoreError):
-                log.error("http.store_failed", conn=self.label, error=str(exc))
+        # The pump logs its own end (``_run``); a cancelled one may not have finished yet,
+        # and asking it for its exception then raised InvalidStateError (issue 16 item 8).
 
 
 class StreamableHttpFront:
@@ -321,7 +335,7 @@ class StreamableHttpFront:
 
     def _admit(self, request: web.Request) -> web.Response | str:
         """Host/Origin, protocol version and authentication: the principal, or a refusal."""
-        refusal = self.guard.check(request.host, request.headers.get("Origin"))
+        refusal = self.guard.check(request.raw_path, guarded_headers(request))
         if refusal is not None:
             log.warning("http.refused", reason=refusal.reason, peer=request.remote)
             return self._error(refusal.status, None, jsonrpc.INVALID_REQUEST, refusal.reason)
@@ -421,6 +435,12 @@ def parse_event_id(value: str) -> tuple[int | None, int] | None:
     if dot:
         return int(head), int(tail)
     return None, int(head)
+
+
+def guarded_headers(request: web.Request) -> dict[str, list[str]]:
+    """Every value of the headers the guard reads (``HostPolicy.check``); not
+    ``request.host``, which falls back to this machine's name when ``Host`` is missing."""
+    return {name: request.headers.getall(name, []) for name in SINGLETON_HEADERS}
 
 
 def _accepts(request: web.Request, media: str) -> bool:

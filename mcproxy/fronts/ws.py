@@ -37,7 +37,7 @@ from aiohttp import web
 
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
-from mcproxy.core.guard import HostPolicy
+from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
 from mcproxy.core.jsonrpc import Kind, Message
 from mcproxy.core.session import Reply
 from mcproxy.core.websocket import (
@@ -61,6 +61,7 @@ from mcproxy.core.websocket import (
 from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
 from mcproxy.engine.runner import Outbox, SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
+from mcproxy.fronts.streamable import guarded_headers
 from mcproxy.tasks import TaskSet
 
 log = structlog.get_logger("mcproxy")
@@ -440,7 +441,11 @@ class WebSocketFront:
         """Everything about an opening handshake decided before the socket is taken."""
         cfg = self.config.server
         headers = head.headers
-        refusal = self.guard.check(headers.get("host"), headers.get("origin"))
+        # parse_request_head hands a repeat of these to aiohttp (``handle``): one value each.
+        singles: dict[str, list[str]] = {
+            name: [headers[name]] for name in SINGLETON_HEADERS if name in headers
+        }
+        refusal = self.guard.check(head.target, singles)
         if refusal is not None:
             return self._refused(refusal.status, refusal.reason, peer)
         now = asyncio.get_running_loop().time()
@@ -558,7 +563,13 @@ class WebSocketFront:
                 joiner = "; " if key == "cookie" else ", "
                 headers[key] = joiner.join(request.headers.getall(name))
         head = RequestHead(request.method, request.raw_path, headers)
-        decision = self.check(head, request.remote)
+        # The joined values above hide a repeat: the guard sees every value, as on POST.
+        refusal = self.guard.check(request.raw_path, guarded_headers(request))
+        decision = (
+            self._refused(refusal.status, refusal.reason, request.remote)
+            if refusal is not None
+            else self.check(head, request.remote)
+        )
         if isinstance(decision, Refused):
             extra = dict(line.split(": ", 1) for line in decision.headers)
             return web.Response(status=decision.status, text=decision.reason + "\n", headers=extra)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
 from mcproxy import __version__, config, log
 from mcproxy.errors import ConfigError, StoreError
@@ -27,7 +28,17 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mcproxy",
         description="Durable, reconnectable MCP sessions (WebSocket and Streamable HTTP)"
-        " in front of an MCP server. Operator commands: mcproxy sessions --help.",
+        " in front of an MCP server.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="other commands:\n"
+        "  mcproxy connect ws://HOST:PORT/mcp   bridge stdio to a durable session (put it"
+        " where a\n"
+        "                                       desktop client expects a stdio server);"
+        " see\n"
+        "                                       mcproxy connect --help\n"
+        "  mcproxy sessions list|show|events|delete\n"
+        "                                       inspect or end stored sessions; see\n"
+        "                                       mcproxy sessions --help",
     )
     p.add_argument(
         "command",
@@ -145,13 +156,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from mcproxy.ops.daemon import serve
 
+    # From here on stderr is the log: a failure is one more log line (JSON under journald).
     try:
         uvloop.run(serve(cfg))
-    except ConfigError as exc:  # e.g. a socket systemd passed that is not a listening one
-        print(f"mcproxy: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # e.g. a socket systemd passed, a tokens file others can read
+        structlog.get_logger("mcproxy").error("daemon.config_error", error=str(exc))
         return EXIT_CONFIG
     except StoreError as exc:
-        print(f"mcproxy: {exc}", file=sys.stderr)
+        structlog.get_logger("mcproxy").error("daemon.store_failed", error=str(exc))
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_RUNTIME

@@ -23,6 +23,7 @@ import contextlib
 import gc
 import os
 import signal
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,30 @@ from mcproxy.upstreams.stdio import StdioUpstream, child_environment, command_av
 
 log = structlog.get_logger("mcproxy")
 
+# A tokens file with any of these bits is refused: group/other write, other read.
+TOKENS_FILE_FORBIDDEN = stat.S_IWGRP | stat.S_IWOTH | stat.S_IROTH
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def prepare_state(path: Path) -> None:
+    """The database, its WAL and shared-memory files private to this user whatever the umask
+    (sessions and their messages are in them), and the directories created for them too.
+
+    SQLite creates ``-wal`` and ``-shm`` with the database file's own mode, so the file is
+    made 0600 before SQLite opens it; files left by an older, laxer run are tightened. A
+    directory that already exists is the operator's (``/tmp``, a shared volume): left alone.
+    """
+    missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    for directory in reversed(missing):  # the XDG base directory spec asks 0700 too
+        directory.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        directory.chmod(PRIVATE_DIR)  # mkdir's mode is filtered by the umask
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+    os.close(fd)
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", PRIVATE_FILE)
+
 
 class _UpstreamState:
     """An HTTP upstream's ``StateSlot``: the ``upstream_state`` column of its session's row."""
@@ -79,9 +104,18 @@ def load_tokens(config: Config) -> TokenTable:
     tables: list[TokenTable] = []
     if auth.tokens_file:
         try:
-            text = Path(auth.tokens_file).expanduser().read_text()
+            with Path(auth.tokens_file).expanduser().open() as file:
+                mode = os.fstat(file.fileno()).st_mode
+                text = file.read()
         except OSError as exc:
             raise ConfigError(f"auth.tokens_file: {exc}") from exc
+        if mode & TOKENS_FILE_FORBIDDEN:
+            # Refused, not warned about: a file others can write lets them add a principal,
+            # one everybody can read gives the tokens away (docs/SECURITY.md).
+            raise ConfigError(
+                f"auth.tokens_file: {auth.tokens_file} is mode {stat.S_IMODE(mode):04o}; it must"
+                " not be writable by group or others, nor readable by others (chmod 600 or 640)"
+            )
         tables.append(TokenTable.parse(text, auth.tokens_file))
     if auth.tokens_env:
         value = os.environ.get(auth.tokens_env)
@@ -218,6 +252,10 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
 
     tokens = load_tokens(config)
     path = db_path(config)
+    try:
+        prepare_state(path)
+    except OSError as exc:
+        raise ConfigError(f"store.path: {exc}") from exc
     store = await Store.open(path, config.store.durability, config.store.max_batch)
     try:
         factory = upstream_factory(config, store)
@@ -235,7 +273,12 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
     daemon = _Daemon(config, store, hub, metrics, ws_front, http_front, notifier)
     scrape = daemon.scrape if config.metrics.enabled else None
     app = build_app(
-        config, ws_front, http_front, daemon.readiness, None if config.metrics.listen else scrape
+        config,
+        ws_front,
+        http_front,
+        daemon.readiness,
+        None if config.metrics.listen else scrape,
+        guard,
     )
     runners = [
         web.AppRunner(
@@ -243,10 +286,24 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             handle_signals=False,
             access_log=None,
             shutdown_timeout=config.server.shutdown_timeout_s,
+            # Idle connections between requests (issue 15 finding 7: aiohttp's default is
+            # an hour, unauthenticated ones included).
+            keepalive_timeout=config.limits.http_keepalive_s,
         )
     ]
     if scrape is not None and config.metrics.listen:
-        runners.append(web.AppRunner(build_metrics_app(config, scrape), access_log=None))
+        metrics_guard = HostPolicy(
+            config.server.allowed_hosts,
+            config.server.allowed_origins,
+            parse_listen(config.metrics.listen)[0],
+        )
+        runners.append(
+            web.AppRunner(
+                build_metrics_app(config, scrape, metrics_guard),
+                access_log=None,
+                keepalive_timeout=config.limits.http_keepalive_s,
+            )
+        )
     try:
         notifier.status("recovering sessions")
         await store.delete_orphans()

@@ -287,3 +287,86 @@ async def test_the_stdio_bridge_carries_a_session_across_a_cut(proxy: ProxyProce
             bridge.kill()
             await bridge.wait()
         await relay.close()
+
+
+def ws_closes(proxy: ProxyProcess) -> list[int]:
+    return [int(e["code"]) for e in proxy.events("ws.closed")]
+
+
+async def test_the_client_and_the_sdk_adapter_close_with_a_close_frame(
+    proxy: ProxyProcess,
+) -> None:
+    """Issue 16 item 12: both closed by dropping TCP; the server logged 1006 for each."""
+    from mcp import ClientSession
+
+    from mcproxy.client.sdk import reconnecting_transport
+
+    url = f"ws://127.0.0.1:{proxy.port}/mcp"
+    async with MCPClient(url) as mcp:
+        assert text(await mcp.call_tool("echo", {"text": "bye"})) == "bye"
+    await eventually(lambda: len(ws_closes(proxy)) == 1)
+    async with (
+        reconnecting_transport(url) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+    await eventually(lambda: len(ws_closes(proxy)) == 2)
+    assert ws_closes(proxy) == [1000, 1000]
+
+
+async def test_close_waits_for_the_handlers_it_cancels(proxy: ProxyProcess) -> None:
+    """Issue 16 item 5: MCPClient.close cancelled its server-request handlers and returned
+    while they still ran (their cleanup after the client was gone, their errors lost)."""
+    started = asyncio.Event()
+    finished: list[str] = []
+
+    async def sampling(params: dict[str, Any]) -> dict[str, Any]:
+        started.set()
+        try:
+            await asyncio.sleep(TIMEOUT)
+        finally:
+            await asyncio.sleep(0)  # cleanup that needs the loop a moment
+            finished.append("cleaned up")
+        return {}
+
+    mcp = MCPClient(f"ws://127.0.0.1:{proxy.port}/mcp", sampling=sampling)
+    await mcp.connect()
+    call = asyncio.create_task(mcp.call_tool("sample", {"prompt": "hi"}))
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    await mcp.close()
+    assert finished == ["cleaned up"]  # done by the time close returned
+    call.cancel()
+    with contextlib.suppress(BaseException):
+        await call
+
+
+@pytest.mark.parametrize("failure", ["queue", "line"])
+async def test_the_bridge_exits_non_zero_when_its_pump_dies(
+    proxy: ProxyProcess, failure: str
+) -> None:
+    """Issue 16 item 5: `mcproxy connect` exited 0 when its stdin pump failed."""
+    # "queue": nothing listens, so every message waits in the bounded queue until it is full.
+    url = f"ws://127.0.0.1:{free_port() if failure == 'queue' else proxy.port}/mcp"
+    bridge = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mcproxy", "connect", url,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert bridge.stdin is not None and bridge.stderr is not None
+    try:
+        if failure == "queue":
+            note = b'{"jsonrpc":"2.0","method":"notifications/roots/list_changed"}\n'
+            data = note * (ReconnectOptions().max_enqueued_messages + 10)
+        else:
+            data = b"x" * (16 * 1024 * 1024 + 1)  # no newline in sight
+        with contextlib.suppress(ConnectionError):
+            bridge.stdin.write(data)
+            await bridge.stdin.drain()
+        code = await asyncio.wait_for(bridge.wait(), TIMEOUT)
+        stderr = (await bridge.stderr.read()).decode()
+        assert code == 3, stderr
+        assert ("QueueFull" if failure == "queue" else "LineTooLong") in stderr
+    finally:
+        if bridge.returncode is None:
+            bridge.kill()
+            await bridge.wait()

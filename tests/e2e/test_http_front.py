@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from mcproxy.config import DEFAULT_SSE_RETRY_MS
 from tests.helpers import (
     INIT_PARAMS,
     SSE_HEADERS,
@@ -30,7 +31,8 @@ async def test_lifecycle_streams_and_delete(proxy: ProxyProcess) -> None:
         assert len(session_id) >= 16 and all(0x21 <= ord(c) <= 0x7E for c in session_id)
         priming, answer = events
         # transports §"Sending Messages" 6: a priming event (id, empty data) with `retry`.
-        assert priming.data == "" and priming.retry == 1000 and priming.id is not None
+        assert priming.data == "" and priming.retry == DEFAULT_SSE_RETRY_MS
+        assert priming.id is not None
         stream, _, start = priming.id.partition(".")
         assert answer.id == f"{stream}.1" and int(start) == 0
         result = answer.json()["result"]

@@ -4,6 +4,7 @@ parking, expiry and pruning."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sqlite3
@@ -14,11 +15,13 @@ from pathlib import Path
 import aiohttp
 
 from tests.helpers import (
+    MS,
     ROOT,
     TIMEOUT,
     HttpClient,
     ProxyProcess,
     WsClient,
+    eventually,
     fixture_upstream,
     pid_alive,
     scrape,
@@ -262,3 +265,118 @@ async def test_children_run_under_batch_scheduling_unless_turned_off(tmp_path: P
         finally:
             proxy.kill()
     assert policies == {True: os.SCHED_BATCH, False: os.SCHED_OTHER}
+
+
+async def test_state_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Issue 15 finding 12: under umask 022 (the README's way to run it) the database, its
+    WAL and shared-memory files and the directory made for them were 0644/0755."""
+    state = tmp_path / "state" / "mcproxy"
+    previous = os.umask(0o022)
+    try:
+        proxy = ProxyProcess(state / "db.sqlite").start()
+    finally:
+        os.umask(previous)
+    try:
+        client = HttpClient(proxy.url)
+        await client.initialize()  # something written: the WAL and its index exist
+        await client.close()
+        modes = {
+            path.name: path.stat().st_mode & 0o777
+            for path in (state, state / "db.sqlite", state / "db.sqlite-wal")
+        }
+        modes["db.sqlite-shm"] = (state / "db.sqlite-shm").stat().st_mode & 0o777
+        assert modes == {
+            "mcproxy": 0o700,
+            "db.sqlite": 0o600,
+            "db.sqlite-wal": 0o600,
+            "db.sqlite-shm": 0o600,
+        }
+        assert (tmp_path / "state").stat().st_mode & 0o077 == 0  # parents made private too
+    finally:
+        proxy.kill()
+    # Files left readable by an older run are tightened on the next start.
+    (state / "db.sqlite").chmod(0o644)
+    (state / "db.sqlite-wal").chmod(0o666)
+    proxy.start()
+    try:
+        assert (state / "db.sqlite").stat().st_mode & 0o777 == 0o600
+        assert (state / "db.sqlite-wal").stat().st_mode & 0o777 == 0o600
+    finally:
+        proxy.kill()
+
+
+def test_a_tokens_file_others_can_read_or_write_is_refused(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:alice-token-0123456789abcdef\n")
+    config = write_config(tmp_path, f'[auth]\ntokens_file = "{tokens}"\n')
+    for mode, refused in ((0o644, True), (0o620, True), (0o602, True), (0o640, False)):
+        tokens.chmod(mode)
+        proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config)
+        if refused:
+            run = subprocess.run(
+                [sys.executable, "-m", "mcproxy", "--db", str(tmp_path / "db.sqlite"),
+                 "--listen", "127.0.0.1:0", "--config", config, "--log-format", "json"],
+                capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, check=False,
+            )  # fmt: skip
+            assert run.returncode == 2, (oct(mode), run.stderr)
+            assert f"mode {mode:04o}" in run.stderr and "chmod 600" in run.stderr
+        else:
+            proxy.start()
+            proxy.kill()
+
+
+def test_help_names_every_command() -> None:
+    """Issue 16: `mcproxy --help` did not mention `connect` or `sessions`."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mcproxy", "--help"],
+        capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    assert "mcproxy connect ws://" in run.stdout and "mcproxy sessions list" in run.stdout
+
+
+async def test_clients_that_go_away_mid_stream_are_info_not_tracebacks(tmp_path: Path) -> None:
+    """Issue 16 item 8: a GET stream whose client vanished raised InvalidStateError in
+    SseStream.serve (an aiohttp plain-text traceback), and a POST stream whose client vanished
+    mid-write was logged as task.failed with a traceback. Both are ordinary: one info line."""
+    config = write_config(tmp_path, f"[server]\nsse_keepalive_s = {50 * MS}\n")
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+    client = HttpClient(proxy.url)
+    try:
+        await client.initialize()
+        assert client.session_id is not None
+        head = (
+            f"Host: 127.0.0.1:{proxy.port}\r\nAccept: application/json, text/event-stream\r\n"
+            f"Mcp-Session-Id: {client.session_id}\r\nMCP-Protocol-Version: 2025-11-25\r\n"
+        )
+        call = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "method": "tools/call",
+                "params": {
+                    "name": "slow",
+                    "arguments": {"steps": 200, "delay": 20 * MS},
+                    "_meta": {"progressToken": "p"},
+                },
+            }
+        )
+        for request in (
+            f"GET /mcp HTTP/1.1\r\n{head}\r\n",  # the general stream: only keep-alives
+            f"POST /mcp HTTP/1.1\r\n{head}Content-Type: application/json\r\n"
+            f"Content-Length: {len(call)}\r\n\r\n{call}",  # progress written all along
+        ):
+            gone = len(proxy.events("http.client_gone"))
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(request.encode())
+            assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+            await asyncio.wait_for(reader.readuntil(b"\n\n"), TIMEOUT)  # streaming
+            writer.transport.abort()  # the client vanishes (a reset, no goodbye)
+            await eventually(lambda g=gone: len(proxy.events("http.client_gone")) > g)
+        echo = await client.call("tools/call", {"name": "echo", "arguments": {"text": "still"}})
+        assert tool_text(echo) == "still"
+    finally:
+        await client.close()
+        proxy.terminate()
+    assert not [e for e in proxy.logs if e.get("event") == "raw"]  # JSON lines only
+    assert not [e for e in proxy.logs if e.get("level") in ("error", "critical")]
+    assert all(e["level"] == "info" for e in proxy.events("http.client_gone"))

@@ -3,8 +3,10 @@ binding, the non-loopback guard, and each limit."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +16,15 @@ import pytest
 
 from tests.helpers import (
     INIT_PARAMS,
+    MS,
     ROOT,
     SSE_HEADERS,
     TIMEOUT,
     HttpClient,
     ProxyProcess,
     WsClient,
+    eventually,
+    free_port,
     tool_text,
 )
 
@@ -40,6 +45,7 @@ def secured(tmp_path: Path) -> ProxyProcess:
     tokens.write_text(
         f"# principals\nalice:{ALICE}\nbob:sha256:{hashlib.sha256(BOB.encode()).hexdigest()}\n"
     )
+    tokens.chmod(0o600)  # a tokens file others can read is refused
     config = config_file(tmp_path, f'[auth]\ntokens_file = "{tokens}"\n')
     return ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
 
@@ -176,5 +182,198 @@ async def test_a_socket_that_never_binds_is_closed(tmp_path: Path) -> None:
         echo = await bound.response(await bound.call_tool("echo", {"text": "kept"}))
         assert tool_text(echo) == "kept"
         await bound.close()
+    finally:
+        proxy.kill()
+
+
+async def raw_status(port: int, request: bytes) -> int:
+    """The status of one raw request (HTTP/1.x), the connection closed after."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+def post_initialize(lines: str, version: str = "HTTP/1.1", target: str = "/mcp") -> bytes:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INIT_PARAMS})
+    return (
+        f"POST {target} {version}\r\n{lines}Content-Type: application/json\r\n"
+        f"Accept: application/json, text/event-stream\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\n\r\n{body}"
+    ).encode()
+
+
+def upgrade_request(lines: str, version: str = "HTTP/1.1", target: str = "/mcp") -> bytes:
+    return (
+        f"GET {target} {version}\r\n{lines}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: mcp\r\n\r\n"
+    ).encode()
+
+
+async def test_header_edge_cases_are_refused_alike_on_both_fronts(tmp_path: Path) -> None:
+    """Issue 15 finding 14: each was accepted by at least one front; the guard's one strict
+    parser and its rule on repeats now refuse them on both."""
+    proxy = ProxyProcess(tmp_path / "db.sqlite").start()
+    port = proxy.port
+    here = f"Host: 127.0.0.1:{port}\r\n"
+    cases: list[tuple[str, str, str, str, int]] = [
+        # (what, header lines, HTTP version, request target, status)
+        ("host with junk after the address", "Host: [::1]evil\r\n", "HTTP/1.1", "/mcp", 400),
+        (
+            "origin with user information",
+            f"{here}Origin: http://localhost:1@evil.com\r\n",
+            "HTTP/1.1",
+            "/mcp",
+            403,
+        ),
+        ("HTTP/1.0 without Host", "", "HTTP/1.0", "/mcp", 400),
+        ("absolute form naming another host", here, "HTTP/1.1", "http://evil.com/mcp", 400),
+        (
+            "two Origins",
+            f"{here}Origin: http://127.0.0.1:{port}\r\nOrigin: http://evil.com\r\n",
+            "HTTP/1.1",
+            "/mcp",
+            400,
+        ),
+        (
+            "two Authorizations",
+            f"{here}Authorization: Bearer a-token-0123456789\r\nAuthorization: Bearer x\r\n",
+            "HTTP/1.1",
+            "/mcp",
+            400,
+        ),
+    ]
+    try:
+        for what, lines, version, target, status in cases:
+            got = await raw_status(port, post_initialize(lines, version, target))
+            assert got == status, ("POST", what, got)
+            got = await raw_status(port, upgrade_request(lines, version, target))
+            assert got == status, ("upgrade", what, got)
+        # The same requests, well-formed, are served by both.
+        assert await raw_status(port, post_initialize(here)) == 200
+        assert await raw_status(port, upgrade_request(here)) == 101
+        origin = f"{here}Origin: http://localhost:{port}\r\n"
+        assert await raw_status(port, post_initialize(origin, target=proxy.url)) == 200
+    finally:
+        proxy.kill()
+
+
+async def test_probes_and_metrics_are_guarded(tmp_path: Path) -> None:
+    """Issue 15 finding 13: a DNS-rebinding page must not read /metrics (or the probes); a
+    scraper on another host uses the separate metrics listener, whose own address is allowed."""
+    metrics_port = free_port()
+    config = config_file(tmp_path, f'[metrics]\nlisten = "127.0.0.2:{metrics_port}"\n')
+    main = ProxyProcess(tmp_path / "db.sqlite").start()
+    separate = ProxyProcess(tmp_path / "other.sqlite", None, "--config", config).start()
+    try:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            for lines, status in (
+                (f"Host: localhost:{main.port}\r\n", 200),
+                ("Host: rebound.evil.com\r\n", 421),
+                (f"Host: localhost:{main.port}\r\nOrigin: http://rebound.evil.com\r\n", 403),
+                ("Host: [::1]evil\r\n", 400),
+            ):
+                request = f"GET {path} HTTP/1.1\r\n{lines}Connection: close\r\n\r\n".encode()
+                assert await raw_status(main.port, request) == status, (path, lines)
+
+        def scrape_as(host: str) -> bytes:
+            return f"GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+
+        listener = ("127.0.0.2", metrics_port)
+        reader, writer = await asyncio.open_connection(*listener)
+        writer.write(scrape_as(f"127.0.0.2:{metrics_port}"))  # named by its own address
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).split()[1] == b"200"
+        writer.close()
+        reader, writer = await asyncio.open_connection(*listener)
+        writer.write(scrape_as("rebound.evil.com"))
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).split()[1] == b"421"
+        writer.close()
+    finally:
+        main.kill()
+        separate.kill()
+
+
+async def test_no_credential_and_no_plain_text_reaches_the_log(secured: ProxyProcess) -> None:
+    """Issue 15 finding 11: aiohttp's parser errors quote the raw header bytes, a token with
+    a trailing control character included, and were printed as plain-text tracebacks."""
+    subprotocol = "mcp.auth." + base64.urlsafe_b64encode(ALICE.encode()).decode().rstrip("=")
+    cookie = "mcp_session_id=cookie-secret-0123456789abcdef"
+    port = secured.port
+    try:
+        for line in (
+            f"Authorization: Bearer {ALICE}\x01",
+            f"Authorization: {ALICE}\x01",
+            f"Sec-WebSocket-Protocol: mcp, {subprotocol}\x01",
+            f"Cookie: {cookie}\x7f",
+        ):
+            for request in (
+                post_initialize(f"Host: localhost\r\n{line}\r\n"),
+                upgrade_request(f"Host: localhost\r\n{line}\r\n"),
+            ):
+                assert await raw_status(port, request) == 400
+        before = len(secured.logs)
+        # A well-formed request still works, and its refusal is logged as one JSON line.
+        assert await raw_status(port, post_initialize("Host: localhost\r\n")) == 401
+        await eventually(lambda: len(secured.logs) > before)
+        await eventually(lambda: len([e for e in secured.logs if "aiohttp" in str(e)]) >= 8)
+    finally:
+        secured.terminate()
+    text = "\n".join(json.dumps(entry) for entry in secured.logs)
+    for secret in (ALICE, subprotocol, cookie.partition("=")[2], subprotocol[len("mcp.auth.") :]):
+        assert secret not in text
+    plain = [e for e in secured.logs if e.get("event") == "raw"]
+    assert not plain, plain[:5]  # every stderr line was a JSON object
+    failures = [e for e in secured.logs if e.get("logger") == "aiohttp.server"]
+    assert failures and all(isinstance(e.get("exception"), list) for e in failures)
+
+
+async def test_idle_http_connections_and_connections_per_address_are_bounded(
+    tmp_path: Path,
+) -> None:
+    """Issue 15 finding 7: an idle kept-alive HTTP connection was held for an hour (aiohttp's
+    default), and one address could hold any number of sockets."""
+    keepalive = 300 * MS
+    config = config_file(
+        tmp_path,
+        f"[limits]\nhttp_keepalive_s = {keepalive}\nmax_connections_per_address = 3\n",
+    )
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+    health = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode()
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(health)
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        await asyncio.wait_for(reader.readuntil(b"}"), TIMEOUT)  # the JSON body
+        idle_since = loop.time()
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # closed by the server
+        assert loop.time() - idle_since >= keepalive * 0.9
+        writer.close()
+
+        held = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(3)]
+        assert await raw_status(proxy.port, health) == 429  # a fourth from the same address
+        # A bystander on another address is not affected (127.0.0.2 is loopback too).
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.port, local_addr=("127.0.0.2", 0)
+        )
+        writer.write(health)
+        assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        held.pop()[1].close()  # one closes: room for one more, once the server has seen it
+
+        async def admitted() -> bool:
+            return await raw_status(proxy.port, health) == 200
+
+        deadline = loop.time() + TIMEOUT
+        while not await admitted():
+            assert loop.time() < deadline
+            await asyncio.sleep(10 * MS)
+        for _, w in held:
+            w.close()
     finally:
         proxy.kill()

@@ -62,7 +62,7 @@ async def proxy(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     async def ready() -> dict[str, bool]:
         return {}
 
-    runner = web.AppRunner(build_app(config, ws_front, http_front, ready, None))
+    runner = web.AppRunner(build_app(config, ws_front, http_front, ready, None, guard))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -39,7 +39,7 @@ async def test_a_failed_pump_closes_the_socket_with_1011(tmp_path: Path) -> None
     async def ready() -> dict[str, bool]:
         return {}
 
-    runner = aiohttp.web.AppRunner(build_app(config, ws_front, http_front, ready, None))
+    runner = aiohttp.web.AppRunner(build_app(config, ws_front, http_front, ready, None, guard))
     await runner.setup()
     site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
