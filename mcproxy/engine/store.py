@@ -36,10 +36,10 @@ from typing import Any, Final
 import aiosqlite
 
 from mcproxy.core.session import PendingRow, SessionRecord
+from mcproxy.engine import schema
 from mcproxy.errors import StoreError
 from mcproxy.tasks import TaskSet
 
-SCHEMA_VERSION: Final = 6
 # With durability "normal" the writer commits on the event loop, so SQLite's automatic WAL
 # checkpoint (which copies pages back into the database file, and fsyncs it) would stall the
 # loop for milliseconds. It is turned off there. Instead, after this many writes (a few
@@ -54,79 +54,6 @@ CHECKPOINT_EVERY_WRITES: Final = 1000
 # runs in the writer's own thread with commits held back: it copies only what the last one
 # missed (a few milliseconds), and the next commit restarts the WAL.
 RESTART_WAL_EVERY_WRITES: Final = 8000
-
-_TABLES_V6: Final = """
-CREATE TABLE IF NOT EXISTS events (
-    id             INTEGER PRIMARY KEY,
-    session_id     TEXT NOT NULL,
-    lsn            INTEGER NOT NULL,
-    created_at     REAL NOT NULL,
-    stream         INTEGER NOT NULL DEFAULT 0,
-    request_key    TEXT,
-    request_method TEXT,
-    payload        BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS requests (
-    id            INTEGER PRIMARY KEY,
-    session_id    TEXT NOT NULL,
-    client_key    TEXT NOT NULL,
-    upstream_id   INTEGER NOT NULL,
-    method        TEXT NOT NULL,
-    safe          INTEGER NOT NULL,
-    done          INTEGER NOT NULL DEFAULT 0,
-    lsn           INTEGER,
-    stream        INTEGER NOT NULL DEFAULT 0,
-    remembered_at INTEGER,
-    body          BLOB
-);
-"""
-# The trigger: logging a request's answer retires its row in the same statement (one
-# statement less per call than a DELETE of its own, measured at ~7 µs of CPU each).
-_INDEXES_V6: Final = """
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_lsn ON events (session_id, lsn);
-CREATE UNIQUE INDEX IF NOT EXISTS requests_by_key ON requests (session_id, client_key);
-CREATE TRIGGER IF NOT EXISTS answer_retires_request AFTER INSERT ON events
-WHEN NEW.request_key IS NOT NULL
-BEGIN
-    DELETE FROM requests WHERE session_id = NEW.session_id AND client_key = NEW.request_key;
-END;
-"""
-# The layout is chosen for the write path (schema 6). A message's row and a request's row are
-# each written once and never moved, and the tables are ordered by insertion (rowid), so one
-# group commit fills a few pages at the tail instead of dirtying a page per session, as
-# tables clustered by session did (measured: 17 KiB of WAL per proxied call at 1,000 sessions
-# down to 6.5, and 2.5x less CPU). Only the small (session_id, lsn) index is written at
-# random. `requests` holds requests in flight, plus cancelled ones while they are remembered
-# for retries; an answered request's row is deleted, and its answer's row in `events`
-# carries the client key and method (`request_key`, `request_method`) instead, kept past
-# pruning until the key falls out of the dedupe window. `sessions.log_floor`: every LSN up
-# to it has been pruned (rows kept for retries aside). Small columns come before the blobs:
-# reading them then never walks a large payload's overflow pages. `remembered_at` orders a
-# cancelled request among the answers remembered for retries (the head LSN when cancelled).
-_SCHEMA: Final = (
-    """
-CREATE TABLE IF NOT EXISTS sessions (
-    id               TEXT PRIMARY KEY,
-    created_at       REAL NOT NULL,
-    last_seen_at     REAL NOT NULL,
-    init_request     BLOB,
-    init_result      BLOB,
-    initialized      INTEGER NOT NULL DEFAULT 0,
-    log_level        TEXT,
-    subscriptions    TEXT NOT NULL DEFAULT '[]',
-    safe_tools       TEXT NOT NULL DEFAULT '[]',
-    next_upstream_id INTEGER NOT NULL DEFAULT 1,
-    next_server_id   INTEGER NOT NULL DEFAULT 1,
-    next_lsn         INTEGER NOT NULL DEFAULT 1,
-    delivered_lsn    INTEGER NOT NULL DEFAULT 0,
-    upstream_state   TEXT,
-    principal        TEXT,
-    log_floor        INTEGER NOT NULL DEFAULT 0
-);
-"""
-    + _TABLES_V6
-    + _INDEXES_V6
-)
 
 _UPSERT_SESSION: Final = """
 INSERT INTO sessions (id, created_at, last_seen_at, init_request, init_result, initialized,
@@ -143,55 +70,6 @@ ON CONFLICT (id) DO UPDATE SET
     next_server_id = max(next_server_id, :next_server_id),
     next_lsn = max(next_lsn, :next_lsn), delivered_lsn = max(delivered_lsn, :delivered_lsn)
 """
-# Each step takes a database from version N-1 to N (PRAGMA user_version).
-_MIGRATIONS: Final = {
-    2: (
-        "ALTER TABLE events ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
-        "ALTER TABLE requests ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
-    ),
-    # What an upstream transport keeps about its own side of a session (an HTTP upstream's
-    # Mcp-Session-Id), opaque to the store; NULL for stdio upstreams.
-    3: "ALTER TABLE sessions ADD COLUMN upstream_state TEXT;",
-    # Who created the session (docs/SECURITY.md); NULL for sessions of before version 4.
-    4: "ALTER TABLE sessions ADD COLUMN principal TEXT;",
-    # Only requests in flight are looked up by state (recovery, loading a session), so only
-    # they are indexed: finishing a request removes its entry instead of moving it, and
-    # deleting an answered one (out of the dedupe window) touches no index at all.
-    5: (
-        "DROP INDEX IF EXISTS requests_pending;"
-        "CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (session_id) WHERE done = 0;"
-    ),
-    # The insertion-ordered layout (see _SCHEMA). An answered request's key moves onto its
-    # answer's row; one whose answer was pruned keeps its row (done = 1) until forgotten.
-    6: (
-        "ALTER TABLE events RENAME TO events_v5;"
-        "ALTER TABLE requests RENAME TO requests_v5;"
-        "DROP INDEX IF EXISTS requests_in_flight;"
-        "CREATE INDEX requests_v5_answers ON requests_v5 (session_id, lsn) WHERE done = 1;"
-        + _TABLES_V6
-        + "INSERT INTO events (session_id, lsn, created_at, payload, stream, request_key,"
-        " request_method)"
-        " SELECT e.session_id, e.lsn, e.created_at, e.payload, e.stream, r.client_key, r.method"
-        " FROM events_v5 AS e LEFT JOIN requests_v5 AS r"
-        " ON r.session_id = e.session_id AND r.lsn = e.lsn AND r.done = 1"
-        " ORDER BY e.created_at, e.session_id, e.lsn;"
-        "INSERT INTO requests (session_id, client_key, upstream_id, method, safe, body, done,"
-        " lsn, stream)"
-        " SELECT session_id, client_key, upstream_id, method, safe, body, done, lsn, stream"
-        " FROM requests_v5 AS r WHERE NOT (done = 1 AND lsn IS NOT NULL AND EXISTS"
-        " (SELECT 1 FROM events_v5 AS e WHERE e.session_id = r.session_id AND e.lsn = r.lsn))"
-        " ORDER BY upstream_id;"
-        "ALTER TABLE sessions ADD COLUMN log_floor INTEGER NOT NULL DEFAULT 0;"
-        "UPDATE sessions SET log_floor = coalesce("
-        "(SELECT min(lsn) - 1 FROM events_v5 WHERE session_id = sessions.id), next_lsn - 1);"
-        # Upstream ids are reserved in blocks in the session row from now on (Session
-        # restore); the highest one of a deleted row must not be handed out again.
-        "UPDATE sessions SET next_upstream_id = max(next_upstream_id, 1 + coalesce("
-        "(SELECT max(upstream_id) FROM requests_v5 WHERE session_id = sessions.id), 0));"
-        "DROP TABLE events_v5;"
-        "DROP TABLE requests_v5;" + _INDEXES_V6
-    ),
-}
 # Pruning keeps the answers still remembered for retries (their keys go with forgetting).
 _PRUNE: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND request_key IS NULL"
 _PRUNE_STREAM: Final = (
@@ -258,7 +136,37 @@ class _Batch:
 
 
 class Store:
-    """Open with ``await Store.open(path)``; close with ``await store.aclose()``."""
+    """Open with ``await Store.open(path)``; close with ``await store.aclose()``.
+
+    The writer's state. Its six fields are not independent: they make up these states, and
+    only the transitions drawn here happen (durability ``normal``; with ``full`` the writer
+    task commits every batch in its thread and only IDLE, SCHEDULED, FAILED and CLOSED exist).
+
+    ```
+                    _submit                     _flush_in_loop (next loop turn)
+      IDLE ───────────────────────▶ SCHEDULED ───────────────────────────────▶ IDLE
+      _flush_scheduled = False      _flush_scheduled      commits one batch on the loop;
+      _pending empty                = True                 reschedules itself while
+        ▲                                                  _pending is not empty
+        │ commit done                    │ _writes_since_checkpoint >= CHECKPOINT_EVERY_WRITES
+        │                                ▼ (and none running)
+        │                     CHECKPOINTING: _checkpointing is a task; a PASSIVE checkpoint on
+        │                     the third connection, beside the writer; commits go on. When it
+        │                     ends it may set _restart_wal (SQLITE_BUSY, an error, or
+        │                     _writes_since_restart >= RESTART_WAL_EVERY_WRITES)
+        │                                │ _restart_wal and _checkpointing is None, at a flush
+        │                                ▼
+        └──────────────────── CATCHING_UP: _catching_up is a task committing one batch plus
+                              a checkpoint in the writer's thread; _flush_in_loop does
+                              nothing meanwhile (writes queue in _pending), and the task
+                              schedules the next flush when it is done
+
+      any state ── a storage failure (_fail) ──▶ FAILED: _failed is set, every pending future
+                                                 fails, later writes are refused
+      any state ── aclose ──▶ CLOSED: _closed; no new checkpoint starts, queued batches are
+                              committed synchronously, later writes are refused
+    ```
+    """
 
     def __init__(
         self,
@@ -316,19 +224,12 @@ class Store:
             async with writer.execute("PRAGMA user_version") as cur:
                 row = await cur.fetchone()
             version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{path}: schema version {version} is newer than this mcproxy")
-            # Each step commits with its version number: a crash between the two would
-            # otherwise run a step again on a database it has already changed.
-            if version == 0:
-                await writer.executescript(
-                    f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
-                )
-            else:
-                for step in range(version + 1, SCHEMA_VERSION + 1):
-                    await writer.executescript(
-                        f"BEGIN;{_MIGRATIONS[step]}PRAGMA user_version={step};COMMIT;"
-                    )
+            try:
+                scripts = schema.steps(version)
+            except ValueError as exc:
+                raise StoreError(f"{path}: {exc}") from exc
+            for script in scripts:
+                await writer.executescript(script)
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=5000")
             checkpointer = None
@@ -468,9 +369,9 @@ class Store:
 
     def delete_session(self, session_id: str) -> asyncio.Future[None]:
         """Forget a session: its row, its log and its requests (one transaction)."""
-        for table, column in (("events", "session_id"), ("requests", "session_id")):
-            self._submit(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
-        return self._submit("DELETE FROM sessions WHERE id = ?", (session_id,))
+        for sql in schema.DELETE_SESSION:
+            future = self._submit(sql, (session_id,))
+        return future
 
     def prune(
         self, session_id: str, through_lsn: int, stream: int | None = None
@@ -732,10 +633,8 @@ class Store:
 
     def delete_orphans(self) -> asyncio.Future[None]:
         """Startup: rows whose session row is gone (a crash between deletes, an old bug)."""
-        for table in ("events", "requests"):
-            self._submit(
-                f"DELETE FROM {table} WHERE session_id NOT IN (SELECT id FROM sessions)", ()
-            )
+        for sql in schema.DELETE_ORPHANS:
+            self._submit(sql, ())
         return self.barrier()
 
     @property

@@ -34,7 +34,8 @@ from mcproxy.core.guard import HostPolicy
 from mcproxy.core.jsonrpc import Kind
 from mcproxy.core.session import GENERAL_STREAM, Reply
 from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
-from mcproxy.engine.runner import Outbox, SessionRunner
+from mcproxy.engine.outbox import Outbox
+from mcproxy.engine.runner import SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
 from mcproxy.tasks import TaskSet
 

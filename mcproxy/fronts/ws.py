@@ -65,7 +65,8 @@ from mcproxy.core.websocket import (
     valid_text,
 )
 from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
-from mcproxy.engine.runner import Outbox, SessionRunner
+from mcproxy.engine.outbox import Outbox
+from mcproxy.engine.runner import SessionRunner
 from mcproxy.errors import FrameError, LimitExceeded, ProtocolError, StoreError
 from mcproxy.tasks import TaskSet
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import sqlite3
+import threading
 from pathlib import Path
 
+import aiosqlite
 import pytest
 
 from mcproxy.core.session import SessionRecord
-from mcproxy.engine.store import SCHEMA_VERSION, Store
+from mcproxy.engine.schema import SCHEMA_VERSION
+from mcproxy.engine.store import Store
 from mcproxy.errors import StoreError
 from tests.helpers import SCHEMA_V1, SCHEMA_V5
 
@@ -247,3 +251,28 @@ async def test_a_version_5_database_is_migrated(tmp_path: Path) -> None:
         ).fetchall() == [(3, '"b"')]
         # Every session's upstream ids continue above anything a row ever held.
         assert conn.execute("SELECT next_upstream_id FROM sessions").fetchall() == [(10,)]
+
+
+async def test_canary_the_private_aiosqlite_api_the_store_relies_on(tmp_path: Path) -> None:
+    """The store commits on the loop through ``Connection._conn`` and hands whole
+    transactions to aiosqlite's thread through ``Connection._execute`` (pyproject.toml pins
+    the tested range). If aiosqlite renames or changes either, this fails first, by name."""
+    version = tuple(int(part) for part in importlib.metadata.version("aiosqlite").split(".")[:2])
+    assert (0, 22) <= version < (0, 23), "re-test the store before widening the aiosqlite pin"
+    db = await aiosqlite.connect(
+        tmp_path / "canary.sqlite", isolation_level=None, check_same_thread=False
+    )
+    try:
+        raw = db._conn
+        assert isinstance(raw, sqlite3.Connection), "aiosqlite.Connection._conn changed"
+        raw.execute("CREATE TABLE t (x)")  # on the loop, as Store._flush_in_loop does
+
+        def in_worker(conn: sqlite3.Connection, value: int) -> int:
+            conn.execute("INSERT INTO t VALUES (?)", (value,))
+            return threading.get_ident()
+
+        ident = await db._execute(in_worker, raw, 7)  # type: ignore[no-untyped-call]
+        assert ident != threading.get_ident(), "_execute no longer runs in the worker thread"
+        assert raw.execute("SELECT x FROM t").fetchall() == [(7,)]
+    finally:
+        await db.close()
