@@ -82,6 +82,9 @@ class Hub:
         Raises:
             LimitExceeded: ``limits.max_sessions`` or ``max_sessions_per_principal``.
         """
+        if session_id in self.runners:
+            # Two runners for one id would both write LSN 1 (get_or_create is the atomic way).
+            raise ValueError("session already exists")
         limits = self.config.limits
         if sum(self.counts.values()) >= limits.max_sessions:
             raise LimitExceeded("too many sessions on this proxy", 503)
@@ -98,6 +101,25 @@ class Hub:
         self.runners[session_id] = runner
         log.info("session.created", session=short_id(session_id))
         return runner
+
+    async def get_or_create(
+        self, session_id: str, principal: str = ANONYMOUS
+    ) -> tuple[SessionRunner, bool]:
+        """The session ``session_id`` (loaded if stored), or a new one under that id: atomic,
+        so connections that propose the same new id at the same moment get one runner, and
+        every one but the first is a later connection to it (True: this call created it).
+
+        Raises:
+            LimitExceeded: see ``create``.
+        """
+        runner = await self.get(session_id)
+        if runner is None:
+            # Another caller may have created it while this one waited for the load; from
+            # here to ``create`` nothing awaits, so the check and the insert are one step.
+            runner = self.runners.get(session_id)
+        if runner is not None:
+            return runner, False
+        return self.create(session_id, principal), True
 
     async def get(self, session_id: str) -> SessionRunner | None:
         """The live runner for ``session_id``, loading it from the store if needed."""
