@@ -21,8 +21,9 @@ from mcproxy.core.guard import AddressLimiter
 from mcproxy.core.session import Limits, Session
 from mcproxy.engine.runner import SessionRunner, short_id
 from mcproxy.engine.store import Store
-from mcproxy.errors import LimitExceeded
+from mcproxy.errors import LimitExceeded, StoreError
 from mcproxy.metrics import Metrics
+from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import UpstreamFactory
 
 log = structlog.get_logger("mcproxy")
@@ -63,6 +64,8 @@ class Hub:
         self.tokens = tokens or TokenTable([])
         limits = config.limits
         self.new_connections = AddressLimiter(limits.connections_per_s, limits.connection_burst)
+        self._tasks = TaskSet("hub")
+        store.on_session_failed = self._session_failed
         self._loading: dict[str, asyncio.Future[SessionRunner | None]] = {}
         self._parking: dict[str, asyncio.Future[None]] = {}
 
@@ -225,6 +228,17 @@ class Hub:
             self._forget(principal)
             self.metrics.sessions_expired.inc()
             log.info("session.expired", session=short_id(session_id))
+
+    def _session_failed(self, session_id: str, error: StoreError) -> None:
+        """The store rolled back this session's writes alone (a constraint, a bug): fail it,
+        and it only (its clients are told; the next use reloads what was committed)."""
+        self.metrics.error("session_failed")
+        log.error("session.failed", session=short_id(session_id), error=str(error))
+        runner = self.runners.pop(session_id, None)
+        if runner is None:
+            return
+        runner.fail(error)
+        self._tasks.spawn(runner.aclose(persist=False), f"close:{runner.label}")
 
     def _forget(self, principal: str | None) -> None:
         key = principal or ANONYMOUS

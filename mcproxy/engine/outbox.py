@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from mcproxy.engine.store import Store
+from mcproxy.errors import StoreError
 
 _REPLAY_PAGE = 1000
 _COMPACT_AFTER = 64  # items read from an outbox's list before they are dropped from it
@@ -40,6 +42,15 @@ class _End:
     pass
 
 
+class Owner(Protocol):
+    """The session an outbox serves (a ``SessionRunner``)."""
+
+    @property
+    def failed(self) -> StoreError | None:
+        """Set, before the failed batch's future resolves, when the session's writes were
+        rolled back: nothing more may be delivered."""
+
+
 Send = Callable[[bytes, int | None], Awaitable[None]]
 """Write one message to a client: the bytes, and their LSN (None for a direct reply)."""
 
@@ -62,6 +73,7 @@ class Outbox:
         on_sent: Callable[[int], None],
         max_queue: int,
         stream: int | None = None,
+        owner: Owner | None = None,
     ) -> None:
         self.session_id = session_id
         self.store = store
@@ -77,6 +89,8 @@ class Outbox:
         self._overflowed = False
         self.sent_lsn = 0
         self.caught_up: Callable[[], None] | None = None  # called once the replay is done
+        self._halted: StoreError | None = None
+        self.owner = owner
 
     def push_live(self, lsn: int, data: bytes, committed: asyncio.Future[None]) -> None:
         if self._overflowed:
@@ -93,6 +107,16 @@ class Outbox:
                 # when the commit is done, rather than now and again then (a task step each).
                 committed.add_done_callback(self._wake_committed)
                 return
+        self._wake()
+
+    def halt(self, error: StoreError) -> None:
+        """The session's writes failed (``SessionRunner.fail``): send nothing more; the pump
+        raises ``error`` at its next step (its front closes the connection, 1011 on a
+        WebSocket). Called before the failed batch's future resolves, so a message whose row
+        was rolled back never goes out."""
+        self._halted = error
+        self._items.clear()
+        self._head = 0
         self._wake()
 
     def _wake_committed(self, _: asyncio.Future[None]) -> None:
@@ -143,6 +167,7 @@ class Outbox:
         if ended:
             return
         while True:
+            self._check_halted()
             if self._overflowed:
                 self._overflowed = False
                 await self._catch_up()
@@ -180,7 +205,15 @@ class Outbox:
             if len(rows) < _REPLAY_PAGE:
                 return
 
+    def _check_halted(self) -> None:
+        # The owner's flag covers outboxes it no longer lists (an HTTP stream whose request
+        # is done, still draining), which ``halt`` cannot reach.
+        failed = self._halted or (self.owner.failed if self.owner is not None else None)
+        if failed is not None:
+            raise failed
+
     async def _deliver(self, lsn: int, data: bytes) -> None:
+        self._check_halted()
         await self.send(data, lsn)
         self.sent_lsn = lsn
         self.on_sent(lsn)

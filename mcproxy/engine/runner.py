@@ -44,7 +44,7 @@ from mcproxy.core.session import (
 )
 from mcproxy.engine.outbox import Outbox
 from mcproxy.engine.store import Store
-from mcproxy.errors import MCProxyError, ProtocolError, UpstreamError
+from mcproxy.errors import MCProxyError, ProtocolError, StoreError, UpstreamError
 from mcproxy.metrics import Metrics
 from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, backoff
@@ -116,6 +116,7 @@ class SessionRunner:
         self._backoff: Iterator[float] | None = None
         self._spawned_at: float | None = None
         self._closed = False
+        self.failed: StoreError | None = None  # its writes failed (see ``fail``)
         self.last_active = asyncio.get_running_loop().time()
         limits = config.limits
         self._rate = TokenBucket(limits.messages_per_s, limits.message_burst, self.last_active)
@@ -139,7 +140,12 @@ class SessionRunner:
         self._drop_streams(None)
         self.conn = conn
         outbox = Outbox(
-            self.core.id, self.store, conn.send, self._on_sent, self.config.limits.send_queue_max
+            self.core.id,
+            self.store,
+            conn.send,
+            self._on_sent,
+            self.config.limits.send_queue_max,
+            owner=self,
         )
         self.outbox = outbox
         prelude: list[bytes] = []
@@ -182,6 +188,7 @@ class SessionRunner:
             on_sent,
             self.config.limits.send_queue_max,
             stream,
+            owner=self,
         )
         ended = not self.core.stream_live(stream)
         if not ended:
@@ -325,6 +332,8 @@ class SessionRunner:
     # --- action execution -------------------------------------------------------------
 
     def execute(self, actions: list[Action]) -> None:
+        if self.failed is not None:
+            return  # the core is ahead of the log; the reloaded session takes over
         store, sid = self.store, self.core.id
         for action in actions:
             if isinstance(action, Emit):
@@ -453,6 +462,20 @@ class SessionRunner:
             self.on_upstream_lost(reason)
 
     # --- lifecycle --------------------------------------------------------------------
+
+    def fail(self, error: StoreError) -> None:
+        """The store rolled back this session's writes in a batch everyone else's committed
+        in (fault isolation, docs/ARCHITECTURE.md *Persistence*). Called before that batch's
+        future resolves: nothing that was not committed may reach a client or the upstream.
+        Its pumps stop with ``error`` (WebSocket: close 1011; SSE: the stream ends), what was
+        held for the upstream is dropped, and the Hub forgets this runner: the next use of
+        the id loads what was committed."""
+        self._closed = True
+        self.failed = error
+        self._up_pending.clear()
+        for outbox in [self.outbox, *(o for _, o in self.streams.values())]:
+            if outbox is not None:
+                outbox.halt(error)
 
     def terminate(self) -> None:
         """The client ended the session (HTTP DELETE): close every connection of it."""

@@ -29,6 +29,7 @@ import os
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -200,6 +201,13 @@ class Store:
         self._closed = False
         self.last_write: asyncio.Future[None] | None = None
         self.commits = 0  # transactions committed (for tests and benchmarks)
+        self.sessions_failed = 0  # sessions whose writes failed alone (fault isolation)
+        # Told (before the batch's future resolves) that a session's writes in a batch failed
+        # and were rolled back while everyone else's committed; the Hub sets it.
+        self.on_session_failed: Callable[[str, StoreError], None] | None = None
+        # Resolved with the error once the storage itself fails (I/O, disk full, corruption):
+        # the store refuses every write from then on, and the daemon exits (docs/SECURITY.md).
+        self.failure: asyncio.Future[StoreError] = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def open(
@@ -248,13 +256,13 @@ class Store:
     def _submit(self, sql: str, params: Any) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         if self._failed is not None or self._closed:
-            refused: asyncio.Future[None] = loop.create_future()
+            refused: asyncio.Future[None] = _Commit(loop=loop)
             refused.add_done_callback(_consume_exception)
             refused.set_exception(StoreError("the event log is not writable"))
             return refused
         batch = self._open
         if batch is None or len(batch.statements) >= self._max_batch:
-            future: asyncio.Future[None] = loop.create_future()
+            future: asyncio.Future[None] = _Commit(loop=loop)
             # Nobody may await a write (e.g. a session row update); still mark errors as seen.
             future.add_done_callback(_consume_exception)
             batch = self._open = _Batch([], future)
@@ -407,11 +415,11 @@ class Store:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_in_loop)
         try:
-            _run_transaction(self._writer._conn, batch.statements)
+            failed = _run_transaction(self._writer._conn, batch.statements)
         except sqlite3.Error as exc:
             self._fail(batch, exc)
             return
-        self._succeed(batch)
+        self._succeed(batch, failed)
         if (
             self._writes_since_checkpoint >= CHECKPOINT_EVERY_WRITES
             and self._checkpointing is None
@@ -455,7 +463,7 @@ class Store:
             # The whole transaction goes to aiosqlite's thread in one hop, not one hop per
             # statement. aiosqlite has no public "run this function on the connection" call;
             # `_execute` is the one its own methods use.
-            await self._writer._execute(  # type: ignore[no-untyped-call]
+            failed = await self._writer._execute(  # type: ignore[no-untyped-call]
                 _run_transaction, self._writer._conn, batch.statements, checkpoint
             )
         except sqlite3.Error as exc:
@@ -467,9 +475,21 @@ class Store:
                 if self._pending and not self._flush_scheduled:
                     self._flush_scheduled = True
                     asyncio.get_running_loop().call_soon(self._flush_in_loop)
-        self._succeed(batch)
+        self._succeed(batch, failed)
 
-    def _succeed(self, batch: _Batch) -> None:
+    def _succeed(self, batch: _Batch, failed: dict[str, sqlite3.Error]) -> None:
+        # Sessions whose statements failed (a constraint, a bug) lost this batch's writes
+        # alone; they hear it before anyone's future resolves, so nothing of theirs that did
+        # not commit reaches a socket or an upstream, and their writes still queued go too
+        # (they build on what was rolled back).
+        for session_id, exc in failed.items():
+            self.sessions_failed += 1
+            for queued in self._pending:
+                queued.statements = [
+                    st for st in queued.statements if _session_of(*st) != session_id
+                ]
+            if self.on_session_failed is not None:
+                self.on_session_failed(session_id, StoreError(f"session write failed: {exc}"))
         self.commits += 1
         if not batch.future.done():
             batch.future.set_result(None)
@@ -481,6 +501,8 @@ class Store:
         # is broken, and later writes are refused: sessions fail instead of losing messages.
         self._failed = exc
         error = StoreError(f"event log write failed: {exc}")
+        if not self.failure.done():
+            self.failure.set_result(error)
         for failed in (batch, *self._pending):
             if not failed.future.done():
                 failed.future.set_exception(error)
@@ -686,9 +708,16 @@ class Store:
 
 def _run_transaction(
     conn: sqlite3.Connection, statements: list[tuple[str, Any]], checkpoint: bool = False
-) -> None:
+) -> dict[str, sqlite3.Error]:
     """One transaction, consecutive equal statements batched; then, if asked, a PASSIVE
-    checkpoint (it never waits for readers; what it cannot copy now waits for the next)."""
+    checkpoint (it never waits for readers; what it cannot copy now waits for the next).
+
+    Returns the sessions whose statements failed, with the error: if a statement fails for a
+    reason of its own (a constraint, a bug), the batch is run again with each session's
+    statements under a savepoint, so that session's writes alone are rolled back and
+    everyone else's commit. A storage failure (see ``_storage_failure``) raises.
+    """
+    failed: dict[str, sqlite3.Error] = {}
     try:
         conn.execute("BEGIN")
         i = 0
@@ -704,12 +733,95 @@ def _run_transaction(
                 conn.executemany(statements[i][0], [p for _, p in statements[i:j]])
             i = j
         conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if _storage_failure(exc):
+            raise
+        failed = _run_isolated(conn, statements)
+    if checkpoint:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return failed
+
+
+def _run_isolated(
+    conn: sqlite3.Connection, statements: list[tuple[str, Any]]
+) -> dict[str, sqlite3.Error]:
+    """The slow path of a batch with a failing statement: a savepoint per session. Sessions
+    touch disjoint rows, so running one session's statements after another's (each in its
+    own order) commits the same rows as the batch in submission order."""
+    groups: dict[str | None, list[tuple[str, Any]]] = {}
+    for statement in statements:
+        if statement[0] is not _BARRIER:
+            groups.setdefault(_session_of(*statement), []).append(statement)
+    failed: dict[str, sqlite3.Error] = {}
+    try:
+        conn.execute("BEGIN")
+        for session_id, group in groups.items():
+            conn.execute("SAVEPOINT session")
+            try:
+                for statement in group:
+                    conn.execute(*statement)
+            except sqlite3.Error as exc:
+                if session_id is None or _storage_failure(exc):
+                    raise  # not one session's (start-up housekeeping), or the disk's
+                conn.execute("ROLLBACK TO session")
+                failed[session_id] = exc
+            conn.execute("RELEASE session")
+        conn.execute("COMMIT")
     except sqlite3.Error:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    if checkpoint:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return failed
+
+
+# SQLite's primary result codes (sqlite.org/rescode.html) that mean the storage, not one
+# statement, is at fault: PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL,
+# CANTOPEN, PROTOCOL, NOTADB. Anything else (CONSTRAINT, MISMATCH, TOOBIG, RANGE, a
+# misuse from a bug) is the statement's own, and fails its session alone.
+_STORAGE_CODES: Final = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+
+
+def _storage_failure(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _STORAGE_CODES
+
+
+# Where each write statement carries its session id (the params are a tuple, or a dict with
+# "id"); statements of no session (start-up housekeeping) are absent.
+_SESSION_PARAM: Final[dict[str, int]] = {
+    _APPEND: 0,
+    _APPEND_ANSWER: 0,
+    _SAVE_REQUEST: 0,
+    _CANCELLED_REQUEST: 0,
+    _FORGET_REQUEST: 0,
+    _FORGET_PRUNED_ANSWER: 0,
+    _FORGET_ANSWER: 0,
+    _PRUNE: 0,
+    _PRUNE_STREAM: 0,
+    _RAISE_FLOOR: 1,
+    _RAISE_NEXT_LSN: 1,
+    _SAVE_UPSTREAM_STATE: 1,
+    **dict.fromkeys(schema.DELETE_SESSION, 0),
+}
+
+
+def _session_of(sql: str, params: Any) -> str | None:
+    if isinstance(params, dict):
+        return str(params["id"])
+    index = _SESSION_PARAM.get(sql)
+    return None if index is None else str(params[index])
+
+
+class _Commit(asyncio.Future[None]):
+    """A batch's future, shared by every write in it and awaited by many tasks. Only the
+    store resolves it: ``Task.cancel`` cancels the future its task awaits, so one waiter's
+    cancellation (a socket closing mid-wait) would otherwise cancel the commit for every
+    other waiter. Here the cancelled task gets its CancelledError once the commit is done."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
 
 
 def _consume_exception(future: asyncio.Future[None]) -> None:

@@ -277,6 +277,8 @@ class StreamableHttpFront:
             await runner.store.barrier()
         except StoreError as exc:
             return self._error(503, request_id, jsonrpc.INTERNAL_ERROR, str(exc))
+        if runner.failed is not None:  # its writes alone were rolled back (Hub._session_failed)
+            return self._error(503, request_id, jsonrpc.INTERNAL_ERROR, str(runner.failed))
         return None
 
     def _error(

@@ -36,7 +36,7 @@ from mcproxy.core.websocket import CLOSE_SERVICE_RESTART
 from mcproxy.engine.hub import Hub
 from mcproxy.engine.runner import short_id
 from mcproxy.engine.store import Store
-from mcproxy.errors import ConfigError, MCProxyError
+from mcproxy.errors import ConfigError, MCProxyError, StoreError
 from mcproxy.fronts.app import build_app, build_metrics_app
 from mcproxy.fronts.listener import listen
 from mcproxy.fronts.streamable import StreamableHttpFront
@@ -235,6 +235,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
     app = build_app(
         config, ws_front, http_front, daemon.readiness, None if config.metrics.listen else scrape
     )
+    failure: StoreError | None = None
     runners = [
         web.AppRunner(
             app,
@@ -284,7 +285,15 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             daemon.tasks.spawn(daemon.watchdog(notifier.watchdog_interval_s), "watchdog")
         if on_ready is not None:
             on_ready(host, bound)
-        await stop.wait()
+        signalled = daemon.tasks.spawn(stop.wait(), "stop-signal")
+        await asyncio.wait({signalled, store.failure}, return_when=asyncio.FIRST_COMPLETED)
+        if store.failure.done():
+            # The storage failed (I/O error, disk full, corruption): the store commits
+            # nothing more and refuses every write. Serving 503 until someone notices would
+            # keep no promise; exiting non-zero lets systemd (Restart=on-failure) start a
+            # new process, which recovers from what was committed (docs/SECURITY.md).
+            failure = store.failure.result()
+            log.error("daemon.store_failed", error=str(failure))
         log.info("daemon.stopping")
         daemon.listening = False
         notifier.stopping("draining: closing client connections")
@@ -302,6 +311,8 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         await store.aclose()
         notifier.close()
         log.info("daemon.stopped")
+    if failure is not None:
+        raise failure  # cli: exit status EXIT_RUNTIME
 
 
 async def _shutdown(daemon: _Daemon) -> None:

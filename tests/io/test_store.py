@@ -116,17 +116,58 @@ async def test_a_version_2_database_gains_the_upstream_state_column(tmp_path: Pa
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
-async def test_a_failed_commit_fails_every_waiter_and_later_writes(
+async def test_a_failing_statement_fails_its_session_alone(tmp_path: Path, durability: str) -> None:
+    """Issue 15 finding 2: one session's constraint violation rolls back that session's writes
+    in the batch, tells the store's owner before the batch's future resolves, drops its
+    writes still queued, and commits everyone else's; the store stays writable."""
+    store = await Store.open(tmp_path / "db.sqlite", durability)
+    await store.append("A", 1, b"a1")
+    told: list[tuple[str, bool]] = []
+    batch: list[asyncio.Future[None]] = []
+
+    def failed(session_id: str, error: StoreError) -> None:
+        # Before the future resolves: whoever awaits it must not see success first.
+        told.append((session_id, batch[0].done()))
+
+    store.on_session_failed = failed
+    batch.append(store.append("B", 1, b"b1"))
+    store.append("A", 2, b"a2")  # rolled back with its session's other writes
+    store.append("A", 1, b"again")  # primary key violation: A's bug
+    store.append("B", 2, b"b2")
+    await batch[0]  # B's writes committed: the batch's future succeeds
+    assert told == [("A", False)]
+    assert store.sessions_failed == 1
+    assert await store.read_events("B", 0) == [(1, b"b1"), (2, b"b2")]
+    assert await store.read_events("A", 0) == [(1, b"a1")]  # a2 rolled back too
+    assert store.healthy and not store.failure.done()
+    await store.append("A", 2, b"reloaded")  # the session may carry on once reloaded
+    assert await store.read_events("A", 0) == [(1, b"a1"), (2, b"reloaded")]
+    await store.aclose()
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_a_full_disk_fails_the_store_and_commits_nothing_more(
     tmp_path: Path, durability: str
 ) -> None:
+    """A storage failure (here SQLite's own limit on the file: SQLITE_FULL, for real) fails
+    every waiter, resolves ``failure`` for the daemon, and refuses every later write."""
     store = await Store.open(tmp_path / "db.sqlite", durability)
     await store.append("S", 1, b"one")
-    duplicate = store.append("S", 1, b"again")  # primary key violation
+    size = store._writer._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._writer._conn.execute(f"PRAGMA max_page_count={size}")
+    told: list[str] = []
+    store.on_session_failed = lambda sid, _: told.append(sid)
+    writes = [store.append("S", lsn, bytes(4000)) for lsn in range(2, 40)]
+    with pytest.raises(StoreError, match="full"):
+        await writes[0]
+    assert store.failure.done() and "full" in str(store.failure.result())
+    assert not store.healthy and told == []  # the disk's fault, not a session's
     with pytest.raises(StoreError):
-        await duplicate
-    with pytest.raises(StoreError):
-        await store.append("S", 2, b"two")  # the log refuses rather than skipping
+        await store.append("T", 1, b"later")  # refused: nothing more is committed
     await store.aclose()
+    again = await Store.open(tmp_path / "db.sqlite", durability)
+    assert await again.read_events("S", 0) == [(1, b"one")]
+    await again.aclose()
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
