@@ -66,7 +66,7 @@ class Hub:
         self.new_connections = AddressLimiter(limits.connections_per_s, limits.connection_burst)
         self._tasks = TaskSet("hub")
         store.on_session_failed = self._session_failed
-        self._loading: dict[str, asyncio.Future[SessionRunner | None]] = {}
+        self._loading: dict[str, asyncio.Task[SessionRunner | None]] = {}
         self._parking: dict[str, asyncio.Future[None]] = {}
 
     async def load_counts(self) -> None:
@@ -134,20 +134,19 @@ class Hub:
             await asyncio.shield(parking)
             return await self.get(session_id)
         loading = self._loading.get(session_id)
-        if loading is not None:
-            return await asyncio.shield(loading)
-        future: asyncio.Future[SessionRunner | None] = asyncio.get_running_loop().create_future()
-        self._loading[session_id] = future
+        if loading is None:
+            # The load runs in a task of the Hub's, not in the first requester: cancelling a
+            # requester (a socket that drops mid-bind) cancels its own wait only, never the
+            # load that every other requester of the id shares.
+            loading = self._tasks.spawn(self._load_once(session_id), f"load:{short_id(session_id)}")
+            self._loading[session_id] = loading
+        return await asyncio.shield(loading)
+
+    async def _load_once(self, session_id: str) -> SessionRunner | None:
         try:
-            runner = await self._load(session_id)
-            future.set_result(runner)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # consumed here; waiters re-raise their own copy
-            raise
+            return await self._load(session_id)
         finally:
             del self._loading[session_id]
-        return runner
 
     async def _load(self, session_id: str) -> SessionRunner | None:
         loaded = await self.store.load_session(session_id)
@@ -260,5 +259,17 @@ class Hub:
             done.set_result(None)
 
     async def aclose(self) -> None:
+        """Stop every upstream and persist every session (shutdown).
+
+        Raises:
+            ExceptionGroup: the sessions that could not be closed cleanly, one error each
+                (every other session is closed all the same).
+        """
         runners = list(self.runners.values())
-        await asyncio.gather(*(r.aclose() for r in runners), return_exceptions=True)
+        results = await asyncio.gather(*(r.aclose() for r in runners), return_exceptions=True)
+        await self._tasks.cancel_all()  # loads in progress, closes of failed sessions
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise ExceptionGroup(
+                f"{len(errors)} of {len(runners)} sessions failed to close", errors
+            )

@@ -623,17 +623,15 @@ class Store:
 
     async def session_counts(self) -> dict[str | None, int]:
         """Stored sessions per principal (for the session limits after a restart)."""
-        async with self._reader.execute(
-            "SELECT principal, count(*) FROM sessions GROUP BY principal"
-        ) as cur:
-            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+        rows = await self._read("SELECT principal, count(*) FROM sessions GROUP BY principal")
+        return {r[0]: int(r[1]) for r in rows}
 
     async def expired_sessions(self, last_seen_before: float) -> list[tuple[str, str | None]]:
         """(id, principal) of sessions not seen since the given wall-clock time."""
-        async with self._reader.execute(
+        rows = await self._read(
             "SELECT id, principal FROM sessions WHERE last_seen_at < ?", (last_seen_before,)
-        ) as cur:
-            return [(str(r[0]), r[1]) for r in await cur.fetchall()]
+        )
+        return [(str(r[0]), r[1]) for r in rows]
 
     async def stats(self) -> StoreStats:
         """For the metrics: counts read from committed data, sizes from the file system."""
@@ -676,10 +674,21 @@ class Store:
 
     async def sessions_with_pending(self) -> list[str]:
         """Sessions that had requests in flight (to resolve right after a restart)."""
-        async with self._reader.execute(
-            "SELECT DISTINCT session_id FROM requests WHERE done = 0"
-        ) as cur:
-            return [str(r[0]) for r in await cur.fetchall()]
+        rows = await self._read("SELECT DISTINCT session_id FROM requests WHERE done = 0")
+        return [str(r[0]) for r in rows]
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows of one query on the reader; sqlite3's errors become StoreError here, at the
+        edge, so callers (the sweeper, start-up) handle one exception type.
+
+        Raises:
+            StoreError: the query failed.
+        """
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"event log read failed: {exc}") from exc
 
     # --- lifecycle -------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from mcproxy.core.websocket import CLOSE_SERVICE_RESTART
 from mcproxy.engine.hub import Hub
 from mcproxy.engine.runner import short_id
 from mcproxy.engine.store import Store
-from mcproxy.errors import ConfigError, MCProxyError, StoreError
+from mcproxy.errors import ConfigError, StoreError
 from mcproxy.fronts.app import build_app, build_metrics_app
 from mcproxy.fronts.listener import listen
 from mcproxy.fronts.streamable import StreamableHttpFront
@@ -191,8 +191,12 @@ class _Daemon:
             await asyncio.sleep(interval)
             try:
                 await self.hub.sweep()
-            except MCProxyError as exc:  # the store failed: /readyz and the watchdog say so
-                log.error("daemon.sweep_failed", error=str(exc))
+            except Exception as exc:
+                # A transient error (a busy file, one bad row) must not end parking, pruning
+                # and expiry for the life of the process: say it, count it, try again at the
+                # next interval. A storage failure also stops the daemon (Store.failure).
+                self.metrics.error("sweep_failed")
+                log.error("daemon.sweep_failed", error=repr(exc))
             self.notifier.status(self.status_line())
 
     async def watchdog(self, interval: float) -> None:
@@ -325,8 +329,16 @@ async def _shutdown(daemon: _Daemon) -> None:
             daemon.ws_front.close_all(CLOSE_SERVICE_RESTART, "server restarting"), grace
         )
     daemon.notifier.status("stopping upstreams")
-    with contextlib.suppress(TimeoutError):  # 3. stop upstreams, persist sessions
+    try:  # 3. stop upstreams, persist sessions
         await asyncio.wait_for(daemon.hub.aclose(), grace)
+    except TimeoutError:
+        log.error("daemon.shutdown_timeout", step="stop upstreams", timeout_s=grace)
+    except ExceptionGroup as group:  # every other session was closed; say which were not
+        log.error(
+            "daemon.sessions_close_failed",
+            error=str(group),
+            errors=[repr(e) for e in group.exceptions],
+        )
     await daemon.ws_front.aclose()
     await daemon.http_front.aclose()
 

@@ -6,16 +6,24 @@ import asyncio
 import importlib.metadata
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import aiosqlite
 import pytest
 
+from mcproxy.config import Config, SessionsConfig
 from mcproxy.core.session import SessionRecord
+from mcproxy.engine.hub import Hub
+from mcproxy.engine.outbox import Outbox, Send
 from mcproxy.engine.schema import SCHEMA_VERSION
 from mcproxy.engine.store import Store
 from mcproxy.errors import StoreError
-from tests.helpers import SCHEMA_V1, SCHEMA_V5
+from mcproxy.metrics import Metrics
+from mcproxy.ops.daemon import _Daemon
+from mcproxy.ops.sdnotify import Notifier
+from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
+from tests.helpers import MS, SCHEMA_V1, SCHEMA_V5, TIMEOUT, eventually
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -317,3 +325,161 @@ async def test_canary_the_private_aiosqlite_api_the_store_relies_on(tmp_path: Pa
         assert raw.execute("SELECT x FROM t").fetchall() == [(7,)]
     finally:
         await db.close()
+
+
+class _QuietUpstream:
+    """An upstream that starts and says nothing; ``aclose`` fails if told to (a broken
+    child-stopping path, for Hub.aclose)."""
+
+    def __init__(self, fail_close: bool) -> None:
+        self.fail_close = fail_close
+
+    async def start(self) -> None:
+        pass
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        if self.fail_close:
+            raise RuntimeError("the child would not stop")
+
+
+def _factory(fail_close: bool = False) -> UpstreamFactory:
+    def factory(session_id: str, handler: UpstreamHandler) -> Upstream:
+        return _QuietUpstream(fail_close)
+
+    return factory
+
+
+async def test_cancelling_the_first_requester_of_a_load_does_not_cancel_the_second(
+    tmp_path: Path,
+) -> None:
+    """Issue 16 item 6: Hub.get shares one load between requesters; a socket that drops
+    mid-bind cancels its own wait only, never the load or another requester's."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    hub = Hub(store, Config(), _factory(), Metrics())
+    sid = "S" * 20
+    try:
+        init = b'{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}'
+        await store.save_session(sid, SessionRecord(init_request=init))
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(hub.get(sid))
+        await asyncio.sleep(0)  # the first requester starts the load
+        second = loop.create_task(hub.get(sid))
+        await asyncio.sleep(0)  # the second one waits for the same load
+        first.cancel()
+        runner = await asyncio.wait_for(second, TIMEOUT)
+        assert runner is not None and runner.id == sid
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await hub.get(sid) is runner  # loaded once
+    finally:
+        await hub.aclose()
+        await store.aclose()
+
+
+async def test_cancelling_one_outbox_pump_leaves_the_others_waiting_on_the_same_commit(
+    tmp_path: Path,
+) -> None:
+    """Issue 16 item 6: pumps of two sessions wait for one group commit (their catch-up's
+    barrier); cancelling one (its socket closed) must not cancel the commit for the other."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    sent: dict[str, list[bytes]] = {"A": [], "B": []}
+
+    def sender(name: str) -> Send:
+        async def send(data: bytes, lsn: int | None) -> None:
+            sent[name].append(data)
+
+        return send
+
+    outboxes = {n: Outbox(n, store, sender(n), lambda _: None, max_queue=100) for n in sent}
+    loop = asyncio.get_running_loop()
+    store.append("B", 1, b"b1")
+    pumps = {n: loop.create_task(o.run(0, [])) for n, o in outboxes.items()}
+    try:
+        await asyncio.sleep(0)  # both pumps await the same batch's commit
+        pumps["A"].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pumps["A"]
+        outboxes["B"].push_live(2, b"b2", store.append("B", 2, b"b2"))
+        await eventually(lambda: sent["B"] == [b"b1", b"b2"])
+        assert not pumps["B"].done()
+    finally:
+        pumps["B"].cancel()
+        await asyncio.gather(pumps["B"], return_exceptions=True)
+        await store.aclose()
+
+
+async def test_store_reads_map_sqlite_errors_at_the_edge(tmp_path: Path) -> None:
+    """Issue 16 item 7: every read the sweeper and start-up use raises StoreError, never a
+    raw sqlite3 error (the sweeper used to die on one)."""
+    path = tmp_path / "db.sqlite"
+    store = await Store.open(path)
+    with sqlite3.connect(path) as conn:  # a real failing query: the tables are gone
+        conn.execute("ALTER TABLE sessions RENAME TO elsewhere")
+        conn.execute("ALTER TABLE requests RENAME TO elsewhere_too")
+    for read in (
+        store.expired_sessions(time.time()),
+        store.session_counts(),
+        store.sessions_with_pending(),
+    ):
+        with pytest.raises(StoreError, match="no such table"):
+            await read
+    await store.aclose()
+
+
+async def test_hub_aclose_reports_the_sessions_it_could_not_close(tmp_path: Path) -> None:
+    """Issue 16 item 5: Hub.aclose closes every session, and the failures reach the caller."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    hub = Hub(store, Config(), _factory(fail_close=True), Metrics())
+    try:
+        for sid in ("A" * 20, "B" * 20):
+            runner = hub.create(sid)
+            runner._ensure_upstream()
+            await eventually(lambda r=runner: r.upstream is not None)  # type: ignore[misc]
+        with pytest.raises(ExceptionGroup) as raised:
+            await hub.aclose()
+        assert [str(e) for e in raised.value.exceptions] == ["the child would not stop"] * 2
+        assert all(r.closed for r in hub.runners.values())
+    finally:
+        await store.aclose()
+
+
+async def test_the_sweeper_survives_a_transient_store_error(tmp_path: Path) -> None:
+    """Issue 16 item 7: a sweep that fails (here a real failing query: the table is
+    briefly gone) is logged, counted, and tried again at the next interval."""
+    path = tmp_path / "db.sqlite"
+    store = await Store.open(path)
+    config = Config(sessions=SessionsConfig(sweep_interval_s=10 * MS))
+    metrics = Metrics()
+    hub = Hub(store, config, _factory(), metrics)
+    sweeps: list[bool] = []
+    real_sweep = hub.sweep
+
+    async def counted_sweep() -> None:
+        try:
+            await real_sweep()
+        except BaseException:
+            sweeps.append(False)
+            raise
+        sweeps.append(True)
+
+    hub.sweep = counted_sweep  # type: ignore[method-assign]
+    daemon = _Daemon(config, store, hub, metrics, None, None, Notifier(None))  # type: ignore[arg-type]
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE sessions RENAME TO elsewhere")
+    sweeper = asyncio.get_running_loop().create_task(daemon.sweeper())
+    try:
+        await eventually(lambda: False in sweeps)
+        with sqlite3.connect(path) as conn:
+            conn.execute("ALTER TABLE elsewhere RENAME TO sessions")
+        await eventually(lambda: sweeps[-1] is True)  # housekeeping goes on
+        assert not sweeper.done()
+        failed = metrics.errors.labels("sweep_failed")._value.get()
+        assert failed >= 1
+    finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        await hub.aclose()
+        await store.aclose()
