@@ -22,8 +22,9 @@ from mcproxy.core.guard import AddressLimiter
 from mcproxy.core.session import Limits, Session
 from mcproxy.engine.runner import SessionRunner, short_id
 from mcproxy.engine.store import Store
-from mcproxy.errors import LimitExceeded, UpstreamCapacity
+from mcproxy.errors import LimitExceeded, StoreError, UpstreamCapacity
 from mcproxy.metrics import Metrics
+from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
 
 log = structlog.get_logger("mcproxy")
@@ -69,7 +70,9 @@ class Hub:
         self.tokens = tokens or TokenTable([])
         limits = config.limits
         self.new_connections = AddressLimiter(limits.connections_per_s, limits.connection_burst)
-        self._loading: dict[str, asyncio.Future[SessionRunner | None]] = {}
+        self._tasks = TaskSet("hub")
+        store.on_session_failed = self._session_failed
+        self._loading: dict[str, asyncio.Task[SessionRunner | None]] = {}
         self._parking: dict[str, asyncio.Future[None]] = {}
 
     async def load_counts(self) -> None:
@@ -88,6 +91,9 @@ class Hub:
         Raises:
             LimitExceeded: ``limits.max_sessions`` or ``max_sessions_per_principal``.
         """
+        if session_id in self.runners:
+            # Two runners for one id would both write LSN 1 (get_or_create is the atomic way).
+            raise ValueError("session already exists")
         limits = self.config.limits
         if sum(self.counts.values()) >= limits.max_sessions:
             raise LimitExceeded("too many sessions on this proxy", 503)
@@ -105,6 +111,25 @@ class Hub:
         log.info("session.created", session=short_id(session_id))
         return runner
 
+    async def get_or_create(
+        self, session_id: str, principal: str = ANONYMOUS
+    ) -> tuple[SessionRunner, bool]:
+        """The session ``session_id`` (loaded if stored), or a new one under that id: atomic,
+        so connections that propose the same new id at the same moment get one runner, and
+        every one but the first is a later connection to it (True: this call created it).
+
+        Raises:
+            LimitExceeded: see ``create``.
+        """
+        runner = await self.get(session_id)
+        if runner is None:
+            # Another caller may have created it while this one waited for the load; from
+            # here to ``create`` nothing awaits, so the check and the insert are one step.
+            runner = self.runners.get(session_id)
+        if runner is not None:
+            return runner, False
+        return self.create(session_id, principal), True
+
     async def get(self, session_id: str) -> SessionRunner | None:
         """The live runner for ``session_id``, loading it from the store if needed."""
         runner = self.runners.get(session_id)
@@ -115,20 +140,19 @@ class Hub:
             await asyncio.shield(parking)
             return await self.get(session_id)
         loading = self._loading.get(session_id)
-        if loading is not None:
-            return await asyncio.shield(loading)
-        future: asyncio.Future[SessionRunner | None] = asyncio.get_running_loop().create_future()
-        self._loading[session_id] = future
+        if loading is None:
+            # The load runs in a task of the Hub's, not in the first requester: cancelling a
+            # requester (a socket that drops mid-bind) cancels its own wait only, never the
+            # load that every other requester of the id shares.
+            loading = self._tasks.spawn(self._load_once(session_id), f"load:{short_id(session_id)}")
+            self._loading[session_id] = loading
+        return await asyncio.shield(loading)
+
+    async def _load_once(self, session_id: str) -> SessionRunner | None:
         try:
-            runner = await self._load(session_id)
-            future.set_result(runner)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # consumed here; waiters re-raise their own copy
-            raise
+            return await self._load(session_id)
         finally:
             del self._loading[session_id]
-        return runner
 
     async def _load(self, session_id: str) -> SessionRunner | None:
         loaded = await self.store.load_session(session_id)
@@ -210,6 +234,17 @@ class Hub:
             self.metrics.sessions_expired.inc()
             log.info("session.expired", session=short_id(session_id))
 
+    def _session_failed(self, session_id: str, error: StoreError) -> None:
+        """The store rolled back this session's writes alone (a constraint, a bug): fail it,
+        and it only (its clients are told; the next use reloads what was committed)."""
+        self.metrics.error("session_failed")
+        log.error("session.failed", session=short_id(session_id), error=str(error))
+        runner = self.runners.pop(session_id, None)
+        if runner is None:
+            return
+        runner.fail(error)
+        self._tasks.spawn(runner.aclose(persist=False), f"close:{runner.label}")
+
     def _forget(self, principal: str | None) -> None:
         key = principal or ANONYMOUS
         if self.counts[key] > 0:
@@ -230,8 +265,20 @@ class Hub:
             done.set_result(None)
 
     async def aclose(self) -> None:
+        """Stop every upstream and persist every session (shutdown).
+
+        Raises:
+            ExceptionGroup: the sessions that could not be closed cleanly, one error each
+                (every other session is closed all the same).
+        """
         runners = list(self.runners.values())
-        await asyncio.gather(*(r.aclose() for r in runners), return_exceptions=True)
+        results = await asyncio.gather(*(r.aclose() for r in runners), return_exceptions=True)
+        await self._tasks.cancel_all()  # loads in progress, closes of failed sessions
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise ExceptionGroup(
+                f"{len(errors)} of {len(runners)} sessions failed to close", errors
+            )
 
 
 class UpstreamSlots:

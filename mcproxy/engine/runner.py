@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 import msgspec
@@ -43,16 +42,14 @@ from mcproxy.core.session import (
     Tally,
     UpstreamState,
 )
+from mcproxy.engine.outbox import Outbox
 from mcproxy.engine.store import Store
-from mcproxy.errors import MCProxyError, ProtocolError, UpstreamCapacity, UpstreamError
+from mcproxy.errors import MCProxyError, ProtocolError, StoreError, UpstreamCapacity, UpstreamError
 from mcproxy.metrics import Metrics
 from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, backoff
 
 log = structlog.get_logger("mcproxy")
-
-_REPLAY_PAGE = 1000
-_COMPACT_AFTER = 64  # items read from an outbox's list before they are dropped from it
 
 
 def _ignore(_: int) -> None:
@@ -62,174 +59,6 @@ def _ignore(_: int) -> None:
 def short_id(session_id: str) -> str:
     """Session ids are bearer-like secrets: logs carry a prefix only."""
     return session_id[:8] + "…"
-
-
-@dataclass(frozen=True, slots=True)
-class _Live:
-    lsn: int
-    data: bytes
-    committed: asyncio.Future[None]
-
-
-@dataclass(frozen=True, slots=True)
-class _Direct:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Again:
-    lsn: int
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    pass
-
-
-Send = Callable[[bytes, int | None], Awaitable[None]]
-"""Write one message to a client: the bytes, and their LSN (None for a direct reply)."""
-
-
-class Outbox:
-    """Everything bound for one client connection, replay first, then live, in LSN order.
-
-    ``stream`` None means every message of the session (a WebSocket); a number means only that
-    Streamable HTTP stream's. ``send`` writes one text frame or SSE event; ``on_sent`` reports
-    each LSN written. If the client reads slower than the session produces, live items beyond
-    ``max_queue`` are dropped from memory and read back from the log instead: memory stays
-    bounded and nothing is lost.
-    """
-
-    def __init__(
-        self,
-        session_id: str,
-        store: Store,
-        send: Send,
-        on_sent: Callable[[int], None],
-        max_queue: int,
-        stream: int | None = None,
-    ) -> None:
-        self.session_id = session_id
-        self.store = store
-        self.send = send
-        self.on_sent = on_sent
-        self.max_queue = max_queue
-        self.stream = stream
-        # A list read from ``_head`` and a future made only while the pump waits: most
-        # outboxes are idle and empty, and a deque plus an Event cost 1.5 KB each.
-        self._items: list[_Live | _Direct | _Again | _End] = []
-        self._head = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._overflowed = False
-        self.sent_lsn = 0
-        self.caught_up: Callable[[], None] | None = None  # called once the replay is done
-
-    def push_live(self, lsn: int, data: bytes, committed: asyncio.Future[None]) -> None:
-        if self._overflowed:
-            return  # the pump reads everything back from the log
-        if len(self._items) - self._head >= self.max_queue:
-            self._overflowed = True
-            waiting = self._items[self._head :]
-            self._items = [i for i in waiting if not isinstance(i, _Live)]
-            self._head = 0
-        else:
-            self._items.append(_Live(lsn, data, committed))
-            if self._waiter is not None and not committed.done():
-                # The pump is parked and this is all it would wait for next: wake it once,
-                # when the commit is done, rather than now and again then (a task step each).
-                committed.add_done_callback(self._wake_committed)
-                return
-        self._wake()
-
-    def _wake_committed(self, _: asyncio.Future[None]) -> None:
-        self._wake()
-
-    def push_direct(self, data: bytes) -> None:
-        self._items.append(_Direct(data))
-        self._wake()
-
-    def push_again(self, lsn: int) -> None:
-        self._items.append(_Again(lsn))
-        self._wake()
-
-    def push_end(self) -> None:
-        """Nothing more will come (the stream's request is done): return once drained."""
-        self._items.append(_End())
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _next(self) -> _Live | _Direct | _Again | _End | None:
-        items = self._items
-        if self._head == len(items):
-            return None
-        item = items[self._head]
-        self._head += 1
-        if self._head == len(items):
-            items.clear()  # also releases what was read
-            self._head = 0
-        elif self._head >= _COMPACT_AFTER and 2 * self._head >= len(items):
-            # A pump that never quite catches up would otherwise keep every item it read.
-            del items[: self._head]
-            self._head = 0
-        return item
-
-    async def run(self, after_lsn: int, prelude: list[bytes], ended: bool = False) -> None:
-        """Pump until cancelled, the send fails, or the end (``push_end``, or right after the
-        catch-up if ``ended``)."""
-        for data in prelude:
-            await self.send(data, None)
-        self.sent_lsn = after_lsn
-        await self._catch_up()
-        if self.caught_up is not None:
-            self.caught_up()
-        if ended:
-            return
-        while True:
-            if self._overflowed:
-                self._overflowed = False
-                await self._catch_up()
-            item = self._next()
-            if item is None:
-                self._waiter = asyncio.get_running_loop().create_future()
-                await self._waiter
-                continue
-            if isinstance(item, _Direct):
-                await self.send(item.data, None)
-            elif isinstance(item, _End):
-                await self._catch_up()  # anything dropped on overflow comes before the end
-                return
-            elif isinstance(item, _Again):
-                await self.store.barrier()
-                logged = await self.store.read_event(self.session_id, item.lsn)
-                if logged is not None:
-                    await self.send(logged, item.lsn)
-            elif item.lsn > self.sent_lsn:
-                if item.lsn != self.sent_lsn + 1:
-                    await self._catch_up()  # a gap: the log has it (committed before item)
-                    if item.lsn <= self.sent_lsn:
-                        continue
-                await item.committed
-                await self._deliver(item.lsn, item.data)
-
-    async def _catch_up(self) -> None:
-        await self.store.barrier()
-        while True:
-            rows = await self.store.read_events(
-                self.session_id, self.sent_lsn, _REPLAY_PAGE, self.stream
-            )
-            for lsn, data in rows:
-                await self._deliver(lsn, data)
-            if len(rows) < _REPLAY_PAGE:
-                return
-
-    async def _deliver(self, lsn: int, data: bytes) -> None:
-        await self.send(data, lsn)
-        self.sent_lsn = lsn
-        self.on_sent(lsn)
 
 
 class Attachment(Protocol):
@@ -287,6 +116,7 @@ class SessionRunner:
         self._backoff: Iterator[float] | None = None
         self._spawned_at: float | None = None
         self._closed = False
+        self.failed: StoreError | None = None  # its writes failed (see ``fail``)
         self.last_active = asyncio.get_running_loop().time()
         limits = config.limits
         self._rate = TokenBucket(limits.messages_per_s, limits.message_burst, self.last_active)
@@ -310,7 +140,12 @@ class SessionRunner:
         self._drop_streams(None)
         self.conn = conn
         outbox = Outbox(
-            self.core.id, self.store, conn.send, self._on_sent, self.config.limits.send_queue_max
+            self.core.id,
+            self.store,
+            conn.send,
+            self._on_sent,
+            self.config.limits.send_queue_max,
+            owner=self,
         )
         self.outbox = outbox
         prelude: list[bytes] = []
@@ -353,6 +188,7 @@ class SessionRunner:
             on_sent,
             self.config.limits.send_queue_max,
             stream,
+            owner=self,
         )
         ended = not self.core.stream_live(stream)
         if not ended:
@@ -496,6 +332,8 @@ class SessionRunner:
     # --- action execution -------------------------------------------------------------
 
     def execute(self, actions: list[Action]) -> None:
+        if self.failed is not None:
+            return  # the core is ahead of the log; the reloaded session takes over
         store, sid = self.store, self.core.id
         for action in actions:
             if isinstance(action, Emit):
@@ -626,6 +464,20 @@ class SessionRunner:
             self.on_upstream_lost(reason)
 
     # --- lifecycle --------------------------------------------------------------------
+
+    def fail(self, error: StoreError) -> None:
+        """The store rolled back this session's writes in a batch everyone else's committed
+        in (fault isolation, docs/ARCHITECTURE.md *Persistence*). Called before that batch's
+        future resolves: nothing that was not committed may reach a client or the upstream.
+        Its pumps stop with ``error`` (WebSocket: close 1011; SSE: the stream ends), what was
+        held for the upstream is dropped, and the Hub forgets this runner: the next use of
+        the id loads what was committed."""
+        self._closed = True
+        self.failed = error
+        self._up_pending.clear()
+        for outbox in [self.outbox, *(o for _, o in self.streams.values())]:
+            if outbox is not None:
+                outbox.halt(error)
 
     def terminate(self) -> None:
         """The client ended the session (HTTP DELETE): close every connection of it."""

@@ -29,6 +29,7 @@ import os
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -36,10 +37,10 @@ from typing import Any, Final
 import aiosqlite
 
 from mcproxy.core.session import PendingRow, SessionRecord
+from mcproxy.engine import schema
 from mcproxy.errors import StoreError
 from mcproxy.tasks import TaskSet
 
-SCHEMA_VERSION: Final = 6
 # With durability "normal" the writer commits on the event loop, so SQLite's automatic WAL
 # checkpoint (which copies pages back into the database file, and fsyncs it) would stall the
 # loop for milliseconds. It is turned off there. Instead, after this many writes (a few
@@ -54,79 +55,6 @@ CHECKPOINT_EVERY_WRITES: Final = 1000
 # runs in the writer's own thread with commits held back: it copies only what the last one
 # missed (a few milliseconds), and the next commit restarts the WAL.
 RESTART_WAL_EVERY_WRITES: Final = 8000
-
-_TABLES_V6: Final = """
-CREATE TABLE IF NOT EXISTS events (
-    id             INTEGER PRIMARY KEY,
-    session_id     TEXT NOT NULL,
-    lsn            INTEGER NOT NULL,
-    created_at     REAL NOT NULL,
-    stream         INTEGER NOT NULL DEFAULT 0,
-    request_key    TEXT,
-    request_method TEXT,
-    payload        BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS requests (
-    id            INTEGER PRIMARY KEY,
-    session_id    TEXT NOT NULL,
-    client_key    TEXT NOT NULL,
-    upstream_id   INTEGER NOT NULL,
-    method        TEXT NOT NULL,
-    safe          INTEGER NOT NULL,
-    done          INTEGER NOT NULL DEFAULT 0,
-    lsn           INTEGER,
-    stream        INTEGER NOT NULL DEFAULT 0,
-    remembered_at INTEGER,
-    body          BLOB
-);
-"""
-# The trigger: logging a request's answer retires its row in the same statement (one
-# statement less per call than a DELETE of its own, measured at ~7 µs of CPU each).
-_INDEXES_V6: Final = """
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_lsn ON events (session_id, lsn);
-CREATE UNIQUE INDEX IF NOT EXISTS requests_by_key ON requests (session_id, client_key);
-CREATE TRIGGER IF NOT EXISTS answer_retires_request AFTER INSERT ON events
-WHEN NEW.request_key IS NOT NULL
-BEGIN
-    DELETE FROM requests WHERE session_id = NEW.session_id AND client_key = NEW.request_key;
-END;
-"""
-# The layout is chosen for the write path (schema 6). A message's row and a request's row are
-# each written once and never moved, and the tables are ordered by insertion (rowid), so one
-# group commit fills a few pages at the tail instead of dirtying a page per session, as
-# tables clustered by session did (measured: 17 KiB of WAL per proxied call at 1,000 sessions
-# down to 6.5, and 2.5x less CPU). Only the small (session_id, lsn) index is written at
-# random. `requests` holds requests in flight, plus cancelled ones while they are remembered
-# for retries; an answered request's row is deleted, and its answer's row in `events`
-# carries the client key and method (`request_key`, `request_method`) instead, kept past
-# pruning until the key falls out of the dedupe window. `sessions.log_floor`: every LSN up
-# to it has been pruned (rows kept for retries aside). Small columns come before the blobs:
-# reading them then never walks a large payload's overflow pages. `remembered_at` orders a
-# cancelled request among the answers remembered for retries (the head LSN when cancelled).
-_SCHEMA: Final = (
-    """
-CREATE TABLE IF NOT EXISTS sessions (
-    id               TEXT PRIMARY KEY,
-    created_at       REAL NOT NULL,
-    last_seen_at     REAL NOT NULL,
-    init_request     BLOB,
-    init_result      BLOB,
-    initialized      INTEGER NOT NULL DEFAULT 0,
-    log_level        TEXT,
-    subscriptions    TEXT NOT NULL DEFAULT '[]',
-    safe_tools       TEXT NOT NULL DEFAULT '[]',
-    next_upstream_id INTEGER NOT NULL DEFAULT 1,
-    next_server_id   INTEGER NOT NULL DEFAULT 1,
-    next_lsn         INTEGER NOT NULL DEFAULT 1,
-    delivered_lsn    INTEGER NOT NULL DEFAULT 0,
-    upstream_state   TEXT,
-    principal        TEXT,
-    log_floor        INTEGER NOT NULL DEFAULT 0
-);
-"""
-    + _TABLES_V6
-    + _INDEXES_V6
-)
 
 _UPSERT_SESSION: Final = """
 INSERT INTO sessions (id, created_at, last_seen_at, init_request, init_result, initialized,
@@ -143,55 +71,6 @@ ON CONFLICT (id) DO UPDATE SET
     next_server_id = max(next_server_id, :next_server_id),
     next_lsn = max(next_lsn, :next_lsn), delivered_lsn = max(delivered_lsn, :delivered_lsn)
 """
-# Each step takes a database from version N-1 to N (PRAGMA user_version).
-_MIGRATIONS: Final = {
-    2: (
-        "ALTER TABLE events ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
-        "ALTER TABLE requests ADD COLUMN stream INTEGER NOT NULL DEFAULT 0;"
-    ),
-    # What an upstream transport keeps about its own side of a session (an HTTP upstream's
-    # Mcp-Session-Id), opaque to the store; NULL for stdio upstreams.
-    3: "ALTER TABLE sessions ADD COLUMN upstream_state TEXT;",
-    # Who created the session (docs/SECURITY.md); NULL for sessions of before version 4.
-    4: "ALTER TABLE sessions ADD COLUMN principal TEXT;",
-    # Only requests in flight are looked up by state (recovery, loading a session), so only
-    # they are indexed: finishing a request removes its entry instead of moving it, and
-    # deleting an answered one (out of the dedupe window) touches no index at all.
-    5: (
-        "DROP INDEX IF EXISTS requests_pending;"
-        "CREATE INDEX IF NOT EXISTS requests_in_flight ON requests (session_id) WHERE done = 0;"
-    ),
-    # The insertion-ordered layout (see _SCHEMA). An answered request's key moves onto its
-    # answer's row; one whose answer was pruned keeps its row (done = 1) until forgotten.
-    6: (
-        "ALTER TABLE events RENAME TO events_v5;"
-        "ALTER TABLE requests RENAME TO requests_v5;"
-        "DROP INDEX IF EXISTS requests_in_flight;"
-        "CREATE INDEX requests_v5_answers ON requests_v5 (session_id, lsn) WHERE done = 1;"
-        + _TABLES_V6
-        + "INSERT INTO events (session_id, lsn, created_at, payload, stream, request_key,"
-        " request_method)"
-        " SELECT e.session_id, e.lsn, e.created_at, e.payload, e.stream, r.client_key, r.method"
-        " FROM events_v5 AS e LEFT JOIN requests_v5 AS r"
-        " ON r.session_id = e.session_id AND r.lsn = e.lsn AND r.done = 1"
-        " ORDER BY e.created_at, e.session_id, e.lsn;"
-        "INSERT INTO requests (session_id, client_key, upstream_id, method, safe, body, done,"
-        " lsn, stream)"
-        " SELECT session_id, client_key, upstream_id, method, safe, body, done, lsn, stream"
-        " FROM requests_v5 AS r WHERE NOT (done = 1 AND lsn IS NOT NULL AND EXISTS"
-        " (SELECT 1 FROM events_v5 AS e WHERE e.session_id = r.session_id AND e.lsn = r.lsn))"
-        " ORDER BY upstream_id;"
-        "ALTER TABLE sessions ADD COLUMN log_floor INTEGER NOT NULL DEFAULT 0;"
-        "UPDATE sessions SET log_floor = coalesce("
-        "(SELECT min(lsn) - 1 FROM events_v5 WHERE session_id = sessions.id), next_lsn - 1);"
-        # Upstream ids are reserved in blocks in the session row from now on (Session
-        # restore); the highest one of a deleted row must not be handed out again.
-        "UPDATE sessions SET next_upstream_id = max(next_upstream_id, 1 + coalesce("
-        "(SELECT max(upstream_id) FROM requests_v5 WHERE session_id = sessions.id), 0));"
-        "DROP TABLE events_v5;"
-        "DROP TABLE requests_v5;" + _INDEXES_V6
-    ),
-}
 # Pruning keeps the answers still remembered for retries (their keys go with forgetting).
 _PRUNE: Final = "DELETE FROM events WHERE session_id = ? AND lsn <= ? AND request_key IS NULL"
 _PRUNE_STREAM: Final = (
@@ -258,7 +137,37 @@ class _Batch:
 
 
 class Store:
-    """Open with ``await Store.open(path)``; close with ``await store.aclose()``."""
+    """Open with ``await Store.open(path)``; close with ``await store.aclose()``.
+
+    The writer's state. Its six fields are not independent: they make up these states, and
+    only the transitions drawn here happen (durability ``normal``; with ``full`` the writer
+    task commits every batch in its thread and only IDLE, SCHEDULED, FAILED and CLOSED exist).
+
+    ```
+                    _submit                     _flush_in_loop (next loop turn)
+      IDLE ───────────────────────▶ SCHEDULED ───────────────────────────────▶ IDLE
+      _flush_scheduled = False      _flush_scheduled      commits one batch on the loop;
+      _pending empty                = True                 reschedules itself while
+        ▲                                                  _pending is not empty
+        │ commit done                    │ _writes_since_checkpoint >= CHECKPOINT_EVERY_WRITES
+        │                                ▼ (and none running)
+        │                     CHECKPOINTING: _checkpointing is a task; a PASSIVE checkpoint on
+        │                     the third connection, beside the writer; commits go on. When it
+        │                     ends it may set _restart_wal (SQLITE_BUSY, an error, or
+        │                     _writes_since_restart >= RESTART_WAL_EVERY_WRITES)
+        │                                │ _restart_wal and _checkpointing is None, at a flush
+        │                                ▼
+        └──────────────────── CATCHING_UP: _catching_up is a task committing one batch plus
+                              a checkpoint in the writer's thread; _flush_in_loop does
+                              nothing meanwhile (writes queue in _pending), and the task
+                              schedules the next flush when it is done
+
+      any state ── a storage failure (_fail) ──▶ FAILED: _failed is set, every pending future
+                                                 fails, later writes are refused
+      any state ── aclose ──▶ CLOSED: _closed; no new checkpoint starts, queued batches are
+                              committed synchronously, later writes are refused
+    ```
+    """
 
     def __init__(
         self,
@@ -292,6 +201,13 @@ class Store:
         self._closed = False
         self.last_write: asyncio.Future[None] | None = None
         self.commits = 0  # transactions committed (for tests and benchmarks)
+        self.sessions_failed = 0  # sessions whose writes failed alone (fault isolation)
+        # Told (before the batch's future resolves) that a session's writes in a batch failed
+        # and were rolled back while everyone else's committed; the Hub sets it.
+        self.on_session_failed: Callable[[str, StoreError], None] | None = None
+        # Resolved with the error once the storage itself fails (I/O, disk full, corruption):
+        # the store refuses every write from then on, and the daemon exits (docs/SECURITY.md).
+        self.failure: asyncio.Future[StoreError] = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def open(
@@ -316,19 +232,12 @@ class Store:
             async with writer.execute("PRAGMA user_version") as cur:
                 row = await cur.fetchone()
             version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{path}: schema version {version} is newer than this mcproxy")
-            # Each step commits with its version number: a crash between the two would
-            # otherwise run a step again on a database it has already changed.
-            if version == 0:
-                await writer.executescript(
-                    f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
-                )
-            else:
-                for step in range(version + 1, SCHEMA_VERSION + 1):
-                    await writer.executescript(
-                        f"BEGIN;{_MIGRATIONS[step]}PRAGMA user_version={step};COMMIT;"
-                    )
+            try:
+                scripts = schema.steps(version)
+            except ValueError as exc:
+                raise StoreError(f"{path}: {exc}") from exc
+            for script in scripts:
+                await writer.executescript(script)
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=5000")
             checkpointer = None
@@ -347,13 +256,13 @@ class Store:
     def _submit(self, sql: str, params: Any) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         if self._failed is not None or self._closed:
-            refused: asyncio.Future[None] = loop.create_future()
+            refused: asyncio.Future[None] = _Commit(loop=loop)
             refused.add_done_callback(_consume_exception)
             refused.set_exception(StoreError("the event log is not writable"))
             return refused
         batch = self._open
         if batch is None or len(batch.statements) >= self._max_batch:
-            future: asyncio.Future[None] = loop.create_future()
+            future: asyncio.Future[None] = _Commit(loop=loop)
             # Nobody may await a write (e.g. a session row update); still mark errors as seen.
             future.add_done_callback(_consume_exception)
             batch = self._open = _Batch([], future)
@@ -468,9 +377,9 @@ class Store:
 
     def delete_session(self, session_id: str) -> asyncio.Future[None]:
         """Forget a session: its row, its log and its requests (one transaction)."""
-        for table, column in (("events", "session_id"), ("requests", "session_id")):
-            self._submit(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
-        return self._submit("DELETE FROM sessions WHERE id = ?", (session_id,))
+        for sql in schema.DELETE_SESSION:
+            future = self._submit(sql, (session_id,))
+        return future
 
     def prune(
         self, session_id: str, through_lsn: int, stream: int | None = None
@@ -506,11 +415,11 @@ class Store:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_in_loop)
         try:
-            _run_transaction(self._writer._conn, batch.statements)
+            failed = _run_transaction(self._writer._conn, batch.statements)
         except sqlite3.Error as exc:
             self._fail(batch, exc)
             return
-        self._succeed(batch)
+        self._succeed(batch, failed)
         if (
             self._writes_since_checkpoint >= CHECKPOINT_EVERY_WRITES
             and self._checkpointing is None
@@ -554,7 +463,7 @@ class Store:
             # The whole transaction goes to aiosqlite's thread in one hop, not one hop per
             # statement. aiosqlite has no public "run this function on the connection" call;
             # `_execute` is the one its own methods use.
-            await self._writer._execute(  # type: ignore[no-untyped-call]
+            failed = await self._writer._execute(  # type: ignore[no-untyped-call]
                 _run_transaction, self._writer._conn, batch.statements, checkpoint
             )
         except sqlite3.Error as exc:
@@ -566,9 +475,21 @@ class Store:
                 if self._pending and not self._flush_scheduled:
                     self._flush_scheduled = True
                     asyncio.get_running_loop().call_soon(self._flush_in_loop)
-        self._succeed(batch)
+        self._succeed(batch, failed)
 
-    def _succeed(self, batch: _Batch) -> None:
+    def _succeed(self, batch: _Batch, failed: dict[str, sqlite3.Error]) -> None:
+        # Sessions whose statements failed (a constraint, a bug) lost this batch's writes
+        # alone; they hear it before anyone's future resolves, so nothing of theirs that did
+        # not commit reaches a socket or an upstream, and their writes still queued go too
+        # (they build on what was rolled back).
+        for session_id, exc in failed.items():
+            self.sessions_failed += 1
+            for queued in self._pending:
+                queued.statements = [
+                    st for st in queued.statements if _session_of(*st) != session_id
+                ]
+            if self.on_session_failed is not None:
+                self.on_session_failed(session_id, StoreError(f"session write failed: {exc}"))
         self.commits += 1
         if not batch.future.done():
             batch.future.set_result(None)
@@ -580,6 +501,8 @@ class Store:
         # is broken, and later writes are refused: sessions fail instead of losing messages.
         self._failed = exc
         error = StoreError(f"event log write failed: {exc}")
+        if not self.failure.done():
+            self.failure.set_result(error)
         for failed in (batch, *self._pending):
             if not failed.future.done():
                 failed.future.set_exception(error)
@@ -700,17 +623,15 @@ class Store:
 
     async def session_counts(self) -> dict[str | None, int]:
         """Stored sessions per principal (for the session limits after a restart)."""
-        async with self._reader.execute(
-            "SELECT principal, count(*) FROM sessions GROUP BY principal"
-        ) as cur:
-            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+        rows = await self._read("SELECT principal, count(*) FROM sessions GROUP BY principal")
+        return {r[0]: int(r[1]) for r in rows}
 
     async def expired_sessions(self, last_seen_before: float) -> list[tuple[str, str | None]]:
         """(id, principal) of sessions not seen since the given wall-clock time."""
-        async with self._reader.execute(
+        rows = await self._read(
             "SELECT id, principal FROM sessions WHERE last_seen_at < ?", (last_seen_before,)
-        ) as cur:
-            return [(str(r[0]), r[1]) for r in await cur.fetchall()]
+        )
+        return [(str(r[0]), r[1]) for r in rows]
 
     async def stats(self) -> StoreStats:
         """For the metrics: counts read from committed data, sizes from the file system."""
@@ -732,10 +653,8 @@ class Store:
 
     def delete_orphans(self) -> asyncio.Future[None]:
         """Startup: rows whose session row is gone (a crash between deletes, an old bug)."""
-        for table in ("events", "requests"):
-            self._submit(
-                f"DELETE FROM {table} WHERE session_id NOT IN (SELECT id FROM sessions)", ()
-            )
+        for sql in schema.DELETE_ORPHANS:
+            self._submit(sql, ())
         return self.barrier()
 
     @property
@@ -755,10 +674,21 @@ class Store:
 
     async def sessions_with_pending(self) -> list[str]:
         """Sessions that had requests in flight (to resolve right after a restart)."""
-        async with self._reader.execute(
-            "SELECT DISTINCT session_id FROM requests WHERE done = 0"
-        ) as cur:
-            return [str(r[0]) for r in await cur.fetchall()]
+        rows = await self._read("SELECT DISTINCT session_id FROM requests WHERE done = 0")
+        return [str(r[0]) for r in rows]
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows of one query on the reader; sqlite3's errors become StoreError here, at the
+        edge, so callers (the sweeper, start-up) handle one exception type.
+
+        Raises:
+            StoreError: the query failed.
+        """
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"event log read failed: {exc}") from exc
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -787,9 +717,16 @@ class Store:
 
 def _run_transaction(
     conn: sqlite3.Connection, statements: list[tuple[str, Any]], checkpoint: bool = False
-) -> None:
+) -> dict[str, sqlite3.Error]:
     """One transaction, consecutive equal statements batched; then, if asked, a PASSIVE
-    checkpoint (it never waits for readers; what it cannot copy now waits for the next)."""
+    checkpoint (it never waits for readers; what it cannot copy now waits for the next).
+
+    Returns the sessions whose statements failed, with the error: if a statement fails for a
+    reason of its own (a constraint, a bug), the batch is run again with each session's
+    statements under a savepoint, so that session's writes alone are rolled back and
+    everyone else's commit. A storage failure (see ``_storage_failure``) raises.
+    """
+    failed: dict[str, sqlite3.Error] = {}
     try:
         conn.execute("BEGIN")
         i = 0
@@ -805,12 +742,95 @@ def _run_transaction(
                 conn.executemany(statements[i][0], [p for _, p in statements[i:j]])
             i = j
         conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if _storage_failure(exc):
+            raise
+        failed = _run_isolated(conn, statements)
+    if checkpoint:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return failed
+
+
+def _run_isolated(
+    conn: sqlite3.Connection, statements: list[tuple[str, Any]]
+) -> dict[str, sqlite3.Error]:
+    """The slow path of a batch with a failing statement: a savepoint per session. Sessions
+    touch disjoint rows, so running one session's statements after another's (each in its
+    own order) commits the same rows as the batch in submission order."""
+    groups: dict[str | None, list[tuple[str, Any]]] = {}
+    for statement in statements:
+        if statement[0] is not _BARRIER:
+            groups.setdefault(_session_of(*statement), []).append(statement)
+    failed: dict[str, sqlite3.Error] = {}
+    try:
+        conn.execute("BEGIN")
+        for session_id, group in groups.items():
+            conn.execute("SAVEPOINT session")
+            try:
+                for statement in group:
+                    conn.execute(*statement)
+            except sqlite3.Error as exc:
+                if session_id is None or _storage_failure(exc):
+                    raise  # not one session's (start-up housekeeping), or the disk's
+                conn.execute("ROLLBACK TO session")
+                failed[session_id] = exc
+            conn.execute("RELEASE session")
+        conn.execute("COMMIT")
     except sqlite3.Error:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-    if checkpoint:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return failed
+
+
+# SQLite's primary result codes (sqlite.org/rescode.html) that mean the storage, not one
+# statement, is at fault: PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL,
+# CANTOPEN, PROTOCOL, NOTADB. Anything else (CONSTRAINT, MISMATCH, TOOBIG, RANGE, a
+# misuse from a bug) is the statement's own, and fails its session alone.
+_STORAGE_CODES: Final = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+
+
+def _storage_failure(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _STORAGE_CODES
+
+
+# Where each write statement carries its session id (the params are a tuple, or a dict with
+# "id"); statements of no session (start-up housekeeping) are absent.
+_SESSION_PARAM: Final[dict[str, int]] = {
+    _APPEND: 0,
+    _APPEND_ANSWER: 0,
+    _SAVE_REQUEST: 0,
+    _CANCELLED_REQUEST: 0,
+    _FORGET_REQUEST: 0,
+    _FORGET_PRUNED_ANSWER: 0,
+    _FORGET_ANSWER: 0,
+    _PRUNE: 0,
+    _PRUNE_STREAM: 0,
+    _RAISE_FLOOR: 1,
+    _RAISE_NEXT_LSN: 1,
+    _SAVE_UPSTREAM_STATE: 1,
+    **dict.fromkeys(schema.DELETE_SESSION, 0),
+}
+
+
+def _session_of(sql: str, params: Any) -> str | None:
+    if isinstance(params, dict):
+        return str(params["id"])
+    index = _SESSION_PARAM.get(sql)
+    return None if index is None else str(params[index])
+
+
+class _Commit(asyncio.Future[None]):
+    """A batch's future, shared by every write in it and awaited by many tasks. Only the
+    store resolves it: ``Task.cancel`` cancels the future its task awaits, so one waiter's
+    cancellation (a socket closing mid-wait) would otherwise cancel the commit for every
+    other waiter. Here the cancelled task gets its CancelledError once the commit is done."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
 
 
 def _consume_exception(future: asyncio.Future[None]) -> None:

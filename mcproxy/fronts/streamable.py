@@ -34,7 +34,8 @@ from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
 from mcproxy.core.jsonrpc import Kind
 from mcproxy.core.session import GENERAL_STREAM, Reply
 from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
-from mcproxy.engine.runner import Outbox, SessionRunner
+from mcproxy.engine.outbox import Outbox
+from mcproxy.engine.runner import SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
 from mcproxy.tasks import TaskSet
 
@@ -314,6 +315,8 @@ class StreamableHttpFront:
             await runner.store.barrier()
         except StoreError as exc:
             return self._error(503, request_id, jsonrpc.INTERNAL_ERROR, str(exc))
+        if runner.failed is not None:  # its writes alone were rolled back (Hub._session_failed)
+            return self._error(503, request_id, jsonrpc.INTERNAL_ERROR, str(runner.failed))
         return None
 
     def _error(

@@ -59,7 +59,8 @@ from mcproxy.core.websocket import (
     offered_protocols,
 )
 from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
-from mcproxy.engine.runner import Outbox, SessionRunner
+from mcproxy.engine.outbox import Outbox
+from mcproxy.engine.runner import SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
 from mcproxy.fronts.streamable import guarded_headers
 from mcproxy.tasks import TaskSet
@@ -616,22 +617,24 @@ class WebSocketFront:
             return
         if is_init:
             session_id = hint or proposed
-            existing = await self.hub.get(session_id)
-            if conn.transport is None:
-                return
-            if existing is not None and not self.hub.owns(existing, conn.principal):
-                self._foreign(conn, existing)
-                return
             try:
-                runner = existing or self.hub.create(session_id, conn.principal)
+                runner, created = await self.hub.get_or_create(session_id, conn.principal)
             except LimitExceeded as exc:
                 self.hub.metrics.error(jsonrpc.TOO_MANY_SESSIONS)
                 assert isinstance(msg.id, int | str)
                 conn.reply(jsonrpc.error_bytes(msg.id, jsonrpc.TOO_MANY_SESSIONS, str(exc)))
                 return
+            if conn.transport is None:
+                return
+            if not self.hub.owns(runner, conn.principal):
+                self._foreign(conn, runner)
+                return
             conn.bind_to(runner)
-            runner.attach(conn, cursor if existing else None)
-            conn.to_session(msg)
+            if created:
+                runner.attach(conn, None)
+                conn.to_session(msg)
+            else:  # it exists after all (a racing connection made it): a later connection
+                runner.attach(conn, cursor, hello=msg)
             return
         if kind is not Kind.REQUEST:
             return  # notifications and responses before a session exist have nowhere to go

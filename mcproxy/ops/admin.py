@@ -33,7 +33,8 @@ from typing import Any, Final
 
 import msgspec
 
-from mcproxy.engine.store import SCHEMA_VERSION
+from mcproxy.engine import schema
+from mcproxy.engine.schema import SCHEMA_VERSION
 from mcproxy.errors import StoreError
 
 EXIT_FAILED: Final = 1  # unknown session, delete not confirmed, a query failed
@@ -266,11 +267,12 @@ class _Db:
         if version == 0:
             self.conn.close()
             raise StoreError(f"{path}: not an mcproxy database (user_version 0)")
-        self.stream = "stream" if version >= 2 else "0"  # version 1 had no stream column
+        self.stream = "stream" if version >= schema.STREAM_SINCE else "0"
         # Version 6 keeps answers past pruning while their request ids are remembered for
         # retries: such a row below the session's floor is not part of the log any more.
-        self.remembered = "request_key IS NOT NULL" if version >= 6 else "0"
-        self.floor = "s.log_floor" if version >= 6 else "0"
+        since = version >= schema.LOG_FLOOR_SINCE
+        self.remembered = "request_key IS NOT NULL" if since else "0"
+        self.floor = "s.log_floor" if since else "0"
 
     def __enter__(self) -> _Db:
         return self
@@ -506,9 +508,8 @@ def _delete(args: argparse.Namespace, db: Path) -> int:
             print(f"would delete {what}")
             _error(f"nothing deleted; run again with --yes to delete. Note: {_DELETE_WARNING}")
             return EXIT_FAILED
-        for table, column in (("events", "session_id"), ("requests", "session_id")):
-            conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (session_id,))
-        conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        for sql in schema.DELETE_SESSION:
+            conn.execute(sql, (session_id,))
         conn.execute("COMMIT")
     print(f"deleted {what}")
     print(f"mcproxy: sessions: warning: {_DELETE_WARNING}", file=sys.stderr)

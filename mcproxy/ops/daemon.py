@@ -38,7 +38,7 @@ from mcproxy.core.websocket import CLOSE_SERVICE_RESTART
 from mcproxy.engine.hub import Hub
 from mcproxy.engine.runner import short_id
 from mcproxy.engine.store import Store
-from mcproxy.errors import ConfigError, MCProxyError
+from mcproxy.errors import ConfigError, StoreError
 from mcproxy.fronts.app import build_app, build_metrics_app
 from mcproxy.fronts.listener import listen
 from mcproxy.fronts.streamable import StreamableHttpFront
@@ -227,8 +227,12 @@ class _Daemon:
             await asyncio.sleep(interval)
             try:
                 await self.hub.sweep()
-            except MCProxyError as exc:  # the store failed: /readyz and the watchdog say so
-                log.error("daemon.sweep_failed", error=str(exc))
+            except Exception as exc:
+                # A transient error (a busy file, one bad row) must not end parking, pruning
+                # and expiry for the life of the process: say it, count it, try again at the
+                # next interval. A storage failure also stops the daemon (Store.failure).
+                self.metrics.error("sweep_failed")
+                log.error("daemon.sweep_failed", error=repr(exc))
             self.notifier.status(self.status_line())
 
     async def watchdog(self, interval: float) -> None:
@@ -280,6 +284,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         None if config.metrics.listen else scrape,
         guard,
     )
+    failure: StoreError | None = None
     runners = [
         web.AppRunner(
             app,
@@ -343,7 +348,15 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             daemon.tasks.spawn(daemon.watchdog(notifier.watchdog_interval_s), "watchdog")
         if on_ready is not None:
             on_ready(host, bound)
-        await stop.wait()
+        signalled = daemon.tasks.spawn(stop.wait(), "stop-signal")
+        await asyncio.wait({signalled, store.failure}, return_when=asyncio.FIRST_COMPLETED)
+        if store.failure.done():
+            # The storage failed (I/O error, disk full, corruption): the store commits
+            # nothing more and refuses every write. Serving 503 until someone notices would
+            # keep no promise; exiting non-zero lets systemd (Restart=on-failure) start a
+            # new process, which recovers from what was committed (docs/SECURITY.md).
+            failure = store.failure.result()
+            log.error("daemon.store_failed", error=str(failure))
         log.info("daemon.stopping")
         daemon.listening = False
         notifier.stopping("draining: closing client connections")
@@ -361,6 +374,8 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         await store.aclose()
         notifier.close()
         log.info("daemon.stopped")
+    if failure is not None:
+        raise failure  # cli: exit status EXIT_RUNTIME
 
 
 async def _shutdown(daemon: _Daemon) -> None:
@@ -380,8 +395,16 @@ async def _shutdown(daemon: _Daemon) -> None:
         # closed first would cancel its requests on the child and drop such answers (issue 16).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(factory.aclose(), grace)
-    with contextlib.suppress(TimeoutError):  # 3. stop upstreams, persist sessions
+    try:  # 3. stop upstreams, persist sessions
         await asyncio.wait_for(daemon.hub.aclose(), grace)
+    except TimeoutError:
+        log.error("daemon.shutdown_timeout", step="stop upstreams", timeout_s=grace)
+    except ExceptionGroup as group:  # every other session was closed; say which were not
+        log.error(
+            "daemon.sessions_close_failed",
+            error=str(group),
+            errors=[repr(e) for e in group.exceptions],
+        )
     await daemon.ws_front.aclose()
     await daemon.http_front.aclose()
 

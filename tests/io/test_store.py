@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
+import aiosqlite
 import pytest
 
+from mcproxy.config import Config, SessionsConfig
 from mcproxy.core.session import SessionRecord
-from mcproxy.engine.store import SCHEMA_VERSION, Store
+from mcproxy.engine.hub import Hub
+from mcproxy.engine.outbox import Outbox, Send
+from mcproxy.engine.schema import SCHEMA_VERSION
+from mcproxy.engine.store import Store
 from mcproxy.errors import StoreError
-from tests.helpers import SCHEMA_V1, SCHEMA_V5
+from mcproxy.metrics import Metrics
+from mcproxy.ops.daemon import _Daemon
+from mcproxy.ops.sdnotify import Notifier
+from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
+from tests.helpers import MS, SCHEMA_V1, SCHEMA_V5, TIMEOUT, eventually
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -112,17 +124,58 @@ async def test_a_version_2_database_gains_the_upstream_state_column(tmp_path: Pa
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
-async def test_a_failed_commit_fails_every_waiter_and_later_writes(
+async def test_a_failing_statement_fails_its_session_alone(tmp_path: Path, durability: str) -> None:
+    """Issue 15 finding 2: one session's constraint violation rolls back that session's writes
+    in the batch, tells the store's owner before the batch's future resolves, drops its
+    writes still queued, and commits everyone else's; the store stays writable."""
+    store = await Store.open(tmp_path / "db.sqlite", durability)
+    await store.append("A", 1, b"a1")
+    told: list[tuple[str, bool]] = []
+    batch: list[asyncio.Future[None]] = []
+
+    def failed(session_id: str, error: StoreError) -> None:
+        # Before the future resolves: whoever awaits it must not see success first.
+        told.append((session_id, batch[0].done()))
+
+    store.on_session_failed = failed
+    batch.append(store.append("B", 1, b"b1"))
+    store.append("A", 2, b"a2")  # rolled back with its session's other writes
+    store.append("A", 1, b"again")  # primary key violation: A's bug
+    store.append("B", 2, b"b2")
+    await batch[0]  # B's writes committed: the batch's future succeeds
+    assert told == [("A", False)]
+    assert store.sessions_failed == 1
+    assert await store.read_events("B", 0) == [(1, b"b1"), (2, b"b2")]
+    assert await store.read_events("A", 0) == [(1, b"a1")]  # a2 rolled back too
+    assert store.healthy and not store.failure.done()
+    await store.append("A", 2, b"reloaded")  # the session may carry on once reloaded
+    assert await store.read_events("A", 0) == [(1, b"a1"), (2, b"reloaded")]
+    await store.aclose()
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_a_full_disk_fails_the_store_and_commits_nothing_more(
     tmp_path: Path, durability: str
 ) -> None:
+    """A storage failure (here SQLite's own limit on the file: SQLITE_FULL, for real) fails
+    every waiter, resolves ``failure`` for the daemon, and refuses every later write."""
     store = await Store.open(tmp_path / "db.sqlite", durability)
     await store.append("S", 1, b"one")
-    duplicate = store.append("S", 1, b"again")  # primary key violation
+    size = store._writer._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._writer._conn.execute(f"PRAGMA max_page_count={size}")
+    told: list[str] = []
+    store.on_session_failed = lambda sid, _: told.append(sid)
+    writes = [store.append("S", lsn, bytes(4000)) for lsn in range(2, 40)]
+    with pytest.raises(StoreError, match="full"):
+        await writes[0]
+    assert store.failure.done() and "full" in str(store.failure.result())
+    assert not store.healthy and told == []  # the disk's fault, not a session's
     with pytest.raises(StoreError):
-        await duplicate
-    with pytest.raises(StoreError):
-        await store.append("S", 2, b"two")  # the log refuses rather than skipping
+        await store.append("T", 1, b"later")  # refused: nothing more is committed
     await store.aclose()
+    again = await Store.open(tmp_path / "db.sqlite", durability)
+    assert await again.read_events("S", 0) == [(1, b"one")]
+    await again.aclose()
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -247,3 +300,186 @@ async def test_a_version_5_database_is_migrated(tmp_path: Path) -> None:
         ).fetchall() == [(3, '"b"')]
         # Every session's upstream ids continue above anything a row ever held.
         assert conn.execute("SELECT next_upstream_id FROM sessions").fetchall() == [(10,)]
+
+
+async def test_canary_the_private_aiosqlite_api_the_store_relies_on(tmp_path: Path) -> None:
+    """The store commits on the loop through ``Connection._conn`` and hands whole
+    transactions to aiosqlite's thread through ``Connection._execute`` (pyproject.toml pins
+    the tested range). If aiosqlite renames or changes either, this fails first, by name."""
+    version = tuple(int(part) for part in importlib.metadata.version("aiosqlite").split(".")[:2])
+    assert (0, 22) <= version < (0, 23), "re-test the store before widening the aiosqlite pin"
+    db = await aiosqlite.connect(
+        tmp_path / "canary.sqlite", isolation_level=None, check_same_thread=False
+    )
+    try:
+        raw = db._conn
+        assert isinstance(raw, sqlite3.Connection), "aiosqlite.Connection._conn changed"
+        raw.execute("CREATE TABLE t (x)")  # on the loop, as Store._flush_in_loop does
+
+        def in_worker(conn: sqlite3.Connection, value: int) -> int:
+            conn.execute("INSERT INTO t VALUES (?)", (value,))
+            return threading.get_ident()
+
+        ident = await db._execute(in_worker, raw, 7)  # type: ignore[no-untyped-call]
+        assert ident != threading.get_ident(), "_execute no longer runs in the worker thread"
+        assert raw.execute("SELECT x FROM t").fetchall() == [(7,)]
+    finally:
+        await db.close()
+
+
+class _QuietUpstream:
+    """An upstream that starts and says nothing; ``aclose`` fails if told to (a broken
+    child-stopping path, for Hub.aclose)."""
+
+    def __init__(self, fail_close: bool) -> None:
+        self.fail_close = fail_close
+
+    async def start(self) -> None:
+        pass
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        if self.fail_close:
+            raise RuntimeError("the child would not stop")
+
+
+def _factory(fail_close: bool = False) -> UpstreamFactory:
+    def factory(session_id: str, handler: UpstreamHandler) -> Upstream:
+        return _QuietUpstream(fail_close)
+
+    return factory
+
+
+async def test_cancelling_the_first_requester_of_a_load_does_not_cancel_the_second(
+    tmp_path: Path,
+) -> None:
+    """Issue 16 item 6: Hub.get shares one load between requesters; a socket that drops
+    mid-bind cancels its own wait only, never the load or another requester's."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    hub = Hub(store, Config(), _factory(), Metrics())
+    sid = "S" * 20
+    try:
+        init = b'{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}'
+        await store.save_session(sid, SessionRecord(init_request=init))
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(hub.get(sid))
+        await asyncio.sleep(0)  # the first requester starts the load
+        second = loop.create_task(hub.get(sid))
+        await asyncio.sleep(0)  # the second one waits for the same load
+        first.cancel()
+        runner = await asyncio.wait_for(second, TIMEOUT)
+        assert runner is not None and runner.id == sid
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await hub.get(sid) is runner  # loaded once
+    finally:
+        await hub.aclose()
+        await store.aclose()
+
+
+async def test_cancelling_one_outbox_pump_leaves_the_others_waiting_on_the_same_commit(
+    tmp_path: Path,
+) -> None:
+    """Issue 16 item 6: pumps of two sessions wait for one group commit (their catch-up's
+    barrier); cancelling one (its socket closed) must not cancel the commit for the other."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    sent: dict[str, list[bytes]] = {"A": [], "B": []}
+
+    def sender(name: str) -> Send:
+        async def send(data: bytes, lsn: int | None) -> None:
+            sent[name].append(data)
+
+        return send
+
+    outboxes = {n: Outbox(n, store, sender(n), lambda _: None, max_queue=100) for n in sent}
+    loop = asyncio.get_running_loop()
+    store.append("B", 1, b"b1")
+    pumps = {n: loop.create_task(o.run(0, [])) for n, o in outboxes.items()}
+    try:
+        await asyncio.sleep(0)  # both pumps await the same batch's commit
+        pumps["A"].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pumps["A"]
+        outboxes["B"].push_live(2, b"b2", store.append("B", 2, b"b2"))
+        await eventually(lambda: sent["B"] == [b"b1", b"b2"])
+        assert not pumps["B"].done()
+    finally:
+        pumps["B"].cancel()
+        await asyncio.gather(pumps["B"], return_exceptions=True)
+        await store.aclose()
+
+
+async def test_store_reads_map_sqlite_errors_at_the_edge(tmp_path: Path) -> None:
+    """Issue 16 item 7: every read the sweeper and start-up use raises StoreError, never a
+    raw sqlite3 error (the sweeper used to die on one)."""
+    path = tmp_path / "db.sqlite"
+    store = await Store.open(path)
+    with sqlite3.connect(path) as conn:  # a real failing query: the tables are gone
+        conn.execute("ALTER TABLE sessions RENAME TO elsewhere")
+        conn.execute("ALTER TABLE requests RENAME TO elsewhere_too")
+    for read in (
+        store.expired_sessions(time.time()),
+        store.session_counts(),
+        store.sessions_with_pending(),
+    ):
+        with pytest.raises(StoreError, match="no such table"):
+            await read
+    await store.aclose()
+
+
+async def test_hub_aclose_reports_the_sessions_it_could_not_close(tmp_path: Path) -> None:
+    """Issue 16 item 5: Hub.aclose closes every session, and the failures reach the caller."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    hub = Hub(store, Config(), _factory(fail_close=True), Metrics())
+    try:
+        for sid in ("A" * 20, "B" * 20):
+            runner = hub.create(sid)
+            runner._ensure_upstream()
+            await eventually(lambda r=runner: r.upstream is not None)  # type: ignore[misc]
+        with pytest.raises(ExceptionGroup) as raised:
+            await hub.aclose()
+        assert [str(e) for e in raised.value.exceptions] == ["the child would not stop"] * 2
+        assert all(r.closed for r in hub.runners.values())
+    finally:
+        await store.aclose()
+
+
+async def test_the_sweeper_survives_a_transient_store_error(tmp_path: Path) -> None:
+    """Issue 16 item 7: a sweep that fails (here a real failing query: the table is
+    briefly gone) is logged, counted, and tried again at the next interval."""
+    path = tmp_path / "db.sqlite"
+    store = await Store.open(path)
+    config = Config(sessions=SessionsConfig(sweep_interval_s=10 * MS))
+    metrics = Metrics()
+    hub = Hub(store, config, _factory(), metrics)
+    sweeps: list[bool] = []
+    real_sweep = hub.sweep
+
+    async def counted_sweep() -> None:
+        try:
+            await real_sweep()
+        except BaseException:
+            sweeps.append(False)
+            raise
+        sweeps.append(True)
+
+    hub.sweep = counted_sweep  # type: ignore[method-assign]
+    daemon = _Daemon(config, store, hub, metrics, None, None, Notifier(None))  # type: ignore[arg-type]
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE sessions RENAME TO elsewhere")
+    sweeper = asyncio.get_running_loop().create_task(daemon.sweeper())
+    try:
+        await eventually(lambda: False in sweeps)
+        with sqlite3.connect(path) as conn:
+            conn.execute("ALTER TABLE elsewhere RENAME TO sessions")
+        await eventually(lambda: sweeps[-1] is True)  # housekeeping goes on
+        assert not sweeper.done()
+        failed = metrics.errors.labels("sweep_failed")._value.get()
+        assert failed >= 1
+    finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        await hub.aclose()
+        await store.aclose()

@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from mcproxy.core.session import SessionRecord
-from mcproxy.engine.store import SCHEMA_VERSION, Store
+from mcproxy.engine.schema import SCHEMA_VERSION
+from mcproxy.engine.store import Store
 from mcproxy.ops import admin
 from tests.helpers import SCHEMA_V1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from mcproxy.engine.runner import Outbox, _Direct
+from mcproxy.engine.outbox import Outbox, _Direct
 from mcproxy.engine.store import Store
 
 
