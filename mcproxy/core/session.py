@@ -273,6 +273,60 @@ class PendingRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerRequest:
+    """A server→client request (sampling, elicitation, roots) the client has not answered."""
+
+    client_id: int  # the id the client sees: the proxy's own, never repeated in a session
+    upstream_id: RequestId  # the id the upstream gave it
+    stream: int  # the stream it went on (its withdrawal follows it there)
+
+
+class ServerRequests:
+    """The server→client requests awaiting the client's answer, found by either id.
+
+    One entry per request in two indexes that always change together (a request leaves when
+    the client answers it, the upstream withdraws it, or the upstream is lost).
+    """
+
+    __slots__ = ("_by_client", "_by_upstream")
+
+    def __init__(self) -> None:
+        self._by_client: dict[int, ServerRequest] = {}
+        self._by_upstream: dict[str, ServerRequest] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_client)
+
+    def __len__(self) -> int:
+        return len(self._by_client)
+
+    def add(self, request: ServerRequest) -> None:
+        self._by_client[request.client_id] = request
+        self._by_upstream[jsonrpc.id_key(request.upstream_id)] = request
+
+    def pop_client(self, client_id: int) -> ServerRequest | None:
+        """The request the client answers under ``client_id`` (None if not pending)."""
+        request = self._by_client.pop(client_id, None)
+        if request is not None:
+            del self._by_upstream[jsonrpc.id_key(request.upstream_id)]
+        return request
+
+    def pop_upstream(self, upstream_id: RequestId) -> ServerRequest | None:
+        """The request the upstream withdraws under ``upstream_id`` (None if not pending)."""
+        request = self._by_upstream.pop(jsonrpc.id_key(upstream_id), None)
+        if request is not None:
+            del self._by_client[request.client_id]
+        return request
+
+    def pop_all(self) -> list[ServerRequest]:
+        """Every pending request, oldest first; none is left."""
+        requests = sorted(self._by_client.values(), key=lambda r: r.client_id)
+        self._by_client.clear()
+        self._by_upstream.clear()
+        return requests
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_pending_requests: int
     dedupe_window: int
@@ -310,9 +364,7 @@ class Session:
         self._queue: list[Message] = []
         # Answered client ids -> (response LSN or None if cancelled, method), LRU-bounded.
         self._answered: OrderedDict[str, tuple[int | None, str]] = OrderedDict()
-        self._server_pending: dict[int, RequestId] = {}  # client-facing id -> upstream id
-        self._server_by_upstream: dict[str, int] = {}
-        self._server_stream: dict[int, int] = {}  # client-facing id -> stream it went on
+        self._server_requests = ServerRequests()
 
     # --- persistence ------------------------------------------------------------------
 
@@ -398,7 +450,7 @@ class Session:
     @property
     def quiescent(self) -> bool:
         """Nothing waits on either side: no client request, no server request unanswered."""
-        return not self.has_work and not self._server_pending
+        return not self.has_work and not self._server_requests
 
     @property
     def protocol_version(self) -> str | None:
@@ -573,12 +625,12 @@ class Session:
         client_facing = msg.id
         if not isinstance(client_facing, int) or isinstance(client_facing, bool):
             return []
-        upstream_id = self._server_pending.pop(client_facing, None)
-        if upstream_id is None:
+        request = self._server_requests.pop_client(client_facing)
+        if request is None:
             return []  # unknown, already answered, or withdrawn when the upstream was lost
-        self._server_by_upstream.pop(jsonrpc.id_key(upstream_id), None)
-        self._server_stream.pop(client_facing, None)
-        forwarded = msgspec.structs.replace(jsonrpc.strip_session_hints(msg), id=upstream_id)
+        forwarded = msgspec.structs.replace(
+            jsonrpc.strip_session_hints(msg), id=request.upstream_id
+        )
         return self._to_upstream(forwarded)
 
     # --- upstream -> proxy ------------------------------------------------------------
@@ -692,9 +744,7 @@ class Session:
         client_facing = self.next_server_id
         self.next_server_id += 1
         stream = self._route(msg, related)
-        self._server_pending[client_facing] = msg.id
-        self._server_by_upstream[jsonrpc.id_key(msg.id)] = client_facing
-        self._server_stream[client_facing] = stream
+        self._server_requests.add(ServerRequest(client_facing, msg.id, stream))
         return [SaveSession(), self._emit(msgspec.structs.replace(msg, id=client_facing), stream)]
 
     def _upstream_notification(self, msg: Message, related: int | None) -> list[Action]:
@@ -702,12 +752,12 @@ class Session:
             upstream_id = jsonrpc.cancelled_request_id(msg)
             if upstream_id is None:
                 return []
-            client_facing = self._server_by_upstream.pop(jsonrpc.id_key(upstream_id), None)
-            if client_facing is None:
+            request = self._server_requests.pop_upstream(upstream_id)
+            if request is None:
                 return []
-            self._server_pending.pop(client_facing, None)
-            stream = self._withdrawal_stream(client_facing)
-            return [self._emit(jsonrpc.with_cancelled_request_id(msg, client_facing), stream)]
+            stream = self._withdrawal_stream(request)
+            note = jsonrpc.with_cancelled_request_id(msg, request.client_id)
+            return [self._emit(note, stream)]
         return [self._emit(msg, self._route(msg, related))]
 
     def _route(self, msg: Message, related: int | None = None) -> int:
@@ -737,9 +787,9 @@ class Session:
             return max(about) if about else GENERAL_STREAM
         return max(f.stream for f in flights)
 
-    def _withdrawal_stream(self, client_facing: int) -> int:
+    def _withdrawal_stream(self, request: ServerRequest) -> int:
         """Where to cancel a server request: its own stream while that is still open."""
-        stream = self._server_stream.pop(client_facing, GENERAL_STREAM)
+        stream = request.stream
         return stream if self.stream_live(stream) else GENERAL_STREAM
 
     def upstream_unavailable(self, reason: str) -> list[Action]:
@@ -776,14 +826,12 @@ class Session:
         # (cancellation: the receiver SHOULD stop work; a late answer is dropped above). First,
         # so that each reaches its stream before the request it belongs to is answered.
         actions: list[Action] = []
-        for client_facing in sorted(self._server_pending):
+        for request in self._server_requests.pop_all():
             note = jsonrpc.notification_message(
                 "notifications/cancelled",
-                {"requestId": client_facing, "reason": f"upstream lost: {reason}"},
+                {"requestId": request.client_id, "reason": f"upstream lost: {reason}"},
             )
-            actions.append(self._emit(note, self._withdrawal_stream(client_facing)))
-        self._server_pending.clear()
-        self._server_by_upstream.clear()
+            actions.append(self._emit(note, self._withdrawal_stream(request)))
         reissue: list[Message] = []  # to the next process first, in their original order
         for upstream_id in sorted(self._inflight):
             flight = self._inflight.pop(upstream_id)
