@@ -156,6 +156,21 @@ class SaveRequest:
     safe: bool
     body: bytes
     stream: int
+    # False: certainly not written to any upstream process yet (queued for one that is
+    # starting). A restart sends such a request to the next process instead of answering it
+    # "outcome unknown".
+    written: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MarkWritten:
+    """Record whether the request ``key`` may have reached an upstream process. ``True`` is
+    recorded before the request is written (the ``SendUpstream`` after it waits for the
+    commit if the request is not safe to repeat), so the record never says "not written"
+    about a request that was."""
+
+    key: str
+    written: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +195,15 @@ class Forget:
     fell out of the dedupe window while the session was restored."""
 
     pairs: tuple[tuple[str, int | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A client message that reached no one (an answer to a server request that was withdrawn,
+    answered already, or never made): the driver logs it, so a client bug is visible."""
+
+    reason: str
+    request_id: RequestId | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +238,10 @@ Action = (
     | Reply
     | Resend
     | SaveRequest
+    | MarkWritten
     | FinishRequest
     | Forget
+    | Dropped
     | SaveSession
     | StartUpstream
     | RestartUpstream
@@ -237,6 +263,7 @@ class InFlight:
     client_id: RequestId | None = None
     safe: bool = False
     sent: bool = False  # written to the current upstream process
+    recorded_written: bool = True  # what its stored row says (``MarkWritten``)
     stream: int = 0  # the first upstream id it got: unique in the session, never reused
     start_lsn: int = 0  # the log head when it arrived: its stream has only later LSNs
     progress: str | None = None  # id_key of its progress token
@@ -258,6 +285,9 @@ class SessionRecord:
     next_lsn: int = 1
     delivered_lsn: int = 0
     principal: str | None = None
+    # Server→client requests the client has not answered, as (client id, upstream id,
+    # stream): a restored session withdraws them (their upstream died with the proxy).
+    server_requests: list[tuple[int, RequestId, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +300,7 @@ class PendingRow:
     safe: bool
     body: bytes
     stream: int
+    written: bool = True  # False: it never reached an upstream process (``MarkWritten``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +348,10 @@ class ServerRequests:
         if request is not None:
             del self._by_client[request.client_id]
         return request
+
+    def listed(self) -> list[ServerRequest]:
+        """Every pending request, oldest first (what a snapshot persists)."""
+        return sorted(self._by_client.values(), key=lambda r: r.client_id)
 
     def pop_all(self) -> list[ServerRequest]:
         """Every pending request, oldest first; none is left."""
@@ -381,6 +416,9 @@ class Session:
             next_lsn=self.next_lsn,
             delivered_lsn=self.delivered_lsn,
             principal=self.principal,
+            server_requests=[
+                (r.client_id, r.upstream_id, r.stream) for r in self._server_requests.listed()
+            ],
         )
 
     @classmethod
@@ -395,7 +433,8 @@ class Session:
         """Rebuild a session from the store after a proxy restart.
 
         The previous proxy's upstream died with it, so every persisted in-flight request is
-        resolved at once as if the upstream had been lost (``upstream_lost``).
+        resolved at once as if the upstream had been lost (``upstream_lost``), and every
+        server→client request the client had not answered is withdrawn.
         """
         s = cls(session_id, limits, record.principal)
         if record.init_request is not None:
@@ -411,6 +450,8 @@ class Session:
         s.next_server_id = record.next_server_id
         s.next_lsn = record.next_lsn
         s.delivered_lsn = record.delivered_lsn
+        for asked in record.server_requests:
+            s._server_requests.add(ServerRequest(*asked))
         # Every remembered id the store holds, oldest first: any it holds beyond the window
         # (a smaller window than the last process's) is forgotten here, or its rows would
         # never be.
@@ -429,14 +470,17 @@ class Session:
                 row.key,
                 client_id,
                 row.safe,
-                sent=True,
+                sent=row.written,
+                recorded_written=row.written,
                 stream=row.stream or row.upstream_id,
                 progress=progress,
                 task=task,
             )
             s._by_client[row.key] = row.upstream_id
+            if not row.written:
+                s._queue.append(upstream_msg)  # never written: it goes to the next process
         actions: list[Action] = [Forget(tuple(forgotten))] if forgotten else []
-        if s._inflight:
+        if s._inflight or s._server_requests:
             actions += s._lose("proxy restarted")
         return s, actions
 
@@ -557,6 +601,7 @@ class Session:
         upstream_id = self._alloc_id()
         upstream_msg = msgspec.structs.replace(msg, id=upstream_id)
         progress, task = jsonrpc.routing_keys(msg)
+        ready = self.state is UpstreamState.READY  # so it is written now (``_to_upstream``)
         flight = InFlight(
             "client",
             msg.method,
@@ -564,6 +609,7 @@ class Session:
             key,
             client_id,
             safe,
+            recorded_written=ready,
             stream=upstream_id,
             start_lsn=self.next_lsn - 1,
             progress=progress,
@@ -571,9 +617,10 @@ class Session:
         )
         self._inflight[upstream_id] = flight
         self._by_client[key] = upstream_id
+        body = jsonrpc.encode(msg)
         actions: list[Action] = [
             *self._reserved(),
-            SaveRequest(key, upstream_id, msg.method, safe, jsonrpc.encode(msg), upstream_id),
+            SaveRequest(key, upstream_id, msg.method, safe, body, upstream_id, ready),
         ]
         actions += self._to_upstream(upstream_msg)
         return actions
@@ -623,15 +670,19 @@ class Session:
     def _client_response(self, msg: Message) -> list[Action]:
         """The client answers a server→client request (sampling, elicitation, roots)."""
         client_facing = msg.id
-        if not isinstance(client_facing, int) or isinstance(client_facing, bool):
-            return []
-        request = self._server_requests.pop_client(client_facing)
+        request = None
+        if isinstance(client_facing, int) and not isinstance(client_facing, bool):
+            request = self._server_requests.pop_client(client_facing)
         if request is None:
-            return []  # unknown, already answered, or withdrawn when the upstream was lost
+            # Unknown, already answered, or withdrawn (the upstream that asked was lost, or
+            # withdrew it): nobody waits for it (cancellation §Behavior). Said in the log.
+            assert client_facing is not None and not isinstance(client_facing, msgspec.UnsetType)
+            issued = isinstance(client_facing, int) and 0 < client_facing < self.next_server_id
+            return [Dropped("late answer" if issued else "unknown id", client_facing)]
         forwarded = msgspec.structs.replace(
             jsonrpc.strip_session_hints(msg), id=request.upstream_id
         )
-        return self._to_upstream(forwarded)
+        return [SaveSession(), *self._to_upstream(forwarded)]
 
     # --- upstream -> proxy ------------------------------------------------------------
 
@@ -646,7 +697,7 @@ class Session:
         # A fresh session: the client's own initialize heads the queue; send it alone and
         # hold the rest until its response (lifecycle §Initialization).
         if self._queue and self._queue[0].method == "initialize":
-            return [self._send(self._queue.pop(0))]
+            return self._send(self._queue.pop(0))
         return []
 
     def upstream_message(self, msg: Message, related: int | None = None) -> list[Action]:
@@ -757,7 +808,7 @@ class Session:
                 return []
             stream = self._withdrawal_stream(request)
             note = jsonrpc.with_cancelled_request_id(msg, request.client_id)
-            return [self._emit(note, stream)]
+            return [SaveSession(), self._emit(note, stream)]
         return [self._emit(msg, self._route(msg, related))]
 
     def _route(self, msg: Message, related: int | None = None) -> int:
@@ -826,7 +877,10 @@ class Session:
         # (cancellation: the receiver SHOULD stop work; a late answer is dropped above). First,
         # so that each reaches its stream before the request it belongs to is answered.
         actions: list[Action] = []
-        for request in self._server_requests.pop_all():
+        withdrawn = self._server_requests.pop_all()
+        if withdrawn:
+            actions.append(SaveSession())  # a later restart must not withdraw them again
+        for request in withdrawn:
             note = jsonrpc.notification_message(
                 "notifications/cancelled",
                 {"requestId": request.client_id, "reason": f"upstream lost: {reason}"},
@@ -846,19 +900,21 @@ class Session:
                 # unknown" but simply sent to the next one, under the same id (its saved row
                 # still matches).
                 flight.sent = False
+                flight.recorded_written = False
                 self._inflight[upstream_id] = flight
-                actions.append(Tally("resent"))
+                actions += [MarkWritten(flight.key, False), Tally("resent")]
                 reissue.append(flight.msg)
                 continue
             if flight.safe:
                 new_id = self._alloc_id()
                 flight.msg = msgspec.structs.replace(flight.msg, id=new_id)
                 flight.sent = False
+                flight.recorded_written = False
                 self._inflight[new_id] = flight
                 self._by_client[flight.key] = new_id
                 body = jsonrpc.encode(msgspec.structs.replace(flight.msg, id=flight.client_id))
                 actions.append(
-                    SaveRequest(flight.key, new_id, flight.method, True, body, flight.stream)
+                    SaveRequest(flight.key, new_id, flight.method, True, body, flight.stream, False)
                 )
                 actions.append(Tally("reissued"))
                 reissue.append(flight.msg)
@@ -905,7 +961,7 @@ class Session:
 
     def _to_upstream(self, msg: Message) -> list[Action]:
         if self.state is UpstreamState.READY:
-            return [self._send(msg)]
+            return self._send(msg)
         self._queue.append(msg)
         return [StartUpstream()] if self.state is UpstreamState.DOWN else []
 
@@ -913,18 +969,38 @@ class Session:
         actions: list[Action] = []
         queued, self._queue = self._queue, []
         for msg in queued:
-            actions.append(self._send(msg))
+            actions += self._send(msg)
         return actions
 
-    def _send(self, msg: Message) -> SendUpstream:
-        """Write ``msg`` now; a request is marked as seen by the current upstream process."""
+    def _send(self, msg: Message) -> list[Action]:
+        """Write ``msg`` now; a request is marked as seen by the current upstream process
+        (and on record as possibly written, before it is)."""
         durable = False
+        actions: list[Action] = []
         if isinstance(msg.id, int) and msg.method is not msgspec.UNSET:
             flight = self._inflight.get(msg.id)
             if flight is not None:
                 flight.sent = True
                 durable = not flight.safe
-        return SendUpstream(jsonrpc.encode(msg), durable)
+                if not flight.recorded_written and flight.key is not None:
+                    flight.recorded_written = True
+                    actions.append(MarkWritten(flight.key, True))
+        actions.append(SendUpstream(jsonrpc.encode(msg), durable))
+        return actions
+
+    def never_written(self, upstream_ids: AbstractSet[int]) -> list[Action]:
+        """The driver stopped with these requests still held back (never written to the
+        process, which is gone): on record as not written, so that the next process gets
+        them after a restart (``restore``)."""
+        actions: list[Action] = []
+        for upstream_id in sorted(upstream_ids):
+            flight = self._inflight.get(upstream_id)
+            if flight is None or flight.kind != "client" or flight.key is None:
+                continue
+            flight.sent = False
+            flight.recorded_written = False
+            actions.append(MarkWritten(flight.key, False))
+        return actions
 
     def _alloc_id(self) -> int:
         upstream_id = self.next_upstream_id

@@ -10,6 +10,7 @@ from tests.helpers import (
     INIT_PARAMS,
     ProxyProcess,
     WsClient,
+    eventually,
     logged,
     lsn_of,
     pid_alive,
@@ -113,3 +114,80 @@ async def test_unknown_session_in_url_becomes_a_new_session(proxy: ProxyProcess)
         assert resumed["result"]["_meta"]["io.mcproxy/resumed"] is True
     finally:
         await again.close()
+
+
+async def test_server_requests_pending_at_a_sigkill_are_withdrawn(proxy: ProxyProcess) -> None:
+    """PROTOCOL.md, *Upstream loss*: a server request of a dead upstream is withdrawn, also
+    when the proxy itself was killed; a late answer to it goes nowhere (and is logged)."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    call = await client.call_tool("sample", {"prompt": "hello"})
+    ask = await client.recv()
+    while ask.get("method") != "sampling/createMessage":
+        ask = await client.recv()
+    cursor = max(client.lsns())
+    await client.drop()
+    proxy.kill()
+
+    proxy.start()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        withdrawn = await back.recv()
+        assert withdrawn["method"] == "notifications/cancelled"
+        assert withdrawn["params"]["requestId"] == ask["id"]
+        assert withdrawn["params"]["reason"] == "upstream lost: proxy restarted"
+        lost = await back.response(call)  # after its server request was withdrawn
+        assert lost["error"]["code"] == -32010
+        assert [lsn_of(m) for m in back.received] == [cursor + 1, cursor + 2]
+        await back.send({"jsonrpc": "2.0", "id": ask["id"], "result": {"late": True}})
+        await eventually(lambda: proxy.events("session.answer_dropped"))
+        [dropped] = proxy.events("session.answer_dropped")
+        assert dropped["id"] == ask["id"] and dropped["reason"] == "late answer"
+    finally:
+        await back.close()
+    # Withdrawn once: a second restart does not withdraw it again.
+    proxy.kill()
+    proxy.start()
+    again = await WsClient.connect(proxy.url, session_id, last_lsn=cursor + 2)
+    try:
+        echo = await again.response(await again.call_tool("echo", {"text": "x"}))
+        assert tool_text(echo) == "x" and lsn_of(echo) == cursor + 3
+    finally:
+        await again.close()
+
+
+async def test_a_request_never_written_to_the_child_runs_after_a_sigterm_restart(
+    proxy: ProxyProcess, counter_dir: Path
+) -> None:
+    """A request queued for a child that was still starting when the proxy stopped never
+    reached any process: the next one runs it (once), no -32010."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    await client.call("tools/call", {"name": "echo", "arguments": {"text": "up"}})
+    (counter_dir / "start_delay").write_text("60")  # the respawned child starts slowly
+    crashed = await client.response(await client.call_tool("crash", {}))
+    assert crashed["error"]["code"] == -32010
+    bump = await client.call_tool("bump", {"name": "queued"})
+    wait_until((counter_dir / "start_delay.waiting").exists)  # the new child is not reading
+    wait_until(lambda: _request_rows(proxy.db, session_id) == 1)  # on record, not written
+    cursor = max(client.lsns())
+    (counter_dir / "start_delay").unlink()
+    assert proxy.terminate() == 0
+    await client.drop()
+
+    proxy.start()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        answer = await back.response(bump)
+        assert tool_text(answer) == "1"  # ran once, on the new process
+        assert (counter_dir / "queued").read_text() == "x\n"
+    finally:
+        await back.close()
+
+
+def _request_rows(db: Path, session_id: str) -> int:
+    with sqlite3.connect(db) as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM requests WHERE session_id = ? AND done = 0", (session_id,)
+        ).fetchone()
+    return int(count)

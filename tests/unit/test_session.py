@@ -11,11 +11,13 @@ from mcproxy.core import jsonrpc
 from mcproxy.core.session import (
     UPSTREAM_ID_BLOCK,
     Action,
+    Dropped,
     Emit,
     FinishRequest,
     Forget,
     IllegalTransition,
     Limits,
+    MarkWritten,
     PendingRow,
     Reply,
     Resend,
@@ -199,7 +201,9 @@ def test_server_requests_get_proxy_ids_and_answers_route_back() -> None:
     assert ask["id"] != ask2["id"]
     [answer] = sent(s.client_message(msg(id=ask2["id"], result={"roots": []})))
     assert answer["id"] == "x"
-    assert s.client_message(msg(id=ask2["id"], result={})) == []  # answered already
+    # Answered already: dropped, and the driver logs it.
+    assert s.client_message(msg(id=ask2["id"], result={})) == [Dropped("late answer", ask2["id"])]
+    assert s.client_message(msg(id=999, result={})) == [Dropped("unknown id", 999)]
     [withdrawn] = emitted(
         s.upstream_message(msg(method="notifications/cancelled", params={"requestId": 0}))
     )
@@ -390,3 +394,48 @@ def test_an_upstream_that_names_the_related_request_beats_the_heuristics() -> No
     note = msg(method="notifications/message", params={"level": "info", "data": "x"})
     assert streams(s.upstream_message(note, related=a["id"])) == [a["id"]]
     assert streams(s.upstream_message(note, related=999)) != [a["id"]]  # unknown: heuristic
+
+
+def test_restore_withdraws_the_server_requests_the_client_never_answered() -> None:
+    s = ready_session()
+    [call] = sent(s.client_message(msg(id="c", method="tools/call", params={"name": "t"})))
+    [ask] = emitted(s.upstream_message(msg(id=4, method="sampling/createMessage", params={})))
+    [other] = emitted(s.upstream_message(msg(id=5, method="roots/list")))
+    sent(s.client_message(msg(id=other["id"], result={"roots": []})))  # this one is answered
+    record = s.snapshot()
+    assert record.server_requests == [(ask["id"], 4, call["id"])]
+    body = jsonrpc.encode(msg(id="c", method="tools/call", params={"name": "t"}))
+    pending = [PendingRow('"c"', call["id"], "tools/call", False, body, call["id"])]
+    restored, actions = Session.restore(s.id, LIMITS, record, pending, [])
+    kinds = [(m.get("method"), m.get("id")) for m in emitted(actions)]
+    assert kinds == [("notifications/cancelled", None), (None, "c")]
+    assert emitted(actions)[0]["params"]["requestId"] == ask["id"]
+    assert SaveSession() in actions and restored.snapshot().server_requests == []
+    late = restored.client_message(msg(id=ask["id"], result={}))
+    assert late == [Dropped("late answer", ask["id"])]
+
+
+def test_a_request_never_written_is_sent_to_the_next_process_after_restore() -> None:
+    s = ready_session()
+    s.upstream_lost("gone")  # a respawn is under way: requests wait in the queue
+    actions = s.client_message(msg(id="w", method="tools/call", params={"name": "w"}))
+    [save] = [a for a in actions if isinstance(a, SaveRequest)]
+    assert save.written is False and sent(actions) == []
+    unwritten = PendingRow(
+        save.key, save.upstream_id, save.method, save.safe, save.body, save.stream, written=False
+    )
+    restored, actions = Session.restore(s.id, LIMITS, s.snapshot(), [unwritten], [])
+    assert emitted(actions) == [] and StartUpstream() in actions  # no -32010
+    [replay] = sent(restored.upstream_spawned())
+    actions = restored.upstream_message(msg(id=replay["id"], result={}))
+    # On record as (possibly) written before it is, and only after that commit (durable).
+    marks = [i for i, a in enumerate(actions) if isinstance(a, MarkWritten)]
+    sends = [i for i, a in enumerate(actions) if isinstance(a, SendUpstream) and a.durable]
+    assert actions[marks[0]] == MarkWritten('"w"', True) and marks[0] < sends[0]
+    assert sent(actions)[-1]["id"] == save.upstream_id
+
+
+def test_requests_held_back_at_a_stop_are_recorded_as_never_written() -> None:
+    s = ready_session()
+    [out] = sent(s.client_message(msg(id="w", method="tools/call", params={"name": "w"})))
+    assert s.never_written(frozenset({out["id"], 999})) == [MarkWritten('"w"', False)]
