@@ -328,6 +328,10 @@ class _RoutingParams(msgspec.Struct):
     taskId: str | None = None  # tasks/get, tasks/result, tasks/cancel
 
 
+class _ProgressParams(msgspec.Struct):
+    progress: float | None = None
+
+
 class _VersionResult(msgspec.Struct):
     protocolVersion: str | None = None
 
@@ -459,6 +463,12 @@ def routing_keys(msg: Message) -> tuple[str | None, str | None]:
         if task is None and params.meta.related_task is not None:
             task = params.meta.related_task.taskId
     return (None if token is None or isinstance(token, bool) else id_key(token)), task
+
+
+def progress_value(msg: Message) -> float | None:
+    """``params.progress`` of a ``notifications/progress`` (basic/utilities/progress)."""
+    params = _partial(msg.params, _ProgressParams)
+    return None if params is None else params.progress
 
 
 def protocol_version(raw: Raw) -> str | None:

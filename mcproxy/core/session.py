@@ -267,6 +267,7 @@ class InFlight:
     stream: int = 0  # the first upstream id it got: unique in the session, never reused
     start_lsn: int = 0  # the log head when it arrived: its stream has only later LSNs
     progress: str | None = None  # id_key of its progress token
+    progress_shown: float | None = None  # the highest progress value emitted for it
     task: str | None = None  # the task id it is about (tasks/result, tasks/get, ...)
 
 
@@ -809,7 +810,31 @@ class Session:
             stream = self._withdrawal_stream(request)
             note = jsonrpc.with_cancelled_request_id(msg, request.client_id)
             return [SaveSession(), self._emit(note, stream)]
+        if msg.method == "notifications/progress" and not self._progress_increases(msg):
+            return []
         return [self._emit(msg, self._route(msg, related))]
+
+    def _progress_increases(self, msg: Message) -> bool:
+        """basic/utilities/progress: "The progress value MUST increase with each
+        notification". A request re-issued after an upstream loss starts its progress over
+        under the same token (the client's): its notes are suppressed until they pass the
+        highest value already emitted, rather than offset by it. An offset would report work
+        as done that the new process has not done, and push ``progress`` past ``total``; a
+        pause keeps every value true. (Within one process the upstream's own order is kept.)
+        """
+        token, _ = jsonrpc.routing_keys(msg)
+        if token is None:
+            return True
+        value = jsonrpc.progress_value(msg)
+        if value is None:
+            return True
+        for flight in self._inflight.values():
+            if flight.kind == "client" and flight.progress == token:
+                if flight.progress_shown is not None and value <= flight.progress_shown:
+                    return False
+                flight.progress_shown = value
+                return True
+        return True
 
     def _route(self, msg: Message, related: int | None = None) -> int:
         """The stream an upstream request or notification belongs to.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -246,3 +248,33 @@ async def test_sigterm_closes_with_1012_and_stops_children(proxy: ProxyProcess) 
     assert proxy.proc.wait(10) == 0  # type: ignore[union-attr]
     await client.close()
     wait_until(lambda: not any(pid_alive(p) for p in pids))
+
+
+async def test_progress_keeps_increasing_when_a_call_is_reissued(proxy: ProxyProcess) -> None:
+    """basic/utilities/progress: the value MUST increase. A read-only call re-issued after
+    its child was killed starts over at 1 under the client's token: held back until it
+    passes what the client already saw."""
+    client = await WsClient.connect(proxy.url)
+    try:
+        await client.initialize()
+        await client.call("tools/list")
+        call = await client.call_tool("slow_read", {"steps": 4, "delay": 300 * MS}, "tok")
+
+        def notes() -> list[float]:
+            return [
+                m["params"]["progress"]
+                for m in client.received
+                if m.get("method") == "notifications/progress"
+            ]
+
+        while len(notes()) < 2:
+            await client.recv()
+        [child] = proxy.upstream_pids()
+        os.kill(child, signal.SIGKILL)
+        answer = await client.response(call)
+        assert tool_text(answer) == "read done after 4"  # re-issued on a new child
+        assert len(proxy.upstream_pids()) == 2
+        values = notes()
+        assert values == sorted(set(values)) and values[-1] == 4, values
+    finally:
+        await client.close()

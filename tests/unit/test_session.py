@@ -439,3 +439,27 @@ def test_requests_held_back_at_a_stop_are_recorded_as_never_written() -> None:
     s = ready_session()
     [out] = sent(s.client_message(msg(id="w", method="tools/call", params={"name": "w"})))
     assert s.never_written(frozenset({out["id"], 999})) == [MarkWritten('"w"', False)]
+
+
+def test_progress_never_goes_backwards_after_a_reissue() -> None:
+    """basic/utilities/progress: the value MUST increase; a re-issued call starts over at 1
+    under the same token, and is held back until it passes what the client saw."""
+    s = ready_session()
+    [tools] = sent(s.client_message(msg(id=1, method="tools/list")))
+    listing = {"tools": [{"name": "r", "annotations": {"readOnlyHint": True}}]}
+    s.upstream_message(msg(id=tools["id"], result=listing))
+    call = msg(id=2, method="tools/call", params={"name": "r", "_meta": {"progressToken": "p"}})
+    sent(s.client_message(call))
+
+    def progress(value: float) -> list[Action]:
+        note = {"progressToken": "p", "progress": value, "total": 3}
+        return s.upstream_message(msg(method="notifications/progress", params=note))
+
+    shown = [emitted(progress(v)) for v in (1, 2)]
+    s.upstream_lost("gone")
+    [replay] = sent(s.upstream_spawned())
+    [reissued] = sent(s.upstream_message(msg(id=replay["id"], result={})))[-1:]
+    assert reissued["params"]["name"] == "r"
+    shown += [emitted(progress(v)) for v in (1, 2, 2.5, 3)]
+    values = [n[0]["params"]["progress"] for n in shown if n]
+    assert values == [1, 2, 2.5, 3]
