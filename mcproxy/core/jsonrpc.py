@@ -48,6 +48,9 @@ META_LAST_LSN: Final = "io.mcproxy/lastLsn"
 META_HEAD_LSN: Final = "io.mcproxy/headLsn"
 META_RESUMED: Final = "io.mcproxy/resumed"
 SESSION_ID_FIELD: Final = "mcpSessionId"
+# Sent (unlogged, no LSN) before a replay that cannot be exact: the client's cursor is below
+# the log floor, so some LSNs after it are gone (docs/PROTOCOL.md, *LSNs and replay*).
+REPLAY_PARTIAL_METHOD: Final = "notifications/io.mcproxy/replayPartial"
 # WebSocket close reasons the proxy sends and its client library acts on (docs/PROTOCOL.md).
 SUPERSEDED_REASON: Final = "MCP session reconnected on another connection"  # SEP, verbatim
 TERMINATED_REASON: Final = "MCP session terminated"
@@ -348,6 +351,15 @@ class _Tool(msgspec.Struct):
 
 class _ToolList(msgspec.Struct):
     tools: list[_Tool] = []
+    nextCursor: str | None = None
+
+
+class _Capabilities(msgspec.Struct):
+    tools: dict[str, Any] | None = None
+
+
+class _ServerCapabilities(msgspec.Struct):
+    capabilities: _Capabilities | None = None
 
 
 def _partial(raw: Raw, typ: type[Any]) -> Any:
@@ -423,6 +435,22 @@ def uri_param(msg: Message) -> str | None:
 def level_param(msg: Message) -> str | None:
     params = _partial(msg.params, _LevelParams)
     return None if params is None else params.level
+
+
+def offers_tools(init_result: Raw) -> bool:
+    """Whether an InitializeResult declares the ``tools`` capability (server/tools)."""
+    parsed = _partial(init_result, _ServerCapabilities)
+    return (
+        parsed is not None
+        and parsed.capabilities is not None
+        and (parsed.capabilities.tools is not None)
+    )
+
+
+def next_cursor(result: Raw) -> str | None:
+    """``nextCursor`` of a paginated result (basic/utilities/pagination); None on the last."""
+    listing = _partial(result, _ToolList)
+    return None if listing is None else listing.nextCursor
 
 
 def idempotent_tools(result: Raw) -> tuple[set[str], set[str]]:

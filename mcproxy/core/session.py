@@ -70,6 +70,9 @@ GENERAL_STREAM: Final = 0
 # Upstream ids are reserved this many at a time in the stored session row: one extra session
 # write per block instead of per request; a restart skips what was left of the block.
 UPSTREAM_ID_BLOCK: Final = 1024
+# The proxy's own `tools/list` follows at most this many `nextCursor`s (a server whose cursors
+# never end must not keep it busy).
+TOOLS_LIST_MAX_PAGES: Final = 64
 
 
 class UpstreamState(enum.IntEnum):
@@ -387,6 +390,9 @@ class Session:
         self.log_level: str | None = None
         self.subscriptions: set[str] = set()
         self.safe_tools: set[str] = set()
+        # The proxy's own `tools/list` in flight: its upstream id, the page number, and the
+        # safe tools of the pages so far (``_learn_tools``).
+        self._listing: tuple[int, int, set[str]] | None = None
         self.next_upstream_id = 1
         self._id_ceiling = 1  # ids below it are reserved in the stored session row
         self._reserve_due = False
@@ -634,7 +640,9 @@ class Session:
             if self.init_result is None:
                 return []  # lifecycle: only after the initialize response; ignore early ones
             self.initialized = True
-            return [SaveSession(), *self._to_upstream(jsonrpc.strip_session_hints(msg))]
+            actions: list[Action] = [SaveSession()]
+            actions += self._to_upstream(jsonrpc.strip_session_hints(msg))
+            return actions + self._learn_tools()
         if method == "notifications/cancelled":
             return self._client_cancel(msg)
         if self.init_request is None:
@@ -723,6 +731,8 @@ class Session:
                 return [RestartUpstream("upstream rejected the replayed initialize")]
             return self._after_replayed_init()
         if flight.kind == "internal":
+            if flight.method == "tools/list":
+                return self._listed_tools(upstream_id, msg)
             return []
         assert flight.key is not None and flight.client_id is not None
         del self._by_client[flight.key]
@@ -781,9 +791,50 @@ class Session:
         for uri in sorted(self.subscriptions):
             actions.append(self._internal("resources/subscribe", {"uri": uri}))
         self._transition(UpstreamEvent.INITIALIZED)
+        actions += self._learn_tools()
         return self._reserved() + actions + self._flush()
 
-    def _internal(self, method: str, params: dict[str, Any]) -> SendUpstream:
+    def _learn_tools(self, cursor: str | None = None, page: int = 0) -> list[Action]:
+        """List the upstream's tools for the proxy itself (server/tools §"Tool annotations"):
+        which calls are safe to re-issue must not depend on whether the client listed them
+        (a client may cache its list). After ``notifications/initialized`` (lifecycle: no
+        other request before it) and after each ``notifications/tools/list_changed``; the
+        answers are never shown to the client. Only if the server offers tools."""
+        if (
+            not self.initialized
+            or self.state is not UpstreamState.READY
+            or self.init_result is None
+            or not jsonrpc.offers_tools(self.init_result)
+        ):
+            return []
+        upstream_id = self.next_upstream_id  # the id ``_internal`` takes
+        send = self._internal("tools/list", None if cursor is None else {"cursor": cursor})
+        learned = set() if self._listing is None or page == 0 else self._listing[2]
+        self._listing = (upstream_id, page, learned)
+        return [*self._reserved(), send]
+
+    def _listed_tools(self, upstream_id: int, response: Message) -> list[Action]:
+        """A page of the proxy's own ``tools/list``: the next page, or, after the last, the
+        safe tools become exactly what it listed (basic/utilities/pagination)."""
+        listing = self._listing
+        if listing is None or listing[0] != upstream_id:
+            return []  # superseded by a newer listing (list_changed meanwhile)
+        _, page, learned = listing
+        if response.result is jsonrpc.NO_RAW:
+            self._listing = None  # refused: what was known stays
+            return []
+        safe, _ = jsonrpc.idempotent_tools(response.result)
+        learned |= safe
+        cursor = jsonrpc.next_cursor(response.result)
+        if cursor is not None and page + 1 < TOOLS_LIST_MAX_PAGES:
+            return self._learn_tools(cursor, page + 1)
+        self._listing = None
+        if learned == self.safe_tools:
+            return []
+        self.safe_tools = learned
+        return [SaveSession()]
+
+    def _internal(self, method: str, params: dict[str, Any] | None) -> SendUpstream:
         upstream_id = self._alloc_id()
         msg = jsonrpc.request_message(upstream_id, method, params)
         self._inflight[upstream_id] = InFlight("internal", method, msg, sent=True)
@@ -812,7 +863,10 @@ class Session:
             return [SaveSession(), self._emit(note, stream)]
         if msg.method == "notifications/progress" and not self._progress_increases(msg):
             return []
-        return [self._emit(msg, self._route(msg, related))]
+        actions: list[Action] = [self._emit(msg, self._route(msg, related))]
+        if msg.method == "notifications/tools/list_changed":
+            actions += self._learn_tools()  # the annotations may have changed too
+        return actions
 
     def _progress_increases(self, msg: Message) -> bool:
         """basic/utilities/progress: "The progress value MUST increase with each
@@ -930,7 +984,7 @@ class Session:
                 actions += [MarkWritten(flight.key, False), Tally("resent")]
                 reissue.append(flight.msg)
                 continue
-            if flight.safe:
+            if self._safe_now(flight):
                 new_id = self._alloc_id()
                 flight.msg = msgspec.structs.replace(flight.msg, id=new_id)
                 flight.sent = False
@@ -958,6 +1012,13 @@ class Session:
         if self.has_work:
             actions.append(StartUpstream())
         return actions
+
+    def _safe_now(self, flight: InFlight) -> bool:
+        """Whether a request may be repeated, from what is known at the loss, not when it
+        arrived: a ``tools/list`` answer may name the tool read-only after its call came."""
+        if flight.safe:
+            return True
+        return flight.method == "tools/call" and jsonrpc.tool_name(flight.msg) in self.safe_tools
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -329,6 +329,7 @@ class SessionRunner:
             head_lsn=self.core.next_lsn - 1,
         )
         if cursor is not None:
+            prelude += self._partial_replay(after)
             self._measure_resume(outbox, after)
             self._acknowledged(after, None)
         self.touch()
@@ -367,12 +368,23 @@ class SessionRunner:
             after_lsn=after,
             ended=ended,
         )
+        prelude: list[bytes] = []
         if resume:
+            prelude += self._partial_replay(after)
             self._measure_resume(outbox, after)
             self._acknowledged(after, stream)
         self.touch()
-        conn.start(outbox, after, [], ended)
+        conn.start(outbox, after, prelude, ended)
         self._spawn_if_initialized()
+
+    def _partial_replay(self, after: int) -> list[bytes]:
+        """The notice that a resume from ``after`` cannot be exact: the messages after it up
+        to the log floor were pruned or acknowledged (only answers kept for retries remain).
+        Said to that connection only, before the replay; not logged, so it has no LSN."""
+        if after >= self.log_floor:
+            return []
+        params = {"afterLsn": after, "floorLsn": self.log_floor}
+        return [jsonrpc.encode(jsonrpc.notification_message(jsonrpc.REPLAY_PARTIAL_METHOD, params))]
 
     def _measure_resume(self, outbox: Outbox, after: int) -> None:
         m = self.metrics

@@ -8,7 +8,9 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 
+from tests.e2e.test_shared_upstream import shared_proxy
 from tests.helpers import (
     INIT_PARAMS,
     MS,
@@ -278,3 +280,73 @@ async def test_progress_keeps_increasing_when_a_call_is_reissued(proxy: ProxyPro
         assert values == sorted(set(values)) and values[-1] == 4, values
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("mode", ["per-session", "shared"])
+async def test_read_only_calls_are_reissued_for_a_client_that_never_listed_tools(
+    mode: str, tmp_path: Path, counter_dir: Path
+) -> None:
+    """The proxy lists the tools itself (its answers never reach the client or the log), so
+    a client that cached its tool list still gets its read-only call re-issued."""
+    if mode == "shared":
+        proxy = shared_proxy(tmp_path, counter_dir)
+    else:
+        proxy = ProxyProcess(tmp_path / "mcproxy.db", env={"FIXTURE_COUNTER_DIR": str(counter_dir)})
+    proxy.start()
+    client = await WsClient.connect(proxy.url)
+    try:
+        session_id = (await client.initialize())["result"]["mcpSessionId"]
+        call = await client.call_tool("slow_read", {"steps": 3, "delay": 300 * MS}, "tok")
+        while not any(m.get("method") == "notifications/progress" for m in client.received):
+            await client.recv()
+        [child] = proxy.upstream_pids()
+        os.kill(child, signal.SIGKILL)
+        answer = await client.response(call)
+        assert tool_text(answer) == "read done after 3"  # re-issued, not -32010
+        assert len(proxy.upstream_pids()) == 2
+        assert not logged(proxy.db, session_id, '"tools":[')  # the listing stayed inside
+        assert not any("tools" in m.get("result", {}) for m in client.received)
+    finally:
+        await client.close()
+        proxy.kill()
+
+
+async def test_a_resume_below_the_log_floor_is_told_its_replay_is_partial(
+    proxy: ProxyProcess,
+) -> None:
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    done = await client.response(await client.call_tool("slow", {"steps": 3, "delay": 0}, "p"))
+    assert client.lsns() == [1, 2, 3, 4, 5] and lsn_of(done) == 5  # 2-4: progress
+    await client.drop()
+    # A resume from 4 acknowledges (and prunes) everything up to it: the floor is 4.
+    acked = await WsClient.connect(proxy.url, session_id, last_lsn=4)
+    assert lsn_of(await acked.recv()) == 5
+    await acked.close()
+    wait_until(lambda: not logged(proxy.db, session_id, "notifications/progress"))
+
+    # A stale cursor (draft v3: in a re-sent initialize): LSNs 2-4 are gone, and it is told.
+    stale = await WsClient.connect(proxy.url)
+    try:
+        params = {**INIT_PARAMS, "_meta": {"mcpSessionId": session_id, "io.mcproxy/lastLsn": 1}}
+        await stale.send(
+            {"jsonrpc": "2.0", "id": "again", "method": "initialize", "params": params}
+        )
+        answer = await stale.recv()
+        # The answer to a re-sent initialize is the connection's own: no LSN (documented),
+        # the log head instead.
+        assert answer["id"] == "again" and lsn_of(answer) is None
+        assert answer["result"]["_meta"]["io.mcproxy/headLsn"] == 5
+        notice = await stale.recv()
+        assert notice["method"] == "notifications/io.mcproxy/replayPartial"
+        assert notice["params"] == {"afterLsn": 1, "floorLsn": 4}  # no LSN either
+        assert lsn_of(await stale.recv()) == 5  # then the replay, from what is left
+    finally:
+        await stale.close()
+    # An exact resume gets no notice.
+    exact = await WsClient.connect(proxy.url, session_id, last_lsn=5)
+    try:
+        echo = await exact.response(await exact.call_tool("echo", {"text": "x"}))
+        assert [lsn_of(m) for m in exact.received] == [6] and tool_text(echo) == "x"
+    finally:
+        await exact.close()

@@ -463,3 +463,57 @@ def test_progress_never_goes_backwards_after_a_reissue() -> None:
     shown += [emitted(progress(v)) for v in (1, 2, 2.5, 3)]
     values = [n[0]["params"]["progress"] for n in shown if n]
     assert values == [1, 2, 2.5, 3]
+
+
+def tools_session() -> tuple[Session, dict[str, Any]]:
+    """A session whose server offers tools: the proxy lists them itself after initialized."""
+    s = Session("S" * 20, LIMITS)
+    s.client_message(msg(id=0, method="initialize", params={"protocolVersion": "x"}))
+    [init] = sent(s.upstream_spawned())
+    s.upstream_message(msg(id=init["id"], result={"capabilities": {"tools": {}}}))
+    out = sent(s.client_message(msg(method="notifications/initialized")))
+    assert [m["method"] for m in out] == ["notifications/initialized", "tools/list"]
+    return s, out[1]
+
+
+READ_ONLY = {"readOnlyHint": True}
+
+
+def test_the_proxy_learns_tool_annotations_itself_page_by_page() -> None:
+    s, listing = tools_session()
+    assert "params" not in listing
+    page1 = {"tools": [{"name": "r", "annotations": READ_ONLY}], "nextCursor": "c2"}
+    actions = s.upstream_message(msg(id=listing["id"], result=page1))
+    assert emitted(actions) == []  # never shown to the client
+    [page2_request] = sent(actions)
+    assert page2_request["params"] == {"cursor": "c2"}
+    page2 = {"tools": [{"name": "i", "annotations": {"idempotentHint": True}}, {"name": "w"}]}
+    actions = s.upstream_message(msg(id=page2_request["id"], result=page2))
+    assert SaveSession() in actions and s.safe_tools == {"r", "i"}
+    # The list changed: the client is told, and the proxy lists again; "r" went unsafe.
+    actions = s.upstream_message(msg(method="notifications/tools/list_changed"))
+    [note] = emitted(actions)
+    assert note["method"] == "notifications/tools/list_changed"
+    [again] = sent(actions)
+    s.upstream_message(msg(id=again["id"], result={"tools": [{"name": "r"}]}))
+    assert s.safe_tools == set()
+    # A client call of a tool it never listed is re-issued if the proxy knows it is safe.
+    [relist] = sent(s.upstream_message(msg(method="notifications/tools/list_changed")))
+    s.upstream_message(msg(id=relist["id"], result=page2))
+    [_call] = sent(s.client_message(msg(id=1, method="tools/call", params={"name": "i"})))
+    actions = s.upstream_lost("gone")
+    assert Tally("reissued") in actions and emitted(actions) == []
+
+
+def test_safety_is_decided_at_the_loss_not_when_the_request_arrived() -> None:
+    """A page sends tools/list and tools/call back to back: the list answer naming the tool
+    read-only comes after the call, long before the loss."""
+    s = ready_session()
+    [tools] = sent(s.client_message(msg(id=1, method="tools/list")))
+    [call] = sent(s.client_message(msg(id=2, method="tools/call", params={"name": "r"})))
+    listed = {"tools": [{"name": "r", "annotations": READ_ONLY}]}
+    s.upstream_message(msg(id=tools["id"], result=listed))
+    actions = s.upstream_lost("killed")
+    assert Tally("reissued") in actions and emitted(actions) == []
+    [save] = [a for a in actions if isinstance(a, SaveRequest)]
+    assert save.key == jsonrpc.id_key(2) and save.upstream_id > call["id"]
