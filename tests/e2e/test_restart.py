@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.helpers import (
     INIT_PARAMS,
+    MS,
     ProxyProcess,
     WsClient,
     eventually,
@@ -191,3 +192,26 @@ def _request_rows(db: Path, session_id: str) -> int:
             "SELECT count(*) FROM requests WHERE session_id = ? AND done = 0", (session_id,)
         ).fetchone()
     return int(count)
+
+
+async def test_an_answer_the_child_writes_while_stopping_is_delivered(proxy: ProxyProcess) -> None:
+    """SIGTERM: the child's stdin is closed and it answers what it was running (the mcp SDK
+    says "Connection closed") before it exits; that answer is logged and delivered after the
+    restart, not replaced by -32010."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    call = await client.call_tool("slow", {"steps": 1000, "delay": 50 * MS}, "p")
+    while not any(m.get("method") == "notifications/progress" for m in client.received):
+        await client.recv()
+    cursor = max(client.lsns())
+    assert proxy.terminate() == 0
+    await client.drop()
+
+    proxy.start()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        answer = await back.response(call)
+        assert answer["error"]["code"] != -32010, answer  # the child's own answer
+        assert answer["error"]["message"] == "Connection closed"
+    finally:
+        await back.close()
