@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.e2e.test_http_upstream import HttpFixture
 from tests.e2e.test_shared_upstream import shared_proxy
 from tests.helpers import (
     INIT_PARAMS,
@@ -350,3 +351,26 @@ async def test_a_resume_below_the_log_floor_is_told_its_replay_is_partial(
         assert [lsn_of(m) for m in exact.received] == [6] and tool_text(echo) == "x"
     finally:
         await exact.close()
+
+
+async def test_read_only_calls_are_reissued_without_a_client_listing_over_http(
+    tmp_path: Path,
+) -> None:
+    """The same with a Streamable HTTP upstream killed and started again mid-call."""
+    upstream = await HttpFixture(tmp_path).start()
+    proxy = ProxyProcess(tmp_path / "mcproxy.db", upstream.url).start()
+    client = await WsClient.connect(proxy.url)
+    try:
+        await client.initialize()
+        call = await client.call_tool("slow_read", {"steps": 4, "delay": 300 * MS}, "tok")
+        while not any(m.get("method") == "notifications/progress" for m in client.received):
+            await client.recv()
+        upstream.kill()
+        await upstream.start()  # same port, no sessions: 404 for the old one
+        answer = await client.response(call)
+        assert tool_text(answer) == "read done after 4"  # re-issued, not -32010
+        assert not any("tools" in m.get("result", {}) for m in client.received)
+    finally:
+        await client.close()
+        proxy.kill()
+        upstream.kill()
