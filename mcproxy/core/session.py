@@ -371,6 +371,18 @@ class Limits:
     dedupe_window: int
 
 
+def logged_progress(row: PendingRow, logged: bytes) -> float | None:
+    """The progress value of ``logged`` (a message of ``row``'s stream in the log) if it is a
+    ``notifications/progress`` for ``row``'s token; what ``Session.restore`` is given."""
+    token, _ = jsonrpc.routing_keys(jsonrpc.decode(row.body))
+    if token is None:
+        return None
+    msg = jsonrpc.decode(logged)
+    if msg.method != "notifications/progress" or jsonrpc.routing_keys(msg)[0] != token:
+        return None
+    return jsonrpc.progress_value(msg)
+
+
 class Session:
     """One durable MCP session. See the module docstring for the guarantees.
 
@@ -436,12 +448,15 @@ class Session:
         record: SessionRecord,
         pending: list[PendingRow],
         answered: list[tuple[str, int | None, str]],
+        progress_shown: dict[str, float] | None = None,
     ) -> tuple[Session, list[Action]]:
         """Rebuild a session from the store after a proxy restart.
 
         The previous proxy's upstream died with it, so every persisted in-flight request is
         resolved at once as if the upstream had been lost (``upstream_lost``), and every
-        server→client request the client had not answered is withdrawn.
+        server→client request the client had not answered is withdrawn. ``progress_shown``:
+        the highest progress value in the log for each pending request (by client key; see
+        ``logged_progress``), so that a re-issued one never goes back.
         """
         s = cls(session_id, limits, record.principal)
         if record.init_request is not None:
@@ -481,6 +496,7 @@ class Session:
                 recorded_written=row.written,
                 stream=row.stream or row.upstream_id,
                 progress=progress,
+                progress_shown=(progress_shown or {}).get(row.key),
                 task=task,
             )
             s._by_client[row.key] = row.upstream_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import (
     INIT_PARAMS,
@@ -213,5 +214,36 @@ async def test_an_answer_the_child_writes_while_stopping_is_delivered(proxy: Pro
         answer = await back.response(call)
         assert answer["error"]["code"] != -32010, answer  # the child's own answer
         assert answer["error"]["message"] == "Connection closed"
+    finally:
+        await back.close()
+
+
+async def test_progress_keeps_increasing_when_a_call_is_reissued_after_a_sigkill(
+    proxy: ProxyProcess,
+) -> None:
+    """basic/utilities/progress: the value MUST increase, also across a proxy restart that
+    re-issues a read-only call (its new process starts over at 1 under the same token)."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    call = await client.call_tool("slow_read", {"steps": 4, "delay": 300 * MS}, "tok")
+
+    def notes(received: list[dict[str, Any]]) -> list[float]:
+        return [
+            m["params"]["progress"] for m in received if m.get("method") == "notifications/progress"
+        ]
+
+    while len(notes(client.received)) < 2:
+        await client.recv()
+    before = notes(client.received)
+    cursor = max(client.lsns())
+    await client.drop()
+    proxy.kill()
+
+    proxy.start()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        assert tool_text(await back.response(call)) == "read done after 4"  # re-issued
+        values = before + notes(back.received)
+        assert values == sorted(set(values)) and values[-1] == 4, values
     finally:
         await back.close()
