@@ -701,9 +701,9 @@ class Session:
         if request is None:
             # Unknown, already answered, or withdrawn (the upstream that asked was lost, or
             # withdrew it): nobody waits for it (cancellation §Behavior). Said in the log.
-            assert client_facing is not None and not isinstance(client_facing, msgspec.UnsetType)
-            issued = isinstance(client_facing, int) and 0 < client_facing < self.next_server_id
-            return [Dropped("late answer" if issued else "unknown id", client_facing)]
+            shown = None if isinstance(client_facing, msgspec.UnsetType) else client_facing
+            issued = isinstance(shown, int) and 0 < shown < self.next_server_id
+            return [Dropped("late answer" if issued else "unknown id", shown)]
         forwarded = msgspec.structs.replace(
             jsonrpc.strip_session_hints(msg), id=request.upstream_id
         )

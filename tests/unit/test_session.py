@@ -204,6 +204,8 @@ def test_server_requests_get_proxy_ids_and_answers_route_back() -> None:
     # Answered already: dropped, and the driver logs it.
     assert s.client_message(msg(id=ask2["id"], result={})) == [Dropped("late answer", ask2["id"])]
     assert s.client_message(msg(id=999, result={})) == [Dropped("unknown id", 999)]
+    null = msg(id=None, error={"code": -32603, "message": "x"})
+    assert s.client_message(null) == [Dropped("unknown id", None)]
     [withdrawn] = emitted(
         s.upstream_message(msg(method="notifications/cancelled", params={"requestId": 0}))
     )
