@@ -15,11 +15,13 @@ from tests.e2e.test_shared_upstream import shared_proxy
 from tests.helpers import (
     INIT_PARAMS,
     MS,
+    HttpClient,
     ProxyProcess,
     WsClient,
     logged,
     lsn_of,
     pid_alive,
+    read_sse,
     tool_text,
     wait_until,
 )
@@ -374,3 +376,27 @@ async def test_read_only_calls_are_reissued_without_a_client_listing_over_http(
         await client.close()
         proxy.kill()
         upstream.kill()
+
+
+async def test_an_http_resume_below_the_log_floor_is_told_too(proxy: ProxyProcess) -> None:
+    """Over SSE the notice is an event without `id` (the client's Last-Event-ID stays)."""
+    client = HttpClient(proxy.url)
+    try:
+        await client.initialize()
+        arguments = {"steps": 3, "delay": 0}
+        slow = {"name": "slow", "arguments": arguments, "_meta": {"progressToken": 1}}
+        _, events = await client.request("tools/call", slow)  # LSNs 2-4: progress; 5: answer
+        assert [e.id for e in events if e.data.strip()][-1].endswith(".5")
+        headers = client.headers(**{"Last-Event-ID": "4"})  # a plain LSN: every stream
+        async with client.http.get(proxy.url, headers=headers) as resp:
+            assert resp.status == 200
+            await read_sse(resp, stop=lambda e: e.id == "5")
+        headers = client.headers(**{"Last-Event-ID": "1"})  # stale: 2-4 were acknowledged
+        async with client.http.get(proxy.url, headers=headers) as resp:
+            events = await read_sse(resp, stop=lambda e: e.id == "5")
+        notice = events[0]
+        assert notice.id is None
+        assert notice.json()["method"] == "notifications/io.mcproxy/replayPartial"
+        assert notice.json()["params"] == {"afterLsn": 1, "floorLsn": 4}
+    finally:
+        await client.close()
