@@ -69,6 +69,8 @@ async def test_every_logged_message_survives_sigkill(proxy: ProxyProcess, tmp_pa
     await client.drop()
 
     proxy.start()
+    # Read-only calls (the proxy learned `echo` is one) are re-issued: wait for their answers.
+    wait_until(lambda: _request_rows(proxy.db, session_id) == 0)
     head = (
         sqlite3.connect(proxy.db)
         .execute("SELECT max(lsn), count(*) FROM events WHERE session_id = ?", (session_id,))

@@ -360,7 +360,9 @@ async def test_read_only_calls_are_reissued_without_a_client_listing_over_http(
 ) -> None:
     """The same with a Streamable HTTP upstream killed and started again mid-call."""
     upstream = await HttpFixture(tmp_path).start()
-    proxy = ProxyProcess(tmp_path / "mcproxy.db", upstream.url).start()
+    config = tmp_path / "resume.toml"  # keep resuming the stream until the server is back
+    config.write_text("[upstream]\nsse_max_reconnects = 10\n")
+    proxy = ProxyProcess(tmp_path / "mcproxy.db", upstream.url, "--config", str(config)).start()
     client = await WsClient.connect(proxy.url)
     try:
         await client.initialize()
