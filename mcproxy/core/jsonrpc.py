@@ -49,6 +49,9 @@ META_LAST_LSN: Final = "io.mcproxy/lastLsn"
 META_HEAD_LSN: Final = "io.mcproxy/headLsn"
 META_RESUMED: Final = "io.mcproxy/resumed"
 SESSION_ID_FIELD: Final = "mcpSessionId"
+# Sent (unlogged, no LSN) before a replay that cannot be exact: the client's cursor is below
+# the log floor, so some LSNs after it are gone (docs/PROTOCOL.md, *LSNs and replay*).
+REPLAY_PARTIAL_METHOD: Final = "notifications/io.mcproxy/replayPartial"
 # WebSocket close reasons the proxy sends and its client library acts on (docs/PROTOCOL.md).
 SUPERSEDED_REASON: Final = "MCP session reconnected on another connection"  # SEP, verbatim
 TERMINATED_REASON: Final = "MCP session terminated"
@@ -336,6 +339,10 @@ class _RoutingParams(msgspec.Struct):
     taskId: str | None = None  # tasks/get, tasks/result, tasks/cancel
 
 
+class _ProgressParams(msgspec.Struct):
+    progress: float | None = None
+
+
 class _VersionResult(msgspec.Struct):
     protocolVersion: str | None = None
 
@@ -352,6 +359,15 @@ class _Tool(msgspec.Struct):
 
 class _ToolList(msgspec.Struct):
     tools: list[_Tool] = []
+    nextCursor: str | None = None
+
+
+class _Capabilities(msgspec.Struct):
+    tools: dict[str, Any] | None = None
+
+
+class _ServerCapabilities(msgspec.Struct):
+    capabilities: _Capabilities | None = None
 
 
 def _partial(raw: Raw, typ: type[Any]) -> Any:
@@ -429,6 +445,22 @@ def level_param(msg: Message) -> str | None:
     return None if params is None else params.level
 
 
+def offers_tools(init_result: Raw) -> bool:
+    """Whether an InitializeResult declares the ``tools`` capability (server/tools)."""
+    parsed = _partial(init_result, _ServerCapabilities)
+    return (
+        parsed is not None
+        and parsed.capabilities is not None
+        and (parsed.capabilities.tools is not None)
+    )
+
+
+def next_cursor(result: Raw) -> str | None:
+    """``nextCursor`` of a paginated result (basic/utilities/pagination); None on the last."""
+    listing = _partial(result, _ToolList)
+    return None if listing is None else listing.nextCursor
+
+
 def idempotent_tools(result: Raw) -> tuple[set[str], set[str]]:
     """From a ``tools/list`` result: (tools safe to repeat, tools listed).
 
@@ -467,6 +499,12 @@ def routing_keys(msg: Message) -> tuple[str | None, str | None]:
         if task is None and params.meta.related_task is not None:
             task = params.meta.related_task.taskId
     return (None if token is None or isinstance(token, bool) else id_key(token)), task
+
+
+def progress_value(msg: Message) -> float | None:
+    """``params.progress`` of a ``notifications/progress`` (basic/utilities/progress)."""
+    params = _partial(msg.params, _ProgressParams)
+    return None if params is None else params.progress
 
 
 def protocol_version(raw: Raw) -> str | None:

@@ -70,6 +70,9 @@ GENERAL_STREAM: Final = 0
 # Upstream ids are reserved this many at a time in the stored session row: one extra session
 # write per block instead of per request; a restart skips what was left of the block.
 UPSTREAM_ID_BLOCK: Final = 1024
+# The proxy's own `tools/list` follows at most this many `nextCursor`s (a server whose cursors
+# never end must not keep it busy).
+TOOLS_LIST_MAX_PAGES: Final = 64
 
 
 class UpstreamState(enum.IntEnum):
@@ -156,6 +159,21 @@ class SaveRequest:
     safe: bool
     body: bytes
     stream: int
+    # False: certainly not written to any upstream process yet (queued for one that is
+    # starting). A restart sends such a request to the next process instead of answering it
+    # "outcome unknown".
+    written: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MarkWritten:
+    """Record whether the request ``key`` may have reached an upstream process. ``True`` is
+    recorded before the request is written (the ``SendUpstream`` after it waits for the
+    commit if the request is not safe to repeat), so the record never says "not written"
+    about a request that was."""
+
+    key: str
+    written: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +198,15 @@ class Forget:
     fell out of the dedupe window while the session was restored."""
 
     pairs: tuple[tuple[str, int | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A client message that reached no one (an answer to a server request that was withdrawn,
+    answered already, or never made): the driver logs it, so a client bug is visible."""
+
+    reason: str
+    request_id: RequestId | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +241,10 @@ Action = (
     | Reply
     | Resend
     | SaveRequest
+    | MarkWritten
     | FinishRequest
     | Forget
+    | Dropped
     | SaveSession
     | StartUpstream
     | RestartUpstream
@@ -237,9 +266,11 @@ class InFlight:
     client_id: RequestId | None = None
     safe: bool = False
     sent: bool = False  # written to the current upstream process
+    recorded_written: bool = True  # what its stored row says (``MarkWritten``)
     stream: int = 0  # the first upstream id it got: unique in the session, never reused
     start_lsn: int = 0  # the log head when it arrived: its stream has only later LSNs
     progress: str | None = None  # id_key of its progress token
+    progress_shown: float | None = None  # the highest progress value emitted for it
     task: str | None = None  # the task id it is about (tasks/result, tasks/get, ...)
 
 
@@ -258,6 +289,9 @@ class SessionRecord:
     next_lsn: int = 1
     delivered_lsn: int = 0
     principal: str | None = None
+    # Server→client requests the client has not answered, as (client id, upstream id,
+    # stream): a restored session withdraws them (their upstream died with the proxy).
+    server_requests: list[tuple[int, RequestId, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,12 +304,83 @@ class PendingRow:
     safe: bool
     body: bytes
     stream: int
+    written: bool = True  # False: it never reached an upstream process (``MarkWritten``)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRequest:
+    """A server→client request (sampling, elicitation, roots) the client has not answered."""
+
+    client_id: int  # the id the client sees: the proxy's own, never repeated in a session
+    upstream_id: RequestId  # the id the upstream gave it
+    stream: int  # the stream it went on (its withdrawal follows it there)
+
+
+class ServerRequests:
+    """The server→client requests awaiting the client's answer, found by either id.
+
+    One entry per request in two indexes that always change together (a request leaves when
+    the client answers it, the upstream withdraws it, or the upstream is lost).
+    """
+
+    __slots__ = ("_by_client", "_by_upstream")
+
+    def __init__(self) -> None:
+        self._by_client: dict[int, ServerRequest] = {}
+        self._by_upstream: dict[str, ServerRequest] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_client)
+
+    def __len__(self) -> int:
+        return len(self._by_client)
+
+    def add(self, request: ServerRequest) -> None:
+        self._by_client[request.client_id] = request
+        self._by_upstream[jsonrpc.id_key(request.upstream_id)] = request
+
+    def pop_client(self, client_id: int) -> ServerRequest | None:
+        """The request the client answers under ``client_id`` (None if not pending)."""
+        request = self._by_client.pop(client_id, None)
+        if request is not None:
+            del self._by_upstream[jsonrpc.id_key(request.upstream_id)]
+        return request
+
+    def pop_upstream(self, upstream_id: RequestId) -> ServerRequest | None:
+        """The request the upstream withdraws under ``upstream_id`` (None if not pending)."""
+        request = self._by_upstream.pop(jsonrpc.id_key(upstream_id), None)
+        if request is not None:
+            del self._by_client[request.client_id]
+        return request
+
+    def listed(self) -> list[ServerRequest]:
+        """Every pending request, oldest first (what a snapshot persists)."""
+        return sorted(self._by_client.values(), key=lambda r: r.client_id)
+
+    def pop_all(self) -> list[ServerRequest]:
+        """Every pending request, oldest first; none is left."""
+        requests = sorted(self._by_client.values(), key=lambda r: r.client_id)
+        self._by_client.clear()
+        self._by_upstream.clear()
+        return requests
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_pending_requests: int
     dedupe_window: int
+
+
+def logged_progress(row: PendingRow, logged: bytes) -> float | None:
+    """The progress value of ``logged`` (a message of ``row``'s stream in the log) if it is a
+    ``notifications/progress`` for ``row``'s token; what ``Session.restore`` is given."""
+    token, _ = jsonrpc.routing_keys(jsonrpc.decode(row.body))
+    if token is None:
+        return None
+    msg = jsonrpc.decode(logged)
+    if msg.method != "notifications/progress" or jsonrpc.routing_keys(msg)[0] != token:
+        return None
+    return jsonrpc.progress_value(msg)
 
 
 class Session:
@@ -297,6 +402,9 @@ class Session:
         self.log_level: str | None = None
         self.subscriptions: set[str] = set()
         self.safe_tools: set[str] = set()
+        # The proxy's own `tools/list` in flight: its upstream id, the page number, and the
+        # safe tools of the pages so far (``_learn_tools``).
+        self._listing: tuple[int, int, set[str]] | None = None
         self.next_upstream_id = 1
         self._id_ceiling = 1  # ids below it are reserved in the stored session row
         self._reserve_due = False
@@ -310,9 +418,7 @@ class Session:
         self._queue: list[Message] = []
         # Answered client ids -> (response LSN or None if cancelled, method), LRU-bounded.
         self._answered: OrderedDict[str, tuple[int | None, str]] = OrderedDict()
-        self._server_pending: dict[int, RequestId] = {}  # client-facing id -> upstream id
-        self._server_by_upstream: dict[str, int] = {}
-        self._server_stream: dict[int, int] = {}  # client-facing id -> stream it went on
+        self._server_requests = ServerRequests()
 
     # --- persistence ------------------------------------------------------------------
 
@@ -329,6 +435,9 @@ class Session:
             next_lsn=self.next_lsn,
             delivered_lsn=self.delivered_lsn,
             principal=self.principal,
+            server_requests=[
+                (r.client_id, r.upstream_id, r.stream) for r in self._server_requests.listed()
+            ],
         )
 
     @classmethod
@@ -339,11 +448,15 @@ class Session:
         record: SessionRecord,
         pending: list[PendingRow],
         answered: list[tuple[str, int | None, str]],
+        progress_shown: dict[str, float] | None = None,
     ) -> tuple[Session, list[Action]]:
         """Rebuild a session from the store after a proxy restart.
 
         The previous proxy's upstream died with it, so every persisted in-flight request is
-        resolved at once as if the upstream had been lost (``upstream_lost``).
+        resolved at once as if the upstream had been lost (``upstream_lost``), and every
+        server→client request the client had not answered is withdrawn. ``progress_shown``:
+        the highest progress value in the log for each pending request (by client key; see
+        ``logged_progress``), so that a re-issued one never goes back.
         """
         s = cls(session_id, limits, record.principal)
         if record.init_request is not None:
@@ -359,6 +472,8 @@ class Session:
         s.next_server_id = record.next_server_id
         s.next_lsn = record.next_lsn
         s.delivered_lsn = record.delivered_lsn
+        for asked in record.server_requests:
+            s._server_requests.add(ServerRequest(*asked))
         # Every remembered id the store holds, oldest first: any it holds beyond the window
         # (a smaller window than the last process's) is forgotten here, or its rows would
         # never be.
@@ -377,14 +492,18 @@ class Session:
                 row.key,
                 client_id,
                 row.safe,
-                sent=True,
+                sent=row.written,
+                recorded_written=row.written,
                 stream=row.stream or row.upstream_id,
                 progress=progress,
+                progress_shown=(progress_shown or {}).get(row.key),
                 task=task,
             )
             s._by_client[row.key] = row.upstream_id
+            if not row.written:
+                s._queue.append(upstream_msg)  # never written: it goes to the next process
         actions: list[Action] = [Forget(tuple(forgotten))] if forgotten else []
-        if s._inflight:
+        if s._inflight or s._server_requests:
             actions += s._lose("proxy restarted")
         return s, actions
 
@@ -398,7 +517,7 @@ class Session:
     @property
     def quiescent(self) -> bool:
         """Nothing waits on either side: no client request, no server request unanswered."""
-        return not self.has_work and not self._server_pending
+        return not self.has_work and not self._server_requests
 
     @property
     def protocol_version(self) -> str | None:
@@ -505,6 +624,7 @@ class Session:
         upstream_id = self._alloc_id()
         upstream_msg = msgspec.structs.replace(msg, id=upstream_id)
         progress, task = jsonrpc.routing_keys(msg)
+        ready = self.state is UpstreamState.READY  # so it is written now (``_to_upstream``)
         flight = InFlight(
             "client",
             msg.method,
@@ -512,6 +632,7 @@ class Session:
             key,
             client_id,
             safe,
+            recorded_written=ready,
             stream=upstream_id,
             start_lsn=self.next_lsn - 1,
             progress=progress,
@@ -519,9 +640,10 @@ class Session:
         )
         self._inflight[upstream_id] = flight
         self._by_client[key] = upstream_id
+        body = jsonrpc.encode(msg)
         actions: list[Action] = [
             *self._reserved(),
-            SaveRequest(key, upstream_id, msg.method, safe, jsonrpc.encode(msg), upstream_id),
+            SaveRequest(key, upstream_id, msg.method, safe, body, upstream_id, ready),
         ]
         actions += self._to_upstream(upstream_msg)
         return actions
@@ -534,7 +656,9 @@ class Session:
             if self.init_result is None:
                 return []  # lifecycle: only after the initialize response; ignore early ones
             self.initialized = True
-            return [SaveSession(), *self._to_upstream(jsonrpc.strip_session_hints(msg))]
+            actions: list[Action] = [SaveSession()]
+            actions += self._to_upstream(jsonrpc.strip_session_hints(msg))
+            return actions + self._learn_tools()
         if method == "notifications/cancelled":
             return self._client_cancel(msg)
         if self.init_request is None:
@@ -571,15 +695,19 @@ class Session:
     def _client_response(self, msg: Message) -> list[Action]:
         """The client answers a server→client request (sampling, elicitation, roots)."""
         client_facing = msg.id
-        if not isinstance(client_facing, int) or isinstance(client_facing, bool):
-            return []
-        upstream_id = self._server_pending.pop(client_facing, None)
-        if upstream_id is None:
-            return []  # unknown, already answered, or withdrawn when the upstream was lost
-        self._server_by_upstream.pop(jsonrpc.id_key(upstream_id), None)
-        self._server_stream.pop(client_facing, None)
-        forwarded = msgspec.structs.replace(jsonrpc.strip_session_hints(msg), id=upstream_id)
-        return self._to_upstream(forwarded)
+        request = None
+        if isinstance(client_facing, int) and not isinstance(client_facing, bool):
+            request = self._server_requests.pop_client(client_facing)
+        if request is None:
+            # Unknown, already answered, or withdrawn (the upstream that asked was lost, or
+            # withdrew it): nobody waits for it (cancellation §Behavior). Said in the log.
+            shown = None if isinstance(client_facing, msgspec.UnsetType) else client_facing
+            issued = isinstance(shown, int) and 0 < shown < self.next_server_id
+            return [Dropped("late answer" if issued else "unknown id", shown)]
+        forwarded = msgspec.structs.replace(
+            jsonrpc.strip_session_hints(msg), id=request.upstream_id
+        )
+        return [SaveSession(), *self._to_upstream(forwarded)]
 
     # --- upstream -> proxy ------------------------------------------------------------
 
@@ -594,7 +722,7 @@ class Session:
         # A fresh session: the client's own initialize heads the queue; send it alone and
         # hold the rest until its response (lifecycle §Initialization).
         if self._queue and self._queue[0].method == "initialize":
-            return [self._send(self._queue.pop(0))]
+            return self._send(self._queue.pop(0))
         return []
 
     def upstream_message(self, msg: Message, related: int | None = None) -> list[Action]:
@@ -619,6 +747,8 @@ class Session:
                 return [RestartUpstream("upstream rejected the replayed initialize")]
             return self._after_replayed_init()
         if flight.kind == "internal":
+            if flight.method == "tools/list":
+                return self._listed_tools(upstream_id, msg)
             return []
         assert flight.key is not None and flight.client_id is not None
         del self._by_client[flight.key]
@@ -677,9 +807,50 @@ class Session:
         for uri in sorted(self.subscriptions):
             actions.append(self._internal("resources/subscribe", {"uri": uri}))
         self._transition(UpstreamEvent.INITIALIZED)
+        actions += self._learn_tools()
         return self._reserved() + actions + self._flush()
 
-    def _internal(self, method: str, params: dict[str, Any]) -> SendUpstream:
+    def _learn_tools(self, cursor: str | None = None, page: int = 0) -> list[Action]:
+        """List the upstream's tools for the proxy itself (server/tools §"Tool annotations"):
+        which calls are safe to re-issue must not depend on whether the client listed them
+        (a client may cache its list). After ``notifications/initialized`` (lifecycle: no
+        other request before it) and after each ``notifications/tools/list_changed``; the
+        answers are never shown to the client. Only if the server offers tools."""
+        if (
+            not self.initialized
+            or self.state is not UpstreamState.READY
+            or self.init_result is None
+            or not jsonrpc.offers_tools(self.init_result)
+        ):
+            return []
+        upstream_id = self.next_upstream_id  # the id ``_internal`` takes
+        send = self._internal("tools/list", None if cursor is None else {"cursor": cursor})
+        learned = set() if self._listing is None or page == 0 else self._listing[2]
+        self._listing = (upstream_id, page, learned)
+        return [*self._reserved(), send]
+
+    def _listed_tools(self, upstream_id: int, response: Message) -> list[Action]:
+        """A page of the proxy's own ``tools/list``: the next page, or, after the last, the
+        safe tools become exactly what it listed (basic/utilities/pagination)."""
+        listing = self._listing
+        if listing is None or listing[0] != upstream_id:
+            return []  # superseded by a newer listing (list_changed meanwhile)
+        _, page, learned = listing
+        if response.result is jsonrpc.NO_RAW:
+            self._listing = None  # refused: what was known stays
+            return []
+        safe, _ = jsonrpc.idempotent_tools(response.result)
+        learned |= safe
+        cursor = jsonrpc.next_cursor(response.result)
+        if cursor is not None and page + 1 < TOOLS_LIST_MAX_PAGES:
+            return self._learn_tools(cursor, page + 1)
+        self._listing = None
+        if learned == self.safe_tools:
+            return []
+        self.safe_tools = learned
+        return [SaveSession()]
+
+    def _internal(self, method: str, params: dict[str, Any] | None) -> SendUpstream:
         upstream_id = self._alloc_id()
         msg = jsonrpc.request_message(upstream_id, method, params)
         self._inflight[upstream_id] = InFlight("internal", method, msg, sent=True)
@@ -692,9 +863,7 @@ class Session:
         client_facing = self.next_server_id
         self.next_server_id += 1
         stream = self._route(msg, related)
-        self._server_pending[client_facing] = msg.id
-        self._server_by_upstream[jsonrpc.id_key(msg.id)] = client_facing
-        self._server_stream[client_facing] = stream
+        self._server_requests.add(ServerRequest(client_facing, msg.id, stream))
         return [SaveSession(), self._emit(msgspec.structs.replace(msg, id=client_facing), stream)]
 
     def _upstream_notification(self, msg: Message, related: int | None) -> list[Action]:
@@ -702,13 +871,40 @@ class Session:
             upstream_id = jsonrpc.cancelled_request_id(msg)
             if upstream_id is None:
                 return []
-            client_facing = self._server_by_upstream.pop(jsonrpc.id_key(upstream_id), None)
-            if client_facing is None:
+            request = self._server_requests.pop_upstream(upstream_id)
+            if request is None:
                 return []
-            self._server_pending.pop(client_facing, None)
-            stream = self._withdrawal_stream(client_facing)
-            return [self._emit(jsonrpc.with_cancelled_request_id(msg, client_facing), stream)]
-        return [self._emit(msg, self._route(msg, related))]
+            stream = self._withdrawal_stream(request)
+            note = jsonrpc.with_cancelled_request_id(msg, request.client_id)
+            return [SaveSession(), self._emit(note, stream)]
+        if msg.method == "notifications/progress" and not self._progress_increases(msg):
+            return []
+        actions: list[Action] = [self._emit(msg, self._route(msg, related))]
+        if msg.method == "notifications/tools/list_changed":
+            actions += self._learn_tools()  # the annotations may have changed too
+        return actions
+
+    def _progress_increases(self, msg: Message) -> bool:
+        """basic/utilities/progress: "The progress value MUST increase with each
+        notification". A request re-issued after an upstream loss starts its progress over
+        under the same token (the client's): its notes are suppressed until they pass the
+        highest value already emitted, rather than offset by it. An offset would report work
+        as done that the new process has not done, and push ``progress`` past ``total``; a
+        pause keeps every value true. (Within one process the upstream's own order is kept.)
+        """
+        token, _ = jsonrpc.routing_keys(msg)
+        if token is None:
+            return True
+        value = jsonrpc.progress_value(msg)
+        if value is None:
+            return True
+        for flight in self._inflight.values():
+            if flight.kind == "client" and flight.progress == token:
+                if flight.progress_shown is not None and value <= flight.progress_shown:
+                    return False
+                flight.progress_shown = value
+                return True
+        return True
 
     def _route(self, msg: Message, related: int | None = None) -> int:
         """The stream an upstream request or notification belongs to.
@@ -737,9 +933,9 @@ class Session:
             return max(about) if about else GENERAL_STREAM
         return max(f.stream for f in flights)
 
-    def _withdrawal_stream(self, client_facing: int) -> int:
+    def _withdrawal_stream(self, request: ServerRequest) -> int:
         """Where to cancel a server request: its own stream while that is still open."""
-        stream = self._server_stream.pop(client_facing, GENERAL_STREAM)
+        stream = request.stream
         return stream if self.stream_live(stream) else GENERAL_STREAM
 
     def upstream_unavailable(self, reason: str) -> list[Action]:
@@ -776,14 +972,15 @@ class Session:
         # (cancellation: the receiver SHOULD stop work; a late answer is dropped above). First,
         # so that each reaches its stream before the request it belongs to is answered.
         actions: list[Action] = []
-        for client_facing in sorted(self._server_pending):
+        withdrawn = self._server_requests.pop_all()
+        if withdrawn:
+            actions.append(SaveSession())  # a later restart must not withdraw them again
+        for request in withdrawn:
             note = jsonrpc.notification_message(
                 "notifications/cancelled",
-                {"requestId": client_facing, "reason": f"upstream lost: {reason}"},
+                {"requestId": request.client_id, "reason": f"upstream lost: {reason}"},
             )
-            actions.append(self._emit(note, self._withdrawal_stream(client_facing)))
-        self._server_pending.clear()
-        self._server_by_upstream.clear()
+            actions.append(self._emit(note, self._withdrawal_stream(request)))
         reissue: list[Message] = []  # to the next process first, in their original order
         for upstream_id in sorted(self._inflight):
             flight = self._inflight.pop(upstream_id)
@@ -798,19 +995,21 @@ class Session:
                 # unknown" but simply sent to the next one, under the same id (its saved row
                 # still matches).
                 flight.sent = False
+                flight.recorded_written = False
                 self._inflight[upstream_id] = flight
-                actions.append(Tally("resent"))
+                actions += [MarkWritten(flight.key, False), Tally("resent")]
                 reissue.append(flight.msg)
                 continue
-            if flight.safe:
+            if self._safe_now(flight):
                 new_id = self._alloc_id()
                 flight.msg = msgspec.structs.replace(flight.msg, id=new_id)
                 flight.sent = False
+                flight.recorded_written = False
                 self._inflight[new_id] = flight
                 self._by_client[flight.key] = new_id
                 body = jsonrpc.encode(msgspec.structs.replace(flight.msg, id=flight.client_id))
                 actions.append(
-                    SaveRequest(flight.key, new_id, flight.method, True, body, flight.stream)
+                    SaveRequest(flight.key, new_id, flight.method, True, body, flight.stream, False)
                 )
                 actions.append(Tally("reissued"))
                 reissue.append(flight.msg)
@@ -829,6 +1028,13 @@ class Session:
         if self.has_work:
             actions.append(StartUpstream())
         return actions
+
+    def _safe_now(self, flight: InFlight) -> bool:
+        """Whether a request may be repeated, from what is known at the loss, not when it
+        arrived: a ``tools/list`` answer may name the tool read-only after its call came."""
+        if flight.safe:
+            return True
+        return flight.method == "tools/call" and jsonrpc.tool_name(flight.msg) in self.safe_tools
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -857,7 +1063,7 @@ class Session:
 
     def _to_upstream(self, msg: Message) -> list[Action]:
         if self.state is UpstreamState.READY:
-            return [self._send(msg)]
+            return self._send(msg)
         self._queue.append(msg)
         return [StartUpstream()] if self.state is UpstreamState.DOWN else []
 
@@ -865,18 +1071,38 @@ class Session:
         actions: list[Action] = []
         queued, self._queue = self._queue, []
         for msg in queued:
-            actions.append(self._send(msg))
+            actions += self._send(msg)
         return actions
 
-    def _send(self, msg: Message) -> SendUpstream:
-        """Write ``msg`` now; a request is marked as seen by the current upstream process."""
+    def _send(self, msg: Message) -> list[Action]:
+        """Write ``msg`` now; a request is marked as seen by the current upstream process
+        (and on record as possibly written, before it is)."""
         durable = False
+        actions: list[Action] = []
         if isinstance(msg.id, int) and msg.method is not msgspec.UNSET:
             flight = self._inflight.get(msg.id)
             if flight is not None:
                 flight.sent = True
                 durable = not flight.safe
-        return SendUpstream(jsonrpc.encode(msg), durable)
+                if not flight.recorded_written and flight.key is not None:
+                    flight.recorded_written = True
+                    actions.append(MarkWritten(flight.key, True))
+        actions.append(SendUpstream(jsonrpc.encode(msg), durable))
+        return actions
+
+    def never_written(self, upstream_ids: AbstractSet[int]) -> list[Action]:
+        """The driver stopped with these requests still held back (never written to the
+        process, which is gone): on record as not written, so that the next process gets
+        them after a restart (``restore``)."""
+        actions: list[Action] = []
+        for upstream_id in sorted(upstream_ids):
+            flight = self._inflight.get(upstream_id)
+            if flight is None or flight.kind != "client" or flight.key is None:
+                continue
+            flight.sent = False
+            flight.recorded_written = False
+            actions.append(MarkWritten(flight.key, False))
+        return actions
 
     def _alloc_id(self) -> int:
         upstream_id = self.next_upstream_id

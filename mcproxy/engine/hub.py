@@ -19,7 +19,7 @@ import structlog
 from mcproxy.config import SESSION_ID_MAX, SESSION_ID_MIN, Config
 from mcproxy.core.auth import ANONYMOUS, TokenTable
 from mcproxy.core.guard import AddressLimiter
-from mcproxy.core.session import Limits, Session
+from mcproxy.core.session import Limits, PendingRow, Session, logged_progress
 from mcproxy.engine.runner import SessionRunner, short_id
 from mcproxy.engine.store import Store
 from mcproxy.errors import LimitExceeded, StoreError, UpstreamCapacity
@@ -158,8 +158,9 @@ class Hub:
         loaded = await self.store.load_session(session_id)
         if loaded is None or session_id in self.runners:
             return self.runners.get(session_id)
+        shown = await self._progress_shown(session_id, loaded.pending)
         core, actions = Session.restore(
-            session_id, self.limits, loaded.record, loaded.pending, loaded.answered
+            session_id, self.limits, loaded.record, loaded.pending, loaded.answered, shown
         )
         runner = SessionRunner(
             core,
@@ -178,6 +179,26 @@ class Hub:
         )
         runner.execute(actions)
         return runner
+
+    async def _progress_shown(self, session_id: str, pending: list[PendingRow]) -> dict[str, float]:
+        """The highest progress value logged for each request left in flight with a progress
+        token (on its stream), so a re-issue after the restart never delivers a lower one
+        (basic/utilities/progress: it MUST increase). Read only when restoring such rows."""
+        shown: dict[str, float] = {}
+        for row in pending:
+            if row.stream == 0 or b"progressToken" not in row.body:
+                continue
+            after = 0
+            while True:
+                page = await self.store.read_events(session_id, after, 1000, row.stream)
+                for lsn, data in page:
+                    value = logged_progress(row, data)
+                    if value is not None and value > shown.get(row.key, value - 1):
+                        shown[row.key] = value
+                    after = lsn
+                if len(page) < 1000:
+                    break
+        return shown
 
     async def recover(self) -> int:
         """After a restart: resolve every request the previous process left in flight.

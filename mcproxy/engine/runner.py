@@ -28,9 +28,11 @@ from mcproxy.core.jsonrpc import Kind, Message
 from mcproxy.core.session import (
     GENERAL_STREAM,
     Action,
+    Dropped,
     Emit,
     FinishRequest,
     Forget,
+    MarkWritten,
     Reply,
     Resend,
     RestartUpstream,
@@ -162,6 +164,7 @@ class SessionRunner:
             head_lsn=self.core.next_lsn - 1,
         )
         if cursor is not None:
+            prelude += self._partial_replay(after)
             self._measure_resume(outbox, after)
             self._acknowledged(after, None)
         self.touch()
@@ -201,12 +204,23 @@ class SessionRunner:
             after_lsn=after,
             ended=ended,
         )
+        prelude: list[bytes] = []
         if resume:
+            prelude += self._partial_replay(after)
             self._measure_resume(outbox, after)
             self._acknowledged(after, stream)
         self.touch()
-        conn.start(outbox, after, [], ended)
+        conn.start(outbox, after, prelude, ended)
         self._spawn_if_initialized()
+
+    def _partial_replay(self, after: int) -> list[bytes]:
+        """The notice that a resume from ``after`` cannot be exact: the messages after it up
+        to the log floor were pruned or acknowledged (only answers kept for retries remain).
+        Said to that connection only, before the replay; not logged, so it has no LSN."""
+        if after >= self.log_floor:
+            return []
+        params = {"afterLsn": after, "floorLsn": self.log_floor}
+        return [jsonrpc.encode(jsonrpc.notification_message(jsonrpc.REPLAY_PARTIAL_METHOD, params))]
 
     def _measure_resume(self, outbox: Outbox, after: int) -> None:
         m = self.metrics
@@ -320,14 +334,19 @@ class SessionRunner:
         self.metrics.upstream_events.labels("lost").inc()
         self.upstream = None
         # Requests still held here for their commit never reached the dead process either.
-        never_sent = set(unsent)
-        for _, data in self._up_pending:
-            held = jsonrpc.decode(data)  # encoded by the core itself: it decodes
-            if jsonrpc.kind_of(held) is Kind.REQUEST and isinstance(held.id, int):
-                never_sent.add(held.id)
+        never_sent = set(unsent) | self._held_requests()
         self._up_pending.clear()
         self._ready = None
         self.execute(self.core.upstream_lost(reason, never_sent))
+
+    def _held_requests(self) -> set[int]:
+        """Upstream ids of the requests held back for their commit (not written yet)."""
+        held: set[int] = set()
+        for _, data in self._up_pending:
+            msg = jsonrpc.decode(data)  # encoded by the core itself: it decodes
+            if jsonrpc.kind_of(msg) is Kind.REQUEST and isinstance(msg.id, int):
+                held.add(msg.id)
+        return held
 
     # --- action execution -------------------------------------------------------------
 
@@ -360,7 +379,10 @@ class SessionRunner:
                     action.safe,
                     action.body,
                     action.stream,
+                    action.written,
                 )
+            elif isinstance(action, MarkWritten):
+                store.mark_written(sid, action.key, action.written)
             elif isinstance(action, FinishRequest):
                 store.finish_request(sid, action.key, action.lsn, action.forget)
                 entry = self.streams.pop(action.stream, None)
@@ -368,6 +390,15 @@ class SessionRunner:
                     entry[1].push_end()
             elif isinstance(action, Forget):
                 store.forget(sid, action.pairs)
+            elif isinstance(action, Dropped):
+                # cancellation §Behavior: an answer to a request that is no longer pending
+                # is ignored; the log says so, since a client that keeps doing it has a bug.
+                log.info(
+                    "session.answer_dropped",
+                    session=self.label,
+                    id=action.request_id,
+                    reason=action.reason,
+                )
             elif isinstance(action, SaveSession):
                 store.save_session(sid, self.core.snapshot())
             elif isinstance(action, StartUpstream):
@@ -494,8 +525,16 @@ class SessionRunner:
         self._closed = True
         await self._tasks.cancel_all()
         upstream, self.upstream = self.upstream, None
+        # What is still held back for its commit is never written now (nothing writes to a
+        # stopped upstream): on record as such, the next process gets it after a restart
+        # instead of an "outcome unknown" (taken before the stop: a commit during it drains
+        # the holding list without writing).
+        held = self._held_requests()
+        self._up_pending.clear()
         if upstream is not None:
             await upstream.aclose()
+        if persist and held:
+            self.execute(self.core.never_written(held))
         if persist and self.core.init_request is not None:
             with contextlib.suppress(MCProxyError):
                 await self.store.save_session(self.core.id, self.core.snapshot())

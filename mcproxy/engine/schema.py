@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 # Columns that older versions lacked, for readers of any version (ops.admin).
 STREAM_SINCE: Final = 2  # events.stream, requests.stream
 LOG_FLOOR_SINCE: Final = 6  # sessions.log_floor, events.request_key
@@ -53,6 +53,17 @@ BEGIN
     DELETE FROM requests WHERE session_id = NEW.session_id AND client_key = NEW.request_key;
 END;
 """
+# Schema 7. `sessions.server_requests`: the server→client requests the client has not answered
+# (JSON [[client id, upstream id, stream], ...]), so a restored session withdraws them.
+# `requests.written`: 0 while the request has certainly not been written to any upstream
+# process (queued for one that is starting, or held back when the proxy stopped); such a
+# request goes to the next process after a restart instead of being answered "outcome
+# unknown". 1 (the default, also for rows of before version 7) means it may have been.
+V7: Final = (
+    "ALTER TABLE sessions ADD COLUMN server_requests TEXT NOT NULL DEFAULT '[]';"
+    "ALTER TABLE requests ADD COLUMN written INTEGER NOT NULL DEFAULT 1;"
+)
+
 # The layout is chosen for the write path (schema 6). A message's row and a request's row are
 # each written once and never moved, and the tables are ordered by insertion (rowid), so one
 # group commit fills a few pages at the tail instead of dirtying a page per session, as
@@ -88,6 +99,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
     + _TABLES_V6
     + _INDEXES_V6
+    + V7
 )
 
 # Each step takes a database from version N-1 to N (PRAGMA user_version).
@@ -138,6 +150,7 @@ MIGRATIONS: Final = {
         "DROP TABLE events_v5;"
         "DROP TABLE requests_v5;" + _INDEXES_V6
     ),
+    7: V7,
 }
 
 # Forgetting a session: its log, its requests, then its row (one transaction, in this order;

@@ -59,14 +59,14 @@ RESTART_WAL_EVERY_WRITES: Final = 8000
 _UPSERT_SESSION: Final = """
 INSERT INTO sessions (id, created_at, last_seen_at, init_request, init_result, initialized,
     log_level, subscriptions, safe_tools, next_upstream_id, next_server_id, next_lsn,
-    delivered_lsn, principal)
+    delivered_lsn, principal, server_requests)
 VALUES (:id, :now, :now, :init_request, :init_result, :initialized, :log_level,
     :subscriptions, :safe_tools, :next_upstream_id, :next_server_id, :next_lsn, :delivered_lsn,
-    :principal)
+    :principal, :server_requests)
 ON CONFLICT (id) DO UPDATE SET
     last_seen_at = :now, init_request = :init_request, init_result = :init_result,
     initialized = :initialized, log_level = :log_level, subscriptions = :subscriptions,
-    safe_tools = :safe_tools,
+    safe_tools = :safe_tools, server_requests = :server_requests,
     next_upstream_id = max(next_upstream_id, :next_upstream_id),
     next_server_id = max(next_server_id, :next_server_id),
     next_lsn = max(next_lsn, :next_lsn), delivered_lsn = max(delivered_lsn, :delivered_lsn)
@@ -89,7 +89,10 @@ _APPEND_ANSWER: Final = (
 )
 _SAVE_REQUEST: Final = (
     "INSERT OR REPLACE INTO requests (session_id, client_key, upstream_id, method, safe, body,"
-    " done, lsn, stream) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?)"
+    " done, lsn, stream, written) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?, ?)"
+)
+_MARK_WRITTEN: Final = (
+    "UPDATE requests SET written = ? WHERE session_id = ? AND client_key = ? AND done = 0"
 )
 _CANCELLED_REQUEST: Final = (
     "UPDATE requests SET done = 1, lsn = NULL, body = NULL, remembered_at ="
@@ -314,10 +317,16 @@ class Store:
         safe: bool,
         body: bytes,
         stream: int,
+        written: bool = True,
     ) -> asyncio.Future[None]:
         return self._submit(
-            _SAVE_REQUEST, (session_id, key, upstream_id, method, int(safe), body, stream)
+            _SAVE_REQUEST,
+            (session_id, key, upstream_id, method, int(safe), body, stream, int(written)),
         )
+
+    def mark_written(self, session_id: str, key: str, written: bool) -> asyncio.Future[None]:
+        """Whether the request ``key`` in flight may have reached an upstream process."""
+        return self._submit(_MARK_WRITTEN, (int(written), session_id, key))
 
     def finish_request(
         self,
@@ -368,6 +377,7 @@ class Store:
                 "next_lsn": record.next_lsn,
                 "delivered_lsn": record.delivered_lsn,
                 "principal": record.principal,
+                "server_requests": json.dumps(record.server_requests),
             },
         )
 
@@ -551,7 +561,7 @@ class Store:
             "SELECT init_request, init_result, initialized, log_level, subscriptions,"
             " safe_tools, next_upstream_id, next_server_id, next_lsn, delivered_lsn, principal,"
             " log_floor, (SELECT max(lsn) FROM events WHERE session_id = :id),"
-            " (SELECT max(upstream_id) FROM requests WHERE session_id = :id)"
+            " (SELECT max(upstream_id) FROM requests WHERE session_id = :id), server_requests"
             " FROM sessions WHERE id = :id",
             {"id": session_id},
         ) as cur:
@@ -577,14 +587,17 @@ class Store:
             next_lsn=max(int(row[8]), last_lsn + 1),
             delivered_lsn=min(int(row[9]), last_lsn),
             principal=row[10],
+            server_requests=[(int(c), u, int(st)) for c, u, st in json.loads(row[14] or "[]")],
         )
         async with db.execute(
-            "SELECT client_key, upstream_id, method, safe, body, stream FROM requests"
+            "SELECT client_key, upstream_id, method, safe, body, stream, written FROM requests"
             " WHERE session_id = ? AND done = 0",
             (session_id,),
         ) as cur:
             pending = [
-                PendingRow(str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]), int(r[5]))
+                PendingRow(
+                    str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]), int(r[5]), bool(r[6])
+                )
                 for r in await cur.fetchall()
             ]
         # Remembered ids, in the order they were remembered: keys on answer rows, and

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import (
     INIT_PARAMS,
+    MS,
     ProxyProcess,
     WsClient,
+    eventually,
     logged,
     lsn_of,
     pid_alive,
@@ -66,6 +69,8 @@ async def test_every_logged_message_survives_sigkill(proxy: ProxyProcess, tmp_pa
     await client.drop()
 
     proxy.start()
+    # Read-only calls (the proxy learned `echo` is one) are re-issued: wait for their answers.
+    wait_until(lambda: _request_rows(proxy.db, session_id) == 0)
     head = (
         sqlite3.connect(proxy.db)
         .execute("SELECT max(lsn), count(*) FROM events WHERE session_id = ?", (session_id,))
@@ -113,3 +118,134 @@ async def test_unknown_session_in_url_becomes_a_new_session(proxy: ProxyProcess)
         assert resumed["result"]["_meta"]["io.mcproxy/resumed"] is True
     finally:
         await again.close()
+
+
+async def test_server_requests_pending_at_a_sigkill_are_withdrawn(proxy: ProxyProcess) -> None:
+    """PROTOCOL.md, *Upstream loss*: a server request of a dead upstream is withdrawn, also
+    when the proxy itself was killed; a late answer to it goes nowhere (and is logged)."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    call = await client.call_tool("sample", {"prompt": "hello"})
+    ask = await client.recv()
+    while ask.get("method") != "sampling/createMessage":
+        ask = await client.recv()
+    cursor = max(client.lsns())
+    await client.drop()
+    proxy.kill()
+
+    proxy.start()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        withdrawn = await back.recv()
+        assert withdrawn["method"] == "notifications/cancelled"
+        assert withdrawn["params"]["requestId"] == ask["id"]
+        assert withdrawn["params"]["reason"] == "upstream lost: proxy restarted"
+        lost = await back.response(call)  # after its server request was withdrawn
+        assert lost["error"]["code"] == -32010
+        assert [lsn_of(m) for m in back.received] == [cursor + 1, cursor + 2]
+        await back.send({"jsonrpc": "2.0", "id": ask["id"], "result": {"late": True}})
+        await eventually(lambda: proxy.events("session.answer_dropped"))
+        [dropped] = proxy.events("session.answer_dropped")
+        assert dropped["id"] == ask["id"] and dropped["reason"] == "late answer"
+    finally:
+        await back.close()
+    # Withdrawn once: a second restart does not withdraw it again.
+    proxy.kill()
+    proxy.start()
+    again = await WsClient.connect(proxy.url, session_id, last_lsn=cursor + 2)
+    try:
+        echo = await again.response(await again.call_tool("echo", {"text": "x"}))
+        assert tool_text(echo) == "x" and lsn_of(echo) == cursor + 3
+    finally:
+        await again.close()
+
+
+async def test_a_request_never_written_to_the_child_runs_after_a_sigterm_restart(
+    proxy: ProxyProcess, counter_dir: Path
+) -> None:
+    """A request queued for a child that was still starting when the proxy stopped never
+    reached any process: the next one runs it (once), no -32010."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    await client.call("tools/call", {"name": "echo", "arguments": {"text": "up"}})
+    (counter_dir / "start_delay").write_text("60")  # the respawned child starts slowly
+    crashed = await client.response(await client.call_tool("crash", {}))
+    assert crashed["error"]["code"] == -32010
+    bump = await client.call_tool("bump", {"name": "queued"})
+    wait_until((counter_dir / "start_delay.waiting").exists)  # the new child is not reading
+    wait_until(lambda: _request_rows(proxy.db, session_id) == 1)  # on record, not written
+    cursor = max(client.lsns())
+    (counter_dir / "start_delay").unlink()
+    assert proxy.terminate() == 0
+    await client.drop()
+
+    proxy.start()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        answer = await back.response(bump)
+        assert tool_text(answer) == "1"  # ran once, on the new process
+        assert (counter_dir / "queued").read_text() == "x\n"
+    finally:
+        await back.close()
+
+
+def _request_rows(db: Path, session_id: str) -> int:
+    with sqlite3.connect(db) as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM requests WHERE session_id = ? AND done = 0", (session_id,)
+        ).fetchone()
+    return int(count)
+
+
+async def test_an_answer_the_child_writes_while_stopping_is_delivered(proxy: ProxyProcess) -> None:
+    """SIGTERM: the child's stdin is closed and it answers what it was running (the mcp SDK
+    says "Connection closed") before it exits; that answer is logged and delivered after the
+    restart, not replaced by -32010."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    call = await client.call_tool("slow", {"steps": 1000, "delay": 50 * MS}, "p")
+    while not any(m.get("method") == "notifications/progress" for m in client.received):
+        await client.recv()
+    cursor = max(client.lsns())
+    assert proxy.terminate() == 0
+    await client.drop()
+
+    proxy.start()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        answer = await back.response(call)
+        assert answer["error"]["code"] != -32010, answer  # the child's own answer
+        assert answer["error"]["message"] == "Connection closed"
+    finally:
+        await back.close()
+
+
+async def test_progress_keeps_increasing_when_a_call_is_reissued_after_a_sigkill(
+    proxy: ProxyProcess,
+) -> None:
+    """basic/utilities/progress: the value MUST increase, also across a proxy restart that
+    re-issues a read-only call (its new process starts over at 1 under the same token)."""
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    call = await client.call_tool("slow_read", {"steps": 4, "delay": 300 * MS}, "tok")
+
+    def notes(received: list[dict[str, Any]]) -> list[float]:
+        return [
+            m["params"]["progress"] for m in received if m.get("method") == "notifications/progress"
+        ]
+
+    while len(notes(client.received)) < 2:
+        await client.recv()
+    before = notes(client.received)
+    cursor = max(client.lsns())
+    await client.drop()
+    proxy.kill()
+
+    proxy.start()
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        assert tool_text(await back.response(call)) == "read done after 4"  # re-issued
+        values = before + notes(back.received)
+        assert values == sorted(set(values)) and values[-1] == 4, values
+    finally:
+        await back.close()

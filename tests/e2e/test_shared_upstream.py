@@ -217,7 +217,8 @@ async def test_requests_still_waiting_for_a_slot_survive_a_crash_of_the_child(
         assert len(proxy.upstream_pids()) == 2
         samples = await scrape(proxy)
         assert value(samples, "mcproxy_inflight_resolved_total", outcome="resent") == 1
-        assert value(samples, "mcproxy_shared_events_total", event="queued") == 1
+        # The bump waited for the slot (and so may each session's own tools/list).
+        assert value(samples, "mcproxy_shared_events_total", event="queued") >= 1
         assert value(samples, "mcproxy_shared_requests_queued") == 0
         await asyncio.gather(a.close(), b.close())
     finally:

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 
+from tests.e2e.test_http_upstream import HttpFixture
+from tests.e2e.test_shared_upstream import shared_proxy
 from tests.helpers import (
     INIT_PARAMS,
     MS,
     TIMEOUT,
+    HttpClient,
     ProxyProcess,
     WsClient,
     logged,
     lsn_of,
     pid_alive,
+    read_sse,
     tool_text,
     wait_until,
 )
@@ -247,3 +254,152 @@ async def test_sigterm_closes_with_1012_and_stops_children(proxy: ProxyProcess) 
     assert proxy.proc.wait(TIMEOUT) == 0  # type: ignore[union-attr]
     await client.close()
     wait_until(lambda: not any(pid_alive(p) for p in pids))
+
+
+async def test_progress_keeps_increasing_when_a_call_is_reissued(proxy: ProxyProcess) -> None:
+    """basic/utilities/progress: the value MUST increase. A read-only call re-issued after
+    its child was killed starts over at 1 under the client's token: held back until it
+    passes what the client already saw."""
+    client = await WsClient.connect(proxy.url)
+    try:
+        await client.initialize()
+        await client.call("tools/list")
+        call = await client.call_tool("slow_read", {"steps": 4, "delay": 300 * MS}, "tok")
+
+        def notes() -> list[float]:
+            return [
+                m["params"]["progress"]
+                for m in client.received
+                if m.get("method") == "notifications/progress"
+            ]
+
+        while len(notes()) < 2:
+            await client.recv()
+        [child] = proxy.upstream_pids()
+        os.kill(child, signal.SIGKILL)
+        answer = await client.response(call)
+        assert tool_text(answer) == "read done after 4"  # re-issued on a new child
+        assert len(proxy.upstream_pids()) == 2
+        values = notes()
+        assert values == sorted(set(values)) and values[-1] == 4, values
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("mode", ["per-session", "shared"])
+async def test_read_only_calls_are_reissued_for_a_client_that_never_listed_tools(
+    mode: str, tmp_path: Path, counter_dir: Path
+) -> None:
+    """The proxy lists the tools itself (its answers never reach the client or the log), so
+    a client that cached its tool list still gets its read-only call re-issued."""
+    if mode == "shared":
+        proxy = shared_proxy(tmp_path, counter_dir)
+    else:
+        proxy = ProxyProcess(tmp_path / "mcproxy.db", env={"FIXTURE_COUNTER_DIR": str(counter_dir)})
+    proxy.start()
+    client = await WsClient.connect(proxy.url)
+    try:
+        session_id = (await client.initialize())["result"]["mcpSessionId"]
+        call = await client.call_tool("slow_read", {"steps": 3, "delay": 300 * MS}, "tok")
+        while not any(m.get("method") == "notifications/progress" for m in client.received):
+            await client.recv()
+        [child] = proxy.upstream_pids()
+        os.kill(child, signal.SIGKILL)
+        answer = await client.response(call)
+        assert tool_text(answer) == "read done after 3"  # re-issued, not -32010
+        assert len(proxy.upstream_pids()) == 2
+        assert not logged(proxy.db, session_id, '"tools":[')  # the listing stayed inside
+        assert not any("tools" in m.get("result", {}) for m in client.received)
+    finally:
+        await client.close()
+        proxy.kill()
+
+
+async def test_a_resume_below_the_log_floor_is_told_its_replay_is_partial(
+    proxy: ProxyProcess,
+) -> None:
+    client = await WsClient.connect(proxy.url)
+    session_id = (await client.initialize())["result"]["mcpSessionId"]
+    done = await client.response(await client.call_tool("slow", {"steps": 3, "delay": 0}, "p"))
+    assert client.lsns() == [1, 2, 3, 4, 5] and lsn_of(done) == 5  # 2-4: progress
+    await client.drop()
+    # A resume from 4 acknowledges (and prunes) everything up to it: the floor is 4.
+    acked = await WsClient.connect(proxy.url, session_id, last_lsn=4)
+    assert lsn_of(await acked.recv()) == 5
+    await acked.close()
+    wait_until(lambda: not logged(proxy.db, session_id, "notifications/progress"))
+
+    # A stale cursor (draft v3: in a re-sent initialize): LSNs 2-4 are gone, and it is told.
+    stale = await WsClient.connect(proxy.url)
+    try:
+        params = {**INIT_PARAMS, "_meta": {"mcpSessionId": session_id, "io.mcproxy/lastLsn": 1}}
+        await stale.send(
+            {"jsonrpc": "2.0", "id": "again", "method": "initialize", "params": params}
+        )
+        answer = await stale.recv()
+        # The answer to a re-sent initialize is the connection's own: no LSN (documented),
+        # the log head instead.
+        assert answer["id"] == "again" and lsn_of(answer) is None
+        assert answer["result"]["_meta"]["io.mcproxy/headLsn"] == 5
+        notice = await stale.recv()
+        assert notice["method"] == "notifications/io.mcproxy/replayPartial"
+        assert notice["params"] == {"afterLsn": 1, "floorLsn": 4}  # no LSN either
+        assert lsn_of(await stale.recv()) == 5  # then the replay, from what is left
+    finally:
+        await stale.close()
+    # An exact resume gets no notice.
+    exact = await WsClient.connect(proxy.url, session_id, last_lsn=5)
+    try:
+        echo = await exact.response(await exact.call_tool("echo", {"text": "x"}))
+        assert [lsn_of(m) for m in exact.received] == [6] and tool_text(echo) == "x"
+    finally:
+        await exact.close()
+
+
+async def test_read_only_calls_are_reissued_without_a_client_listing_over_http(
+    tmp_path: Path,
+) -> None:
+    """The same with a Streamable HTTP upstream killed and started again mid-call."""
+    upstream = await HttpFixture(tmp_path).start()
+    config = tmp_path / "resume.toml"  # keep resuming the stream until the server is back
+    config.write_text("[upstream]\nsse_max_reconnects = 10\n")
+    proxy = ProxyProcess(tmp_path / "mcproxy.db", upstream.url, "--config", str(config)).start()
+    client = await WsClient.connect(proxy.url)
+    try:
+        await client.initialize()
+        call = await client.call_tool("slow_read", {"steps": 4, "delay": 300 * MS}, "tok")
+        while not any(m.get("method") == "notifications/progress" for m in client.received):
+            await client.recv()
+        upstream.kill()
+        await upstream.start()  # same port, no sessions: 404 for the old one
+        answer = await client.response(call)
+        assert tool_text(answer) == "read done after 4"  # re-issued, not -32010
+        assert not any("tools" in m.get("result", {}) for m in client.received)
+    finally:
+        await client.close()
+        proxy.kill()
+        upstream.kill()
+
+
+async def test_an_http_resume_below_the_log_floor_is_told_too(proxy: ProxyProcess) -> None:
+    """Over SSE the notice is an event without `id` (the client's Last-Event-ID stays)."""
+    client = HttpClient(proxy.url)
+    try:
+        await client.initialize()
+        arguments = {"steps": 3, "delay": 0}
+        slow = {"name": "slow", "arguments": arguments, "_meta": {"progressToken": 1}}
+        _, events = await client.request("tools/call", slow)  # LSNs 2-4: progress; 5: answer
+        assert [e.id for e in events if e.data.strip()][-1].endswith(".5")
+        headers = client.headers(**{"Last-Event-ID": "4"})  # a plain LSN: every stream
+        async with client.http.get(proxy.url, headers=headers) as resp:
+            assert resp.status == 200
+            await read_sse(resp, stop=lambda e: e.id == "5")
+        headers = client.headers(**{"Last-Event-ID": "1"})  # stale: 2-4 were acknowledged
+        async with client.http.get(proxy.url, headers=headers) as resp:
+            events = await read_sse(resp, stop=lambda e: e.id == "5")
+        notice = events[0]
+        assert notice.id is None
+        assert notice.json()["method"] == "notifications/io.mcproxy/replayPartial"
+        assert notice.json()["params"] == {"afterLsn": 1, "floorLsn": 4}
+    finally:
+        await client.close()

@@ -11,11 +11,13 @@ from mcproxy.core import jsonrpc
 from mcproxy.core.session import (
     UPSTREAM_ID_BLOCK,
     Action,
+    Dropped,
     Emit,
     FinishRequest,
     Forget,
     IllegalTransition,
     Limits,
+    MarkWritten,
     PendingRow,
     Reply,
     Resend,
@@ -199,7 +201,11 @@ def test_server_requests_get_proxy_ids_and_answers_route_back() -> None:
     assert ask["id"] != ask2["id"]
     [answer] = sent(s.client_message(msg(id=ask2["id"], result={"roots": []})))
     assert answer["id"] == "x"
-    assert s.client_message(msg(id=ask2["id"], result={})) == []  # answered already
+    # Answered already: dropped, and the driver logs it.
+    assert s.client_message(msg(id=ask2["id"], result={})) == [Dropped("late answer", ask2["id"])]
+    assert s.client_message(msg(id=999, result={})) == [Dropped("unknown id", 999)]
+    null = msg(id=None, error={"code": -32603, "message": "x"})
+    assert s.client_message(null) == [Dropped("unknown id", None)]
     [withdrawn] = emitted(
         s.upstream_message(msg(method="notifications/cancelled", params={"requestId": 0}))
     )
@@ -390,3 +396,126 @@ def test_an_upstream_that_names_the_related_request_beats_the_heuristics() -> No
     note = msg(method="notifications/message", params={"level": "info", "data": "x"})
     assert streams(s.upstream_message(note, related=a["id"])) == [a["id"]]
     assert streams(s.upstream_message(note, related=999)) != [a["id"]]  # unknown: heuristic
+
+
+def test_restore_withdraws_the_server_requests_the_client_never_answered() -> None:
+    s = ready_session()
+    [call] = sent(s.client_message(msg(id="c", method="tools/call", params={"name": "t"})))
+    [ask] = emitted(s.upstream_message(msg(id=4, method="sampling/createMessage", params={})))
+    [other] = emitted(s.upstream_message(msg(id=5, method="roots/list")))
+    sent(s.client_message(msg(id=other["id"], result={"roots": []})))  # this one is answered
+    record = s.snapshot()
+    assert record.server_requests == [(ask["id"], 4, call["id"])]
+    body = jsonrpc.encode(msg(id="c", method="tools/call", params={"name": "t"}))
+    pending = [PendingRow('"c"', call["id"], "tools/call", False, body, call["id"])]
+    restored, actions = Session.restore(s.id, LIMITS, record, pending, [])
+    kinds = [(m.get("method"), m.get("id")) for m in emitted(actions)]
+    assert kinds == [("notifications/cancelled", None), (None, "c")]
+    assert emitted(actions)[0]["params"]["requestId"] == ask["id"]
+    assert SaveSession() in actions and restored.snapshot().server_requests == []
+    late = restored.client_message(msg(id=ask["id"], result={}))
+    assert late == [Dropped("late answer", ask["id"])]
+
+
+def test_a_request_never_written_is_sent_to_the_next_process_after_restore() -> None:
+    s = ready_session()
+    s.upstream_lost("gone")  # a respawn is under way: requests wait in the queue
+    actions = s.client_message(msg(id="w", method="tools/call", params={"name": "w"}))
+    [save] = [a for a in actions if isinstance(a, SaveRequest)]
+    assert save.written is False and sent(actions) == []
+    unwritten = PendingRow(
+        save.key, save.upstream_id, save.method, save.safe, save.body, save.stream, written=False
+    )
+    restored, actions = Session.restore(s.id, LIMITS, s.snapshot(), [unwritten], [])
+    assert emitted(actions) == [] and StartUpstream() in actions  # no -32010
+    [replay] = sent(restored.upstream_spawned())
+    actions = restored.upstream_message(msg(id=replay["id"], result={}))
+    # On record as (possibly) written before it is, and only after that commit (durable).
+    marks = [i for i, a in enumerate(actions) if isinstance(a, MarkWritten)]
+    sends = [i for i, a in enumerate(actions) if isinstance(a, SendUpstream) and a.durable]
+    assert actions[marks[0]] == MarkWritten('"w"', True) and marks[0] < sends[0]
+    assert sent(actions)[-1]["id"] == save.upstream_id
+
+
+def test_requests_held_back_at_a_stop_are_recorded_as_never_written() -> None:
+    s = ready_session()
+    [out] = sent(s.client_message(msg(id="w", method="tools/call", params={"name": "w"})))
+    assert s.never_written(frozenset({out["id"], 999})) == [MarkWritten('"w"', False)]
+
+
+def test_progress_never_goes_backwards_after_a_reissue() -> None:
+    """basic/utilities/progress: the value MUST increase; a re-issued call starts over at 1
+    under the same token, and is held back until it passes what the client saw."""
+    s = ready_session()
+    [tools] = sent(s.client_message(msg(id=1, method="tools/list")))
+    listing = {"tools": [{"name": "r", "annotations": {"readOnlyHint": True}}]}
+    s.upstream_message(msg(id=tools["id"], result=listing))
+    call = msg(id=2, method="tools/call", params={"name": "r", "_meta": {"progressToken": "p"}})
+    sent(s.client_message(call))
+
+    def progress(value: float) -> list[Action]:
+        note = {"progressToken": "p", "progress": value, "total": 3}
+        return s.upstream_message(msg(method="notifications/progress", params=note))
+
+    shown = [emitted(progress(v)) for v in (1, 2)]
+    s.upstream_lost("gone")
+    [replay] = sent(s.upstream_spawned())
+    [reissued] = sent(s.upstream_message(msg(id=replay["id"], result={})))[-1:]
+    assert reissued["params"]["name"] == "r"
+    shown += [emitted(progress(v)) for v in (1, 2, 2.5, 3)]
+    values = [n[0]["params"]["progress"] for n in shown if n]
+    assert values == [1, 2, 2.5, 3]
+
+
+def tools_session() -> tuple[Session, dict[str, Any]]:
+    """A session whose server offers tools: the proxy lists them itself after initialized."""
+    s = Session("S" * 20, LIMITS)
+    s.client_message(msg(id=0, method="initialize", params={"protocolVersion": "x"}))
+    [init] = sent(s.upstream_spawned())
+    s.upstream_message(msg(id=init["id"], result={"capabilities": {"tools": {}}}))
+    out = sent(s.client_message(msg(method="notifications/initialized")))
+    assert [m["method"] for m in out] == ["notifications/initialized", "tools/list"]
+    return s, out[1]
+
+
+READ_ONLY = {"readOnlyHint": True}
+
+
+def test_the_proxy_learns_tool_annotations_itself_page_by_page() -> None:
+    s, listing = tools_session()
+    assert "params" not in listing
+    page1 = {"tools": [{"name": "r", "annotations": READ_ONLY}], "nextCursor": "c2"}
+    actions = s.upstream_message(msg(id=listing["id"], result=page1))
+    assert emitted(actions) == []  # never shown to the client
+    [page2_request] = sent(actions)
+    assert page2_request["params"] == {"cursor": "c2"}
+    page2 = {"tools": [{"name": "i", "annotations": {"idempotentHint": True}}, {"name": "w"}]}
+    actions = s.upstream_message(msg(id=page2_request["id"], result=page2))
+    assert SaveSession() in actions and s.safe_tools == {"r", "i"}
+    # The list changed: the client is told, and the proxy lists again; "r" went unsafe.
+    actions = s.upstream_message(msg(method="notifications/tools/list_changed"))
+    [note] = emitted(actions)
+    assert note["method"] == "notifications/tools/list_changed"
+    [again] = sent(actions)
+    s.upstream_message(msg(id=again["id"], result={"tools": [{"name": "r"}]}))
+    assert s.safe_tools == set()
+    # A client call of a tool it never listed is re-issued if the proxy knows it is safe.
+    [relist] = sent(s.upstream_message(msg(method="notifications/tools/list_changed")))
+    s.upstream_message(msg(id=relist["id"], result=page2))
+    [_call] = sent(s.client_message(msg(id=1, method="tools/call", params={"name": "i"})))
+    actions = s.upstream_lost("gone")
+    assert Tally("reissued") in actions and emitted(actions) == []
+
+
+def test_safety_is_decided_at_the_loss_not_when_the_request_arrived() -> None:
+    """A page sends tools/list and tools/call back to back: the list answer naming the tool
+    read-only comes after the call, long before the loss."""
+    s = ready_session()
+    [tools] = sent(s.client_message(msg(id=1, method="tools/list")))
+    [call] = sent(s.client_message(msg(id=2, method="tools/call", params={"name": "r"})))
+    listed = {"tools": [{"name": "r", "annotations": READ_ONLY}]}
+    s.upstream_message(msg(id=tools["id"], result=listed))
+    actions = s.upstream_lost("killed")
+    assert Tally("reissued") in actions and emitted(actions) == []
+    [save] = [a for a in actions if isinstance(a, SaveRequest)]
+    assert save.key == jsonrpc.id_key(2) and save.upstream_id > call["id"]
