@@ -77,6 +77,10 @@ def _web_routes(app: web.Application, config: Config, guard: HostPolicy) -> None
         }
         return web.Response(body=files[name], headers=headers)
 
+    async def to_page(_: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect(DEMO_PATH)
+
+    app.router.add_get(DEMO_PATH.rstrip("/"), to_page)
     app.router.add_get(DEMO_PATH, serve)
     app.router.add_get(DEMO_PATH + "{name}", serve)
     app.router.add_get(CLIENT_MODULES_PATH + "{name}", serve)
