@@ -126,7 +126,11 @@ def test_node_unit_tests(browser_required: None) -> None:
     """tests/js/*.test.mjs with Node's own runner: the client's logic over a fake socket."""
     files = sorted(str(p) for p in JS_DIR.glob("*.test.mjs"))
     run = subprocess.run(
-        ["node", "--test", *files], cwd=ROOT, capture_output=True, text=True, timeout=120
+        ["node", "--test", "--test-timeout=30000", *files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "# fail 0" in run.stdout
