@@ -24,9 +24,10 @@ export type WebSocketConstructor = new (url: string, protocols?: string | string
   send(data: string): void;
   close(code?: number, reason?: string): void;
   onopen: ((event: any) => void) | null;
-  onmessage: ((event: { data: any }) => void) | null;
+  // `any` events: the DOM's (MessageEvent, CloseEvent) and the ws package's both fit.
+  onmessage: ((event: any) => void) | null;
   onerror: ((event: any) => void) | null;
-  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onclose: ((event: any) => void) | null;
 };
 
 export interface McproxyClientOptions {

@@ -5,9 +5,7 @@
 
 import { McproxyClient } from "./mcproxy-client.js";
 
-/**
- * @implements {import("./sdk-transport.js").McproxyTransport}
- */
+/** A `Transport` of @modelcontextprotocol/sdk (checked in tests/js/types.check.ts). */
 export class McproxyTransport {
   /**
    * @param {string | McproxyClient} urlOrClient the proxy's WebSocket endpoint, or a client

@@ -136,6 +136,19 @@ def test_node_unit_tests(browser_required: None) -> None:
     assert "# fail 0" in run.stdout
 
 
+def test_types_check(browser_required: None) -> None:
+    """tsc (strict) over the JSDoc of mcproxy/web/*.js and the .d.ts files, and the SDK
+    adapter assigned to the SDK's own ``Transport`` type (tests/js/types.check.ts)."""
+    run = subprocess.run(
+        [str(JS_DIR / "node_modules" / ".bin" / "tsc"), "-p", str(JS_DIR)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
 async def test_sdk_client_over_the_transport_survives_a_cut_mid_call(
     browser_required: None, tmp_path: Path
 ) -> None:
