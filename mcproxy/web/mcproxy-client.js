@@ -467,7 +467,13 @@ export class McproxyClient extends EventTarget {
     this._resumeId = null;
     const ws = this._ws;
     const result = answer.result ?? {};
-    if (answer.error || !result._meta?.[META_RESUMED]) {
+    if (answer.error) {
+      // The proxy refused to resume or to start the session again (too many sessions, ...):
+      // retrying the same handshake would get the same answer.
+      this._finish(new ConnectionClosedError("refused", `resume refused: ${answer.error.code} ${answer.error.message}`));
+      return;
+    }
+    if (!result._meta?.[META_RESUMED]) {
       // The proxy no longer had the session (its database was lost, or it expired): our
       // initialize started a new one under the same id. What we had in flight is gone with
       // the old one: answer it here so that no caller waits forever.

@@ -215,6 +215,17 @@ test("a lost session: pending requests answered with an error, cursor reset, ini
   assert.deepEqual(back.sent.slice(1).map((m) => m.method), ["notifications/initialized"]); // not re-sent
 });
 
+test("a resume answered with an error is final", async () => {
+  const { client, ws } = await established();
+  const pending = client.request("tools/list");
+  ws.drop(1006);
+  const back = await until(() => FakeWebSocket.instances[1], 500, "a reconnect");
+  back.accept();
+  back.receive({ jsonrpc: "2.0", id: back.sent[0].id, error: { code: -32013, message: "too many sessions" } });
+  await assert.rejects(pending, (e) => e.kind === "refused" && /too many sessions/.test(e.message));
+  assert.equal(client.state, "closed");
+});
+
 test("a stored session resumes after a reload, with a fresh request-id prefix", async () => {
   const storage = new MemoryStorage();
   const { client, ws } = await established({ storage });
