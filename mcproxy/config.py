@@ -158,6 +158,14 @@ DEFAULT_SEND_QUEUE_MAX: Final = (
     4096  # live messages buffered per socket before reading back from the log
 )
 
+# --- [demo] -----------------------------------------------------------------------------
+# The browser tool console (mcproxy/web/demo.html) and the JS client modules, served at
+# DEMO_PATH and CLIENT_MODULES_PATH on the main listener. Off by default: a daemon serves MCP,
+# not pages; `mcproxy --demo-page` turns it on (docs/CLIENT.md "The JavaScript client").
+DEFAULT_DEMO_ENABLED: Final = False
+DEMO_PATH: Final = "/demo/"
+CLIENT_MODULES_PATH: Final = "/mcproxy-client/"
+
 # --- [log] ------------------------------------------------------------------------------
 DEFAULT_LOG_FORMAT: Final = "auto"  # json when stderr is not a terminal (journald), else console
 DEFAULT_LOG_LEVEL: Final = "info"
@@ -263,6 +271,10 @@ class MetricsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     path: str = DEFAULT_METRICS_PATH
 
 
+class DemoConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = DEFAULT_DEMO_ENABLED
+
+
 class LogConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     format: Literal["auto", "json", "console"] = DEFAULT_LOG_FORMAT
     level: Literal["debug", "info", "warning", "error"] = DEFAULT_LOG_LEVEL
@@ -276,6 +288,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     auth: AuthConfig = AuthConfig()
     sessions: SessionsConfig = SessionsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    demo: DemoConfig = DemoConfig()
     log: LogConfig = LogConfig()
 
 

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Final
 
 from aiohttp import hdrs, web
 
-from mcproxy.config import Config
+from mcproxy.config import CLIENT_MODULES_PATH, DEMO_PATH, Config
 from mcproxy.core.guard import HostPolicy
 from mcproxy.fronts.streamable import StreamableHttpFront, guarded_headers
 from mcproxy.fronts.ws import WebSocketFront
 from mcproxy.metrics import CONTENT_TYPE
+
+# The JS client package (one copy: what npm packs, the wheel ships and the tests load).
+WEB_DIR: Final = Path(__file__).resolve().parents[1] / "web"
+# The files served, with their types (RFC 9239: text/javascript for modules, which browsers
+# only run when the type is a JavaScript one).
+WEB_FILES: Final = {
+    "demo.html": "text/html; charset=utf-8",
+    "demo.js": "text/javascript; charset=utf-8",
+    "mcproxy-client.js": "text/javascript; charset=utf-8",
+    "mcproxy-client.d.ts": "text/plain; charset=utf-8",
+    "sdk-transport.js": "text/javascript; charset=utf-8",
+    "sdk-transport.d.ts": "text/plain; charset=utf-8",
+}
+_ENDPOINT_META: Final = '<meta name="mcproxy-endpoint" content="/mcp">'
 
 Readiness = Callable[[], Awaitable[dict[str, bool]]]
 Scrape = Callable[[], Awaitable[bytes]]
@@ -52,6 +69,34 @@ def _metrics(scrape: Scrape) -> Callable[[web.Request], Awaitable[web.Response]]
     return handle
 
 
+def _web_routes(app: web.Application, config: Config, guard: HostPolicy) -> None:
+    """``[demo] enabled``: the tool console at DEMO_PATH and the client modules at
+    CLIENT_MODULES_PATH, read once from the package; Host and Origin are checked as on the MCP
+    endpoint (a page is a target of DNS rebinding too)."""
+    files = {name: (WEB_DIR / name).read_bytes() for name in WEB_FILES}
+    endpoint = f'<meta name="mcproxy-endpoint" content="{html.escape(config.server.path)}">'
+    files["demo.html"] = files["demo.html"].replace(_ENDPOINT_META.encode(), endpoint.encode())
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        name = request.match_info.get("name") or "demo.html"
+        if name not in WEB_FILES:
+            raise web.HTTPNotFound()
+        headers = {
+            hdrs.CONTENT_TYPE: WEB_FILES[name],
+            hdrs.CACHE_CONTROL: "no-cache",
+            "X-Content-Type-Options": "nosniff",
+        }
+        return web.Response(body=files[name], headers=headers)
+
+    async def to_page(_: web.Request) -> web.StreamResponse:
+        raise web.HTTPPermanentRedirect(DEMO_PATH)
+
+    app.router.add_get(DEMO_PATH.rstrip("/"), _guarded(guard, to_page))
+    app.router.add_get(DEMO_PATH, _guarded(guard, serve))
+    app.router.add_get(DEMO_PATH + "{name}", _guarded(guard, serve))
+    app.router.add_get(CLIENT_MODULES_PATH + "{name}", _guarded(guard, serve))
+
+
 def build_app(
     config: Config,
     ws_front: WebSocketFront,
@@ -77,6 +122,8 @@ def build_app(
     app.router.add_get("/readyz", _guarded(guard, _readyz(readiness)))
     if scrape is not None:
         app.router.add_get(config.metrics.path, _guarded(guard, _metrics(scrape)))
+    if config.demo.enabled:
+        _web_routes(app, config, guard)
     return app
 
 

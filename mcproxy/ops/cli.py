@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse WebSocket upgrades without mcp_session_id (SEP draft v0)",
     )
+    p.add_argument(
+        "--demo-page",
+        action="store_true",
+        default=None,
+        help="serve the browser tool console on /demo/ ([demo] enabled)",
+    )
     p.add_argument("--durability", choices=["normal", "full"])
     p.add_argument("--log-format", choices=["auto", "json", "console"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -71,6 +77,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("server", "require_session_id"): args.require_session_id,
         ("store", "path"): args.db,
         ("store", "durability"): args.durability,
+        ("demo", "enabled"): args.demo_page,
         ("log", "format"): args.log_format,
         ("log", "level"): args.log_level,
     }

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.browser import require_browser
 from tests.helpers import ROOT
 
 SMALL = {
@@ -16,6 +17,7 @@ SMALL = {
     "bench_http": ["--calls", "20", "--concurrency", "2"],
     "bench_http_upstream": ["--calls", "20"],
     "bench_client": ["--drops", "2", "--restarts", "1"],
+    "bench_browser": ["--drops", "3"],
     "bench_store": ["--messages", "10", "--producers", "4", "--sessions", "20"],
     "bench_scale": ["--sessions", "30", "--pool", "1", "--duration", "1", "--rounds", "1"],
 }
@@ -23,6 +25,8 @@ SMALL = {
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_benchmark_runs(name: str) -> None:
+    if name == "bench_browser":
+        require_browser()  # node, tests/js/node_modules, Chromium (failed, not skipped, in CI)
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMALL[name]],
         cwd=ROOT,

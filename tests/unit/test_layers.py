@@ -20,6 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mcproxy"
 
 LEAVES = {"errors", "config", "tasks", "log", "metrics"}
 PACKAGES = {"core", "upstreams", "engine", "fronts", "client", "ops", "examples"}
+# Directories of data, no Python: the JS client package (served, shipped in the wheel, packed).
+DATA_DIRS = {"web"}
 
 # package -> the mcproxy packages (and leaves) it may import. Read top-down as the layer table.
 MAY_IMPORT: dict[str, set[str]] = {
@@ -80,8 +82,10 @@ def test_every_module_belongs_to_a_known_unit() -> None:
     for dotted in modules():
         assert unit(dotted) in MAY_IMPORT, dotted
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == (
-        PACKAGES
+        PACKAGES | DATA_DIRS
     )
+    for data in DATA_DIRS:
+        assert not list((PACKAGE / data).rglob("*.py")), data
 
 
 @pytest.mark.parametrize("dotted", sorted(modules()))
