@@ -75,8 +75,11 @@ def wait_port(port: int, timeout: float = TIMEOUT) -> None:
 class Balancer:
     """HAProxy or nginx on the shipped configuration."""
 
-    def __init__(self, kind: str, tmp: Path, ports: dict[str, int]) -> None:
+    def __init__(
+        self, kind: str, tmp: Path, ports: dict[str, int], servers: tuple[str, ...] = NAMES
+    ) -> None:
         self.kind = kind
+        self.servers = servers  # HAProxy: the others' server and use-server lines are dropped
         self.tmp = tmp
         self.port = free_port()
         self.ports = ports
@@ -97,7 +100,13 @@ class Balancer:
             if name in drained:  # nginx: draining is "down" in the new-session group
                 text = text.replace(line, f"server {address} down;")
             text = text.replace(address, f"127.0.0.1:{self.ports[name]}")
-        self.config.write_text(text)
+        absent = tuple(
+            f"{kw} {n} " for n in NAMES if n not in self.servers for kw in ("server", "use-server")
+        )
+        lines = [
+            line for line in text.splitlines() if not line.strip().startswith(absent or ("\0",))
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> Balancer:
         self.render()

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.e2e.fleet import require
 from tests.helpers import ROOT
 
 SMALL = {
@@ -17,12 +18,15 @@ SMALL = {
     "bench_http_upstream": ["--calls", "20"],
     "bench_client": ["--drops", "2", "--restarts", "1"],
     "bench_store": ["--messages", "10", "--producers", "4", "--sessions", "20"],
+    "bench_fleet": ["--sessions", "6", "--calls", "5", "--resumes", "2"],
     "bench_scale": ["--sessions", "30", "--pool", "1", "--duration", "1", "--rounds", "1"],
 }
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_benchmark_runs(name: str) -> None:
+    if name == "bench_fleet":
+        require("haproxy")  # skipped without it, unless MCPROXY_REQUIRE_PEERS=1
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMALL[name]],
         cwd=ROOT,
