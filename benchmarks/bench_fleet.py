@@ -146,6 +146,7 @@ async def run(args: argparse.Namespace) -> None:
                 pids = {n: proxies[n].proc.pid for n in (names or ("a",))}  # type: ignore[union-attr]
                 if balancer is not None and balancer.proc is not None:
                     pids["haproxy"] = balancer.proc.pid
+                pids["client"] = os.getpid()  # this load generator: one loop, one core at most
                 before = {n: cpu_s(p) for n, p in pids.items()}
                 row = await measure(url, args.sessions, args.calls, args.resumes)
                 used = {n: cpu_s(p) - before[n] for n, p in pids.items()}
