@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.e2e.fleet import NAMES, Balancer, instance  # noqa: E402
-from tests.helpers import ProxyProcess, free_port  # noqa: E402
+from tests.helpers import ProxyProcess, free_port, pid_alive  # noqa: E402
 
 INIT = {
     "protocolVersion": "2025-11-25",
@@ -146,6 +146,10 @@ async def run(args: argparse.Namespace) -> None:
                 pids = {n: proxies[n].proc.pid for n in (names or ("a",))}  # type: ignore[union-attr]
                 if balancer is not None and balancer.proc is not None:
                     pids["haproxy"] = balancer.proc.pid
+                for n in names or ("a",):  # each instance's upstream child (shared mode)
+                    for i, child in enumerate(proxies[n].upstream_pids()):
+                        if pid_alive(child):
+                            pids[f"{n}/up{i}"] = child
                 pids["client"] = os.getpid()  # this load generator: one loop, one core at most
                 before = {n: cpu_s(p) for n, p in pids.items()}
                 row = await measure(url, args.sessions, args.calls, args.resumes)
