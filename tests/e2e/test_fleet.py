@@ -4,8 +4,9 @@ the shipped configurations, sessions on both fronts routed by the instance in th
 One scenario per balancer: 300 sessions (WebSocket by URL, WebSocket by cookie, Streamable
 HTTP by header) spread over a, b and c; b is SIGKILLed and restarted (its sessions resume,
 the others' connections never drop); c is drained (new sessions avoid it, its own are still
-served), stopped for maintenance and started again (its sessions resume); no session is ever
-stored by two instances.
+served), stopped for maintenance and started again (its sessions resume); the balancer
+restarts and every session is still routed to its owner; no session is ever stored by two
+instances.
 """
 
 from __future__ import annotations
@@ -212,6 +213,11 @@ async def test_sessions_route_by_their_instance_through_kills_and_drains(fleet: 
         assert fleet.proxies["c"].terminate() == 0
         fleet.proxies["c"].start()
         await everyone("after-maintenance")
+
+        # --- the balancer restarts: it learnt nothing, so it forgets nothing -----------
+        fleet.balancer.stop()
+        fleet.balancer.start()
+        await everyone("after-balancer-restart")
 
         # --- no twin, anywhere ----------------------------------------------------------
         stored = {name: stored_sessions(fleet.proxies[name].db) for name in NAMES}
