@@ -36,6 +36,11 @@ DEFAULT_ALLOWED_ORIGINS: Final[tuple[str, ...]] = ()
 # resume that waits 3 s after any drop (docs/PROTOCOL.md "Choosing sse_retry_ms").
 DEFAULT_SSE_RETRY_MS: Final = 3000
 DEFAULT_SSE_KEEPALIVE_S: Final = 15.0  # SSE comment line on an idle stream (proxies, dead peers)
+# This instance's name in a fleet behind a load balancer (docs/DEPLOY.md): every id it mints is
+# "<instance>.<random>", so a balancer routes on the id with a static rule, and it never
+# creates a session under another instance's id. Empty: a single instance, ids unprefixed.
+DEFAULT_INSTANCE: Final = ""
+INSTANCE_NAME_MAX: Final = 32  # [A-Za-z0-9_-]; ids stay within SESSION_ID_MAX
 
 # --- [upstream] -------------------------------------------------------------------------
 DEFAULT_UPSTREAM: Final = "stdio:mcproxy-demo-server"  # the bundled example server
@@ -113,6 +118,10 @@ DEFAULT_DB_PATH: Final = (
 DEFAULT_DB_FILENAME: Final = "mcproxy.db"
 DEFAULT_DURABILITY: Final = "normal"  # WAL + synchronous=NORMAL survives a process kill
 DEFAULT_MAX_BATCH: Final = 512  # most writes committed in one group-commit transaction
+# Who checkpoints the WAL. "mcproxy": the store does (beside the writer, PASSIVE only).
+# "external": nobody in mcproxy does, SQLite's automatic checkpoint is off too: leave it to a
+# replication tool that wants to control checkpoints (Litestream; docs/DEPLOY.md).
+DEFAULT_CHECKPOINTS: Final = "mcproxy"
 
 # --- [auth] ----------------------------------------------------------------------------
 DEFAULT_TOKENS_FILE: Final = ""  # lines "principal:token" or "principal:sha256:<hex>"
@@ -198,6 +207,7 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
     sse_retry_ms: Milliseconds = DEFAULT_SSE_RETRY_MS
     sse_keepalive_s: Positive = DEFAULT_SSE_KEEPALIVE_S
+    instance: str = DEFAULT_INSTANCE
 
 
 class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -233,6 +243,7 @@ class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     path: str = DEFAULT_DB_PATH
     durability: Literal["normal", "full"] = DEFAULT_DURABILITY
     max_batch: Count = DEFAULT_MAX_BATCH
+    checkpoints: Literal["mcproxy", "external"] = DEFAULT_CHECKPOINTS
 
 
 class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -422,6 +433,15 @@ def validate(config: Config) -> Config:
         raise ConfigError("upstream: set bearer_token_env or bearer_token_file, not both")
     if not config.server.path.startswith("/"):
         raise ConfigError("server.path must start with '/'")
+    instance = config.server.instance
+    if instance and (
+        len(instance) > INSTANCE_NAME_MAX
+        or not all(c.isascii() and (c.isalnum() or c in "-_") for c in instance)
+    ):
+        raise ConfigError(
+            f"server.instance {instance!r} must be 1-{INSTANCE_NAME_MAX} characters of"
+            " A-Z a-z 0-9 - _ (it prefixes every session id this instance mints)"
+        )
     if not config.metrics.path.startswith("/"):
         raise ConfigError("metrics.path must start with '/'")
     if config.metrics.listen:

@@ -33,6 +33,7 @@ from typing import Any, Final
 import aiohttp
 import msgspec
 import structlog
+import yarl
 
 from mcproxy.core.jsonrpc import (
     META_LAST_LSN,
@@ -244,7 +245,10 @@ class ReconnectingConnection:
         try:
             ws = await asyncio.wait_for(
                 self._http.ws_connect(
-                    self.url, protocols=("mcp",), heartbeat=self.options.heartbeat_s, max_msg_size=0
+                    self._connect_url(),
+                    protocols=("mcp",),
+                    heartbeat=self.options.heartbeat_s,
+                    max_msg_size=0,
                 ),
                 self.options.connection_timeout_s,
             )
@@ -274,6 +278,16 @@ class ReconnectingConnection:
         finally:
             self._open.clear()
             self._ws = None
+
+    def _connect_url(self) -> yarl.URL | str:
+        """A resume names the session on the upgrade URL too (SEP draft v0), not only in the
+        re-sent initialize: a load balancer in front of several instances routes on it
+        (docs/DEPLOY.md), and a URL-bound attach replays after our cursor at once."""
+        if self.session_id is None or self.init_params is None:
+            return self.url
+        return yarl.URL(self.url).update_query(
+            mcp_session_id=self.session_id, mcp_last_lsn=str(self.cursor)
+        )
 
     async def _resume(self, ws: aiohttp.ClientWebSocketResponse) -> str | None:
         """SEP draft v3: re-send initialize with our session id and cursor; the proxy answers

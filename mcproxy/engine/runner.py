@@ -150,6 +150,13 @@ class SessionRunner:
             owner=self,
         )
         self.outbox = outbox
+        head = self.core.next_lsn - 1
+        if cursor is not None and cursor > head:
+            # The client has seen LSNs this log never had: only after a restore from a
+            # replica that lagged (docs/DEPLOY.md *Restore*). New messages must get LSNs
+            # past its cursor, or its dedupe (and the pump's) would drop them as seen.
+            log.warning("session.cursor_ahead", session=self.label, cursor=cursor, head_lsn=head)
+            self.core.next_lsn = cursor + 1
         prelude: list[bytes] = []
         if hello is not None:
             for action in self.client_message(hello):

@@ -191,6 +191,7 @@ class Store:
         self._restart_wal = False  # the next checkpoint is the writer's own
         self._restart_wal_every = restart_wal_every
         self._in_loop = checkpointer is not None
+        self._own_checkpoints = True  # False: store.checkpoints = "external"
         self._reader = reader
         self._max_batch = max_batch
         self._wake = asyncio.Event()  # durability "full": the writer task has work
@@ -219,8 +220,13 @@ class Store:
         durability: str = "normal",
         max_batch: int = 512,
         restart_wal_every: int = RESTART_WAL_EVERY_WRITES,
+        checkpoints: bool = True,
     ) -> Store:
         """Open (creating if needed) the database and start the group-commit writer.
+
+        ``checkpoints=False`` (``store.checkpoints = "external"``): no checkpoint at all, not
+        even SQLite's automatic one; a replication tool that runs its own (Litestream) keeps
+        the WAL in bounds (docs/DEPLOY.md *Replication*).
 
         Raises:
             StoreError: the file cannot be opened or has a newer schema.
@@ -244,12 +250,15 @@ class Store:
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=5000")
             checkpointer = None
+            if not checkpoints:
+                await writer.execute("PRAGMA wal_autocheckpoint=0")
             if durability != "full":
                 await writer.execute("PRAGMA wal_autocheckpoint=0")
                 checkpointer = await aiosqlite.connect(path, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open {path}: {exc}") from exc
         store = cls(path, writer, reader, checkpointer, max_batch, restart_wal_every)
+        store._own_checkpoints = checkpoints
         if not store._in_loop:
             store._writer_task = store._tasks.spawn(store._write_loop(), "store-writer")
         return store
@@ -432,6 +441,7 @@ class Store:
         self._succeed(batch, failed)
         if (
             self._writes_since_checkpoint >= CHECKPOINT_EVERY_WRITES
+            and self._own_checkpoints
             and self._checkpointing is None
             and not self._restart_wal
             and not self._closed
@@ -638,6 +648,15 @@ class Store:
         """Stored sessions per principal (for the session limits after a restart)."""
         rows = await self._read("SELECT principal, count(*) FROM sessions GROUP BY principal")
         return {r[0]: int(r[1]) for r in rows}
+
+    async def newest_event_at(self) -> float | None:
+        """Wall-clock time of the newest logged message (None: an empty log): after a
+        restore from a replica, the recovery point (docs/DEPLOY.md *Restore*)."""
+        async with self._reader.execute(
+            "SELECT created_at FROM events ORDER BY id DESC LIMIT 1"
+        ) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row else None
 
     async def expired_sessions(self, last_seen_before: float) -> list[tuple[str, str | None]]:
         """(id, principal) of sessions not seen since the given wall-clock time."""

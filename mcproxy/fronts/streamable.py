@@ -33,7 +33,7 @@ from mcproxy.core import jsonrpc
 from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
 from mcproxy.core.jsonrpc import Kind
 from mcproxy.core.session import GENERAL_STREAM, Reply
-from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
+from mcproxy.engine.hub import Hub, mint_session_id, misdirected, valid_session_id
 from mcproxy.engine.outbox import Outbox
 from mcproxy.engine.runner import SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
@@ -194,7 +194,7 @@ class StreamableHttpFront:
                 )
             if not self._new_connection(request):
                 return self._status(429, "too many new sessions from this address")
-            session_id = mint_session_id()
+            session_id = mint_session_id(self.config.server.instance)
             try:
                 runner = self.hub.create(session_id, principal)
             except LimitExceeded as exc:
@@ -374,6 +374,13 @@ class StreamableHttpFront:
                 400, request_id, jsonrpc.INVALID_REQUEST, "malformed Mcp-Session-Id header"
             )
         runner = await self.hub.get(session_id)
+        elsewhere = misdirected(session_id, self.config.server.instance) if runner is None else None
+        if elsewhere is not None:
+            # A fleet (docs/DEPLOY.md): the balancer sent another instance's session here (its
+            # owner is down or the rule is wrong). RFC 9110 §15.5.20: 421, not 404, which
+            # would tell the client its session is gone; it may retry, and nothing is created.
+            log.warning("session.misdirected", session=session_id[:8] + "…", reason=elsewhere)
+            return self._error(421, request_id, jsonrpc.SESSION_NOT_FOUND, elsewhere)
         foreign = runner is not None and not self.hub.owns(runner, principal)
         if foreign:
             log.warning("session.foreign", session=session_id[:8] + "…", principal=principal)

@@ -58,7 +58,7 @@ from mcproxy.core.websocket import (
     http_refusal,
     offered_protocols,
 )
-from mcproxy.engine.hub import Hub, mint_session_id, valid_session_id
+from mcproxy.engine.hub import Hub, mint_session_id, misdirected, valid_session_id
 from mcproxy.engine.outbox import Outbox
 from mcproxy.engine.runner import SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
@@ -71,6 +71,9 @@ SUBPROTOCOL: Final = "mcp"  # what every SDK's WebSocket transport offered
 QUERY_SESSION: Final = "mcp_session_id"
 QUERY_CURSOR: Final = "mcp_last_lsn"
 CLOSE_FORBIDDEN: Final = 4403  # 4000-4999 are for applications (RFC 6455 §7.4.2)
+# Another fleet instance's session id named in a message (HTTP 421 at the upgrade): reconnect
+# with the id on the URL so the balancer routes it (docs/DEPLOY.md).
+CLOSE_MISDIRECTED: Final = 4421
 # After our close frame, how long the peer has to answer with its own before the TCP
 # connection is dropped anyway (RFC 6455 §7.1.1: the server closes the TCP connection first).
 CLOSE_WAIT_S: Final = 2.0
@@ -533,10 +536,21 @@ class WebSocketFront:
         if transport is None:
             return  # the client gave up while the session loaded
         cfg = self.config.server
+        elsewhere = None
+        if runner is None and hint is not None:
+            elsewhere = misdirected(hint, cfg.instance)
+        if elsewhere is not None and hint is not None:
+            # A fleet: the balancer sent another instance's id here (its owner is down, or
+            # the rule is wrong). RFC 9110 §15.5.20 421; creating it here would make a twin.
+            log.warning("session.misdirected", session=hint[:8] + "…", reason=elsewhere)
+            self.hub.metrics.error("http_421")
+            transport.write(http_refusal(421, elsewhere))
+            transport.close()
+            return
         extra: list[str] = []
         proposed = hint
         if proposed is None:
-            proposed = mint_session_id()
+            proposed = mint_session_id(cfg.instance)
             # SEP draft v0: the id travels in a cookie too, so browsers resume without code.
             extra.append(
                 f"Set-Cookie: {cfg.cookie_name}={proposed}; HttpOnly; Path={cfg.path};"
@@ -603,6 +617,14 @@ class WebSocketFront:
             return
         if runner is not None and not self.hub.owns(runner, conn.principal):
             self._foreign(conn, runner)
+            return
+        instance = self.config.server.instance
+        elsewhere = misdirected(hint, instance) if runner is None and hint is not None else None
+        if elsewhere is not None and hint is not None:
+            # In the message (draft v3) the balancer could not see the id; never a twin here.
+            self.hub.metrics.error(f"ws_{CLOSE_MISDIRECTED}")
+            log.warning("session.misdirected", session=hint[:8] + "…", reason=elsewhere)
+            conn.begin_close(CLOSE_MISDIRECTED, elsewhere[:120])
             return
         if hint is not None and runner is None and not is_init:
             # (An unknown id on initialize or on the URL is how a client proposes a new one.)

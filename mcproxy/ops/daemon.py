@@ -260,7 +260,12 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         prepare_state(path)
     except OSError as exc:
         raise ConfigError(f"store.path: {exc}") from exc
-    store = await Store.open(path, config.store.durability, config.store.max_batch)
+    store = await Store.open(
+        path,
+        config.store.durability,
+        config.store.max_batch,
+        checkpoints=config.store.checkpoints == "mcproxy",
+    )
     try:
         factory = upstream_factory(config, store)
     except ConfigError:
@@ -314,6 +319,9 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         await store.delete_orphans()
         await hub.load_counts()
         recovered = await hub.recover()
+        # The recovery point: after a restore from a replica (docs/DEPLOY.md *Restore*), what
+        # was logged after this instant was lost with the machine (the replication lag).
+        newest = await store.newest_event_at()
         await hub.sweep()
         for runner in runners:
             await runner.setup()
@@ -340,6 +348,8 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             db=str(path),
             upstream=config.upstream.target,
             recovered_sessions=recovered,
+            instance=config.server.instance,
+            newest_event_at=newest,
         )
         notifier.ready(f"listening on {host}:{bound}, {recovered} sessions recovered")
         daemon.tasks.spawn(daemon.sweeper(), "sweeper")

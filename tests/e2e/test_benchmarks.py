@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.browser import require_browser
+from tests.e2e.fleet import require
 from tests.helpers import ROOT
 
 SMALL = {
@@ -19,6 +20,7 @@ SMALL = {
     "bench_client": ["--drops", "2", "--restarts", "1"],
     "bench_browser": ["--drops", "3"],
     "bench_store": ["--messages", "10", "--producers", "4", "--sessions", "20"],
+    "bench_fleet": ["--sessions", "6", "--calls", "5", "--resumes", "2"],
     "bench_scale": ["--sessions", "30", "--pool", "1", "--duration", "1", "--rounds", "1"],
 }
 
@@ -27,6 +29,8 @@ SMALL = {
 def test_benchmark_runs(name: str) -> None:
     if name == "bench_browser":
         require_browser()  # node, tests/js/node_modules, Chromium (failed, not skipped, in CI)
+    if name == "bench_fleet":
+        require("haproxy")  # skipped without it, unless MCPROXY_REQUIRE_PEERS=1
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *SMALL[name]],
         cwd=ROOT,
