@@ -150,6 +150,10 @@ class SseStream:
                 break
             try:
                 self._check_budget()  # a pump stuck on a peer that reads nothing ends here
+                if self._transport is not None and self._transport.get_write_buffer_size():
+                    # Bytes still wait for this client: the stream is not idle, and a
+                    # keep-alive would wait behind them, so no budget check would come again.
+                    continue
                 await self.resp.write(b": keepalive\n\n")
             except (ConnectionError, RuntimeError) as exc:
                 self.client_gone(exc)

@@ -38,6 +38,7 @@ async def test_the_child_gets_a_clean_environment_and_only_its_three_pipes(
     # carries unrelated variables of its own: none of it may reach the child.
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice:{TOKEN}\n")
+    tokens.chmod(0o600)  # a tokens file others can read is refused
     inherited = os.open(tokens, os.O_RDONLY)
     os.set_inheritable(inherited, True)
     dump = tmp_path / "child.json"
