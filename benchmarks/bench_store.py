@@ -34,8 +34,9 @@ from bench_ws import pct
 from mcproxy import log as mcproxy_log
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
+from mcproxy.core.ids import mint_session_id
 from mcproxy.core.session import SessionRecord
-from mcproxy.engine.hub import Hub, mint_session_id
+from mcproxy.engine.hub import Hub
 from mcproxy.engine.store import Store
 from mcproxy.errors import UpstreamError
 from mcproxy.metrics import Metrics

@@ -40,7 +40,7 @@ DEFAULT_SSE_KEEPALIVE_S: Final = 15.0  # SSE comment line on an idle stream (pro
 # "<instance>.<random>", so a balancer routes on the id with a static rule, and it never
 # creates a session under another instance's id. Empty: a single instance, ids unprefixed.
 DEFAULT_INSTANCE: Final = ""
-INSTANCE_NAME_MAX: Final = 32  # [A-Za-z0-9_-]; ids stay within SESSION_ID_MAX
+INSTANCE_NAME_MAX: Final = 32  # [A-Za-z0-9_-]; ids stay within ids.SESSION_ID_MAX
 
 # --- [upstream] -------------------------------------------------------------------------
 DEFAULT_UPSTREAM: Final = "stdio:mcproxy-demo-server"  # the bundled example server
@@ -180,8 +180,6 @@ DEFAULT_LOG_FORMAT: Final = "auto"  # json when stderr is not a terminal (journa
 DEFAULT_LOG_LEVEL: Final = "info"
 
 LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1", "localhost"})
-SESSION_ID_MIN: Final = 16
-SESSION_ID_MAX: Final = 128
 
 # Bounds live on the record itself (msgspec checks them while converting, and the error names
 # the key and the bound), so no hand-kept table can drift from the fields it checks.

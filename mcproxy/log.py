@@ -2,7 +2,7 @@
 
 Event names are fixed dotted strings (``session.attached``, ``upstream.lost``, ...) so logs can
 be grepped and alerted on; variable data goes in key/value pairs. Session ids appear only
-shortened (``runner.short_id``).
+shortened (``core.ids.short_id``).
 
 Every line on stderr goes through here, the libraries' too: the standard ``logging`` records
 of aiohttp, asyncio and anything else reach the root logger, whose one handler renders them

@@ -19,7 +19,7 @@ import msgspec
 
 from mcproxy.client.connection import (
     ConnectionClosed,
-    Message,
+    JsonMessage,
     ReconnectingConnection,
     ReconnectOptions,
 )
@@ -39,7 +39,7 @@ async def run(url: str, options: ReconnectOptions | None = None) -> int:
     done = asyncio.Event()
     ended: list[ConnectionClosed] = []
 
-    async def to_stdout(message: Message) -> None:
+    async def to_stdout(message: JsonMessage) -> None:
         out.write(msgspec.json.encode(message) + b"\n")
         out.flush()
 

@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import random
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,6 +35,7 @@ import msgspec
 import structlog
 import yarl
 
+from mcproxy.core.backoff import backoff
 from mcproxy.core.jsonrpc import (
     META_LAST_LSN,
     META_LSN,
@@ -52,7 +53,7 @@ _AUTH_REFUSED: Final = frozenset({4401, 4403})
 _RESENT_NOTIFICATIONS: Final = frozenset({"notifications/cancelled"})
 _RESEND_WINDOW: Final = 256  # answers to server requests kept for a re-send after a drop
 
-Message = dict[str, Any]
+JsonMessage = dict[str, Any]
 
 
 class ConnectionClosed(MCProxyError):
@@ -91,12 +92,14 @@ class ReconnectOptions:
     close_timeout_s: float = 2.0  # close(): how long to wait for the server's close frame
 
 
-def delays(options: ReconnectOptions, rng: Callable[[], float] = random.random) -> Any:
+def delays(options: ReconnectOptions, rng: Callable[[], float] = random.random) -> Iterator[float]:
     """Backed-off waits: full jitter under a cap that grows exponentially to the maximum."""
-    cap = options.min_reconnection_delay_s
-    while True:
-        yield rng() * cap
-        cap = min(options.max_reconnection_delay_s, cap * options.reconnection_delay_grow_factor)
+    return backoff(
+        options.min_reconnection_delay_s,
+        options.max_reconnection_delay_s,
+        options.reconnection_delay_grow_factor,
+        rng,
+    )
 
 
 class ReconnectingConnection:
@@ -111,7 +114,7 @@ class ReconnectingConnection:
     def __init__(
         self,
         url: str,
-        on_message: Callable[[Message], Awaitable[None]],
+        on_message: Callable[[JsonMessage], Awaitable[None]],
         *,
         options: ReconnectOptions | None = None,
         session_id: str | None = None,
@@ -150,7 +153,7 @@ class ReconnectingConnection:
         self._http = aiohttp.ClientSession(headers=self._headers)
         self._task = asyncio.create_task(self._run(), name=f"mcproxy-client:{self.url}")
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: JsonMessage) -> None:
         """Send now, or queue until the connection is back (raises ``QueueFull``)."""
         if self.closed is not None:
             raise self.closed
@@ -333,7 +336,7 @@ class ReconnectingConnection:
                 await ws.send_str(data.decode())
             self._queue.popleft()
 
-    async def _deliver(self, message: Message) -> None:
+    async def _deliver(self, message: JsonMessage) -> None:
         lsn = lsn_of(message)
         if lsn is not None:
             if lsn <= self.cursor:
@@ -355,7 +358,7 @@ def _key(request_id: Any) -> str:
     return msgspec.json.encode(request_id).decode()
 
 
-def lsn_of(message: Message) -> int | None:
+def lsn_of(message: JsonMessage) -> int | None:
     """The LSN the proxy put in a decoded message's ``_meta`` (or ``error.data``)."""
     for holder in (message.get("result"), message.get("params")):
         if isinstance(holder, dict):
@@ -369,7 +372,7 @@ def lsn_of(message: Message) -> int | None:
     return None
 
 
-async def _receive(ws: aiohttp.ClientWebSocketResponse) -> Message | str:
+async def _receive(ws: aiohttp.ClientWebSocketResponse) -> JsonMessage | str:
     """The next JSON-RPC message, or the close reason once the socket is closing."""
     while True:
         frame = await ws.receive()

@@ -31,16 +31,17 @@ import structlog
 from mcproxy import __version__
 from mcproxy.client.connection import (
     ConnectionClosed,
-    Message,
+    JsonMessage,
     ReconnectingConnection,
     ReconnectOptions,
 )
+from mcproxy.core.ids import short_id
+from mcproxy.core.jsonrpc import METHOD_NOT_FOUND
 from mcproxy.errors import MCProxyError
 
 log = structlog.get_logger("mcproxy.client")
 
 PROTOCOL_VERSION: Final = "2025-11-25"
-METHOD_NOT_FOUND: Final = -32601
 STATE_SAVE_INTERVAL_S: Final = 0.2  # the cursor is written at most this often (and on close)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -173,7 +174,7 @@ class MCPClient:
         """Send a request and wait for its result (raises ``MCPError`` for an error answer,
         ``TimeoutError`` after ``timeout_s``, having sent ``notifications/cancelled``)."""
         rid = next(self._ids)
-        message: Message = {"jsonrpc": "2.0", "id": rid, "method": method}
+        message: JsonMessage = {"jsonrpc": "2.0", "id": rid, "method": method}
         params = dict(params or {})
         if progress is not None:
             params["_meta"] = {**(params.get("_meta") or {}), "progressToken": rid}
@@ -205,7 +206,7 @@ class MCPClient:
             )
 
     async def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
-        message: Message = {"jsonrpc": "2.0", "method": method}
+        message: JsonMessage = {"jsonrpc": "2.0", "method": method}
         if params is not None:
             message["params"] = params
         await self._conn.send(message)
@@ -245,7 +246,7 @@ class MCPClient:
 
     # --- from the connection ------------------------------------------------------------
 
-    async def _on_message(self, message: Message) -> None:
+    async def _on_message(self, message: JsonMessage) -> None:
         method = message.get("method")
         if method is None:
             future = self._pending.get(str(message.get("id")))
@@ -271,7 +272,7 @@ class MCPClient:
 
     async def _answer(self, rid: Any, method: str, params: dict[str, Any]) -> None:
         """A server request (sampling, elicitation, roots): run the handler, send the answer."""
-        reply: Message = {"jsonrpc": "2.0", "id": rid}
+        reply: JsonMessage = {"jsonrpc": "2.0", "id": rid}
         try:
             if method == "roots/list" and self._roots is not None:
                 reply["result"] = {"roots": await self._roots()}
@@ -289,7 +290,7 @@ class MCPClient:
     async def _on_resumed(self, resumed: bool) -> None:
         if resumed:
             return
-        log.warning("client.session_lost", session=(self.session_id or "")[:8])
+        log.warning("client.session_lost", session=short_id(self.session_id or ""))
         lost = SessionLost("the proxy lost the session; a new one was started")
         for future in self._pending.values():
             if not future.done():

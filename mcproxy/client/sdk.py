@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from mcproxy.client.connection import (
     ConnectionClosed,
-    Message,
+    JsonMessage,
     ReconnectingConnection,
     ReconnectOptions,
 )
@@ -39,7 +39,7 @@ async def reconnecting_transport(
     read_w, read_r = anyio.create_memory_object_stream[SessionMessage | Exception](READ_BUFFER)
     write_w, write_r = anyio.create_memory_object_stream[SessionMessage](0)
 
-    async def on_message(message: Message) -> None:
+    async def on_message(message: JsonMessage) -> None:
         try:
             parsed = jsonrpc_message_adapter.validate_python(message)
         except ValidationError as exc:

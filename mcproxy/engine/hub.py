@@ -8,19 +8,18 @@ reached through.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import Counter
 from collections.abc import Collection
-from typing import Final
 
 import structlog
 
-from mcproxy.config import SESSION_ID_MAX, SESSION_ID_MIN, Config
+from mcproxy.config import Config
 from mcproxy.core.auth import ANONYMOUS, TokenTable
 from mcproxy.core.guard import AddressLimiter
+from mcproxy.core.ids import short_id
 from mcproxy.core.session import Limits, PendingRow, Session, logged_progress
-from mcproxy.engine.runner import SessionRunner, short_id
+from mcproxy.engine.runner import SessionRunner
 from mcproxy.engine.store import Store
 from mcproxy.errors import LimitExceeded, StoreError, UpstreamCapacity
 from mcproxy.metrics import Metrics
@@ -28,46 +27,6 @@ from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
 
 log = structlog.get_logger("mcproxy")
-
-SESSION_ID_BYTES: Final = 24  # 192 bits from the CSPRNG (SEP: >= 128), 32 url-safe chars
-
-
-INSTANCE_SEPARATOR: Final = "."  # never in token_urlsafe's alphabet, nor in an instance name
-
-
-def mint_session_id(instance: str = "") -> str:
-    """192 random bits; in a fleet prefixed ``<instance>.`` so a load balancer can route on
-    the id with a static rule (docs/DEPLOY.md, docs/PROTOCOL.md *Sessions*)."""
-    token = secrets.token_urlsafe(SESSION_ID_BYTES)
-    return f"{instance}{INSTANCE_SEPARATOR}{token}" if instance else token
-
-
-def instance_of(session_id: str) -> str | None:
-    """The instance an id names (the part before the first "."), None if it names none."""
-    owner, dot, _ = session_id.partition(INSTANCE_SEPARATOR)
-    return owner if dot and owner else None
-
-
-def misdirected(session_id: str, instance: str) -> str | None:
-    """Why an instance named ``instance`` must not create or serve a session under this id it
-    does not hold (None: it may). Asked only after the id was not found in this instance's own
-    database, so sessions it holds from before it had a name are still served; it never
-    creates a twin of a session that lives on another instance."""
-    if not instance:
-        return None  # a single instance: any well-formed id is its to create (SEP draft v0)
-    owner = instance_of(session_id)
-    if owner == instance:
-        return None
-    if owner is None:
-        return f"this fleet's session ids start with an instance name; this is {instance!r}"
-    return f"session belongs to instance {owner!r}, not {instance!r}"
-
-
-def valid_session_id(value: str) -> bool:
-    """MCP transports §Session Management: visible ASCII (0x21-0x7E); we also bound length."""
-    return SESSION_ID_MIN <= len(value) <= SESSION_ID_MAX and all(
-        0x21 <= ord(c) <= 0x7E for c in value
-    )
 
 
 class Hub:

@@ -23,7 +23,9 @@ import structlog
 
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
+from mcproxy.core.backoff import backoff
 from mcproxy.core.guard import TokenBucket
+from mcproxy.core.ids import short_id
 from mcproxy.core.jsonrpc import Kind, Message
 from mcproxy.core.session import (
     GENERAL_STREAM,
@@ -49,18 +51,13 @@ from mcproxy.engine.store import Store
 from mcproxy.errors import MCProxyError, ProtocolError, StoreError, UpstreamCapacity, UpstreamError
 from mcproxy.metrics import Metrics
 from mcproxy.tasks import TaskSet
-from mcproxy.upstreams.base import Upstream, UpstreamFactory, backoff
+from mcproxy.upstreams.base import Upstream, UpstreamFactory
 
 log = structlog.get_logger("mcproxy")
 
 
 def _ignore(_: int) -> None:
     pass
-
-
-def short_id(session_id: str) -> str:
-    """Session ids are bearer-like secrets: logs carry a prefix only."""
-    return session_id[:8] + "…"
 
 
 class Attachment(Protocol):

@@ -31,9 +31,10 @@ from aiohttp import web
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
 from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
+from mcproxy.core.ids import mint_session_id, misdirected, short_id, valid_session_id
 from mcproxy.core.jsonrpc import Kind
 from mcproxy.core.session import GENERAL_STREAM, Reply
-from mcproxy.engine.hub import Hub, mint_session_id, misdirected, valid_session_id
+from mcproxy.engine.hub import Hub
 from mcproxy.engine.outbox import Outbox
 from mcproxy.engine.runner import SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
@@ -383,11 +384,11 @@ class StreamableHttpFront:
             # A fleet (docs/DEPLOY.md): the balancer sent another instance's session here (its
             # owner is down or the rule is wrong). RFC 9110 §15.5.20: 421, not 404, which
             # would tell the client its session is gone; it may retry, and nothing is created.
-            log.warning("session.misdirected", session=session_id[:8] + "…", reason=elsewhere)
+            log.warning("session.misdirected", session=short_id(session_id), reason=elsewhere)
             return self._error(421, request_id, jsonrpc.SESSION_NOT_FOUND, elsewhere)
         foreign = runner is not None and not self.hub.owns(runner, principal)
         if foreign:
-            log.warning("session.foreign", session=session_id[:8] + "…", principal=principal)
+            log.warning("session.foreign", session=short_id(session_id), principal=principal)
         if runner is None or runner.closed or foreign:
             # transports §"Session Management" 3: an ended or unknown session gets 404; so does
             # another principal's (docs/SECURITY.md: no oracle for which ids exist).

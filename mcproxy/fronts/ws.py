@@ -38,6 +38,7 @@ from aiohttp import web
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
 from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
+from mcproxy.core.ids import mint_session_id, misdirected, short_id, valid_session_id
 from mcproxy.core.jsonrpc import Kind, Message
 from mcproxy.core.session import Reply
 from mcproxy.core.websocket import (
@@ -58,7 +59,7 @@ from mcproxy.core.websocket import (
     http_refusal,
     offered_protocols,
 )
-from mcproxy.engine.hub import Hub, mint_session_id, misdirected, valid_session_id
+from mcproxy.engine.hub import Hub
 from mcproxy.engine.outbox import Outbox
 from mcproxy.engine.runner import SessionRunner
 from mcproxy.errors import LimitExceeded, ProtocolError, StoreError
@@ -80,7 +81,7 @@ CLOSE_WAIT_S: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
-class Refused:
+class HandshakeRefusal:
     """An opening handshake turned down with an HTTP status."""
 
     status: int
@@ -441,7 +442,7 @@ class WebSocketFront:
         """Is this request line and header set an upgrade to this front?"""
         return head.is_websocket_upgrade() and head.path == self.config.server.path
 
-    def check(self, head: RequestHead, peer: str | None) -> Refused | Accepted:
+    def check(self, head: RequestHead, peer: str | None) -> HandshakeRefusal | Accepted:
         """Everything about an opening handshake decided before the socket is taken."""
         cfg = self.config.server
         headers = head.headers
@@ -468,28 +469,28 @@ class WebSocketFront:
         query = head.query()
         hint = query.get(QUERY_SESSION) or head.cookie(cfg.cookie_name)
         if hint is not None and not valid_session_id(hint):
-            return Refused(400, "mcp_session_id must be 16-128 visible ASCII characters")
+            return HandshakeRefusal(400, "mcp_session_id must be 16-128 visible ASCII characters")
         if hint is None and cfg.require_session_id:
-            return Refused(400, "mcp_session_id is required (query parameter or cookie)")
+            return HandshakeRefusal(400, "mcp_session_id is required (query parameter or cookie)")
         cursor: int | None = None
         raw_cursor = query.get(QUERY_CURSOR)
         if raw_cursor is not None:
             if not raw_cursor.isdigit() or len(raw_cursor) > 18:
-                return Refused(400, "mcp_last_lsn must be a non-negative integer")
+                return HandshakeRefusal(400, "mcp_last_lsn must be a non-negative integer")
             cursor = int(raw_cursor)
         problem = handshake_problem(head)
         if problem is not None:
-            return Refused(400, problem, ("Sec-WebSocket-Version: 13",))
+            return HandshakeRefusal(400, problem, ("Sec-WebSocket-Version: 13",))
         # Only "mcp" is ever echoed: the mcp.auth.* entry carries a token (docs/SECURITY.md).
         protocol = SUBPROTOCOL if SUBPROTOCOL in offered_protocols(head) else None
         return Accepted(principal, hint, cursor, protocol)
 
     def _refused(
         self, status: int, reason: str, peer: str | None, headers: tuple[str, ...] = ()
-    ) -> Refused:
+    ) -> HandshakeRefusal:
         self.hub.metrics.error(f"http_{status}")
         log.warning("ws.refused", status=status, reason=reason, peer=peer)
-        return Refused(status, reason, headers)
+        return HandshakeRefusal(status, reason, headers)
 
     def take(
         self,
@@ -501,7 +502,7 @@ class WebSocketFront:
         """Handle an opening handshake on ``transport``: answer a refusal and hang up, or
         take the socket over (its protocol becomes a ``WsConnection``)."""
         decision = self.check(head, peer)
-        if isinstance(decision, Refused):
+        if isinstance(decision, HandshakeRefusal):
             transport.write(http_refusal(decision.status, decision.reason, list(decision.headers)))
             transport.close()
             return None
@@ -542,7 +543,7 @@ class WebSocketFront:
         if elsewhere is not None and hint is not None:
             # A fleet: the balancer sent another instance's id here (its owner is down, or
             # the rule is wrong). RFC 9110 §15.5.20 421; creating it here would make a twin.
-            log.warning("session.misdirected", session=hint[:8] + "…", reason=elsewhere)
+            log.warning("session.misdirected", session=short_id(hint), reason=elsewhere)
             self.hub.metrics.error("http_421")
             transport.write(http_refusal(421, elsewhere))
             transport.close()
@@ -585,7 +586,7 @@ class WebSocketFront:
             if refusal is not None
             else self.check(head, request.remote)
         )
-        if isinstance(decision, Refused):
+        if isinstance(decision, HandshakeRefusal):
             extra = dict(line.split(": ", 1) for line in decision.headers)
             return web.Response(status=decision.status, text=decision.reason + "\n", headers=extra)
         transport = request.transport
@@ -623,7 +624,7 @@ class WebSocketFront:
         if elsewhere is not None and hint is not None:
             # In the message (draft v3) the balancer could not see the id; never a twin here.
             self.hub.metrics.error(f"ws_{CLOSE_MISDIRECTED}")
-            log.warning("session.misdirected", session=hint[:8] + "…", reason=elsewhere)
+            log.warning("session.misdirected", session=short_id(hint), reason=elsewhere)
             conn.begin_close(CLOSE_MISDIRECTED, elsewhere[:120])
             return
         if hint is not None and runner is None and not is_init:

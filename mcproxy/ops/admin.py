@@ -65,7 +65,7 @@ class SessionSummary(msgspec.Struct, kw_only=True):
     client: str | None
 
 
-class InFlight(msgspec.Struct, kw_only=True):
+class InFlightRow(msgspec.Struct, kw_only=True):
     """A client request sent upstream and not answered yet (``requests.done = 0``)."""
 
     client_key: str  # the client's request id, JSON-encoded ('"a"' or '7')
@@ -95,7 +95,7 @@ class SessionDetail(msgspec.Struct, kw_only=True):
     events: int
     event_bytes: int
     requests: int
-    in_flight: list[InFlight]
+    in_flight: list[InFlightRow]
     init_request: msgspec.Raw | None
     init_result: msgspec.Raw | None
 
@@ -373,7 +373,7 @@ def _show(args: argparse.Namespace, db: Path) -> int:
         if row is None:
             return _unknown(session_id)
         flights = [
-            InFlight(
+            InFlightRow(
                 client_key=str(r[0]),
                 method=str(r[1]),
                 upstream_id=int(r[2]),

@@ -34,9 +34,9 @@ from aiohttp import web
 from mcproxy.config import Config, HttpTarget, db_path, parse_listen, parse_target
 from mcproxy.core.auth import TokenTable
 from mcproxy.core.guard import HostPolicy
+from mcproxy.core.ids import short_id
 from mcproxy.core.websocket import CLOSE_SERVICE_RESTART
 from mcproxy.engine.hub import Hub
-from mcproxy.engine.runner import short_id
 from mcproxy.engine.store import Store
 from mcproxy.errors import ConfigError, StoreError
 from mcproxy.fronts.app import build_app, build_metrics_app
@@ -197,12 +197,12 @@ class _Daemon:
 
     async def scrape(self) -> bytes:
         stats = await self.store.stats()
-        runners = list(self.hub.runners.values())
-        attached = sum(1 for r in runners if r.attached)
+        sessions = list(self.hub.runners.values())
+        attached = sum(1 for r in sessions if r.attached)
         self.metrics.refresh(
             WorldState(
                 sessions_attached=attached,
-                sessions_idle=len(runners) - attached,
+                sessions_idle=len(sessions) - attached,
                 sessions_stored=stats.sessions,
                 connections_ws=len(self.ws_front.connections),
                 connections_http=len(self.http_front.streams),
@@ -290,7 +290,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         guard,
     )
     failure: StoreError | None = None
-    runners = [
+    web_runners = [
         web.AppRunner(
             app,
             handle_signals=False,
@@ -307,7 +307,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             config.server.allowed_origins,
             parse_listen(config.metrics.listen)[0],
         )
-        runners.append(
+        web_runners.append(
             web.AppRunner(
                 build_metrics_app(config, scrape, metrics_guard),
                 access_log=None,
@@ -323,14 +323,16 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         # was logged after this instant was lost with the machine (the replication lag).
         newest = await store.newest_event_at()
         await hub.sweep()
-        for runner in runners:
-            await runner.setup()
-        assert runners[0].server is not None
+        for web_runner in web_runners:
+            await web_runner.setup()
+        assert web_runners[0].server is not None
         # Socket activation (inherited): clients queued while we started are served first.
-        daemon.servers = await listen(ws_front, runners[0].server, host, port, inherited)
-        if len(runners) > 1:
+        daemon.servers = await listen(ws_front, web_runners[0].server, host, port, inherited)
+        if len(web_runners) > 1:
             metrics_host, metrics_port = parse_listen(config.metrics.listen)
-            await web.TCPSite(runners[1], metrics_host, metrics_port, reuse_address=True).start()
+            await web.TCPSite(
+                web_runners[1], metrics_host, metrics_port, reuse_address=True
+            ).start()
         bound = _bound_port(daemon.servers, port)
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # GC's scans, whose full passes otherwise stall every stream for ~15 ms (measured).
@@ -375,9 +377,9 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         await _shutdown(daemon)
     finally:
         await daemon.tasks.cancel_all()
-        for runner in runners:
+        for web_runner in web_runners:
             with contextlib.suppress(Exception):
-                await runner.cleanup()
+                await web_runner.cleanup()
         if isinstance(factory, SharedPool):
             await factory.aclose()  # already closed by _shutdown, unless start-up failed
         notifier.status("flushing the log")

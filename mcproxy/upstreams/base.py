@@ -3,14 +3,12 @@
 ``runner.py`` sees upstreams only through ``Upstream`` and ``UpstreamHandler``; the daemon picks
 the concrete class (``upstreams.stdio.StdioUpstream``, a child process, or
 ``upstreams.http.HttpUpstream``, a session at a Streamable HTTP endpoint) through an
-``UpstreamFactory``.
-The respawn policy lives here too, as a pure generator, apart from the loop that applies it.
+``UpstreamFactory``. The respawn policy is ``core.backoff``.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 
@@ -42,20 +40,3 @@ class Upstream(Protocol):
 
 UpstreamFactory = Callable[[str, UpstreamHandler], Upstream]
 """``factory(session_id, handler)`` builds an unstarted upstream for one session."""
-
-
-def backoff(
-    initial_s: float,
-    maximum_s: float,
-    factor: float = 2.0,
-    rng: Callable[[], float] = random.random,
-) -> Iterator[float]:
-    """Respawn delays: exponential growth to a cap, with full jitter.
-
-    Full jitter (a uniform draw in ``[0, delay]``) keeps many sessions whose children crashed
-    together (a bad deploy, an OOM kill) from respawning in lockstep.
-    """
-    delay = initial_s
-    while True:
-        yield rng() * delay
-        delay = min(maximum_s, delay * factor if delay > 0 else maximum_s)

@@ -60,9 +60,10 @@ import msgspec
 import structlog
 
 from mcproxy import __version__
-from mcproxy.config import UpstreamConfig
+from mcproxy.config import LOOPBACK_HOSTS, UpstreamConfig
 from mcproxy.core import jsonrpc
 from mcproxy.core.framing import SseParser
+from mcproxy.core.ids import short_id
 from mcproxy.errors import ConfigError, LineTooLong, MCProxyError, ProtocolError, UpstreamError
 from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import UpstreamHandler
@@ -96,7 +97,6 @@ _NO_SESSION_HINTS: Final = (b"session", b"not initialized")
 # adds per call); a server that keeps the stream open is cut after this.
 _DRAIN_TIMEOUT_S: Final = 1.0
 _NETWORK_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
-_LOOPBACK: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class StateSlot(Protocol):
@@ -157,7 +157,11 @@ class HttpOptions:
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"upstream.tls_ca_file: {exc}") from None
         parts = urlsplit(url)
-        if (token or token_file) and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        if (
+            (token or token_file)
+            and parts.scheme == "http"
+            and parts.hostname not in LOOPBACK_HOSTS
+        ):
             log.warning("upstream.token_over_plain_http", url=_redacted(url))
         return cls(url, dict(config.headers), token, token_file, context)
 
@@ -618,7 +622,7 @@ class HttpUpstream:
             log.info(
                 "upstream.session",
                 session=self.session_label,
-                upstream_session=self.session_id[:8] + "…",
+                upstream_session=short_id(self.session_id),
                 version=self.protocol_version,
             )
             if self.state is not None:

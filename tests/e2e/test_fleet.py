@@ -23,7 +23,7 @@ import pytest
 
 from mcproxy.client.connection import ReconnectOptions
 from mcproxy.client.mcp import MCPClient
-from mcproxy.engine.hub import instance_of
+from mcproxy.core.ids import instance_of
 from tests.e2e.fleet import NAMES, Balancer, instance, stored_sessions
 from tests.helpers import INIT_PARAMS, MS, TIMEOUT, HttpClient, free_port, messages
 

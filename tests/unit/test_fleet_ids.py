@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 
 from mcproxy import config
-from mcproxy.config import SESSION_ID_MAX
-from mcproxy.engine.hub import instance_of, mint_session_id, misdirected, valid_session_id
+from mcproxy.core.ids import (
+    SESSION_ID_MAX,
+    instance_of,
+    mint_session_id,
+    misdirected,
+    valid_session_id,
+)
 from mcproxy.errors import ConfigError
 
 
