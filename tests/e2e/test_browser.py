@@ -54,7 +54,7 @@ def demo_proxy(tmp_path: Path) -> Iterator[ProxyProcess]:
         tmp_path / "mcproxy.db",
         f"stdio:{sys.executable} {COUNTDOWN}",
         "--demo-page",
-        env={"COUNTDOWN_STATE_DIR": str(state)},
+        env={"FIXTURE_COUNTDOWN_STATE_DIR": str(state)},
         port=free_port(),
     )
     p.start()
