@@ -17,6 +17,7 @@ from mcproxy.core.auth import ANONYMOUS
 SCHEMA_VERSION: Final = 8
 # Columns that older versions lacked, for readers of any version (ops.admin).
 STREAM_SINCE: Final = 2  # events.stream, requests.stream
+PRINCIPAL_SINCE: Final = 4  # sessions.principal
 LOG_FLOOR_SINCE: Final = 6  # sessions.log_floor, events.request_key
 KEYED_SINCE: Final = 8  # sessions.id and every session_id column hold session keys
 
