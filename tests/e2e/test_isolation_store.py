@@ -37,6 +37,7 @@ ROUNDS = 6
 def secured(tmp_path: Path) -> ProxyProcess:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice:{ALICE}\nbob:sha256:{hashlib.sha256(BOB.encode()).hexdigest()}\n")
+    tokens.chmod(0o600)  # a tokens file others can read is refused (issue 15 finding 12)
     config = tmp_path / "mcproxy.toml"
     config.write_text(f'[auth]\ntokens_file = "{tokens}"\n')
     return ProxyProcess(tmp_path / "db.sqlite", None, "--config", str(config)).start()
