@@ -126,6 +126,13 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.session_loads = Counter(
+            "mcproxy_session_loads",
+            "Sessions looked up in the database (not in memory) by outcome: loaded, or"
+            " not_found (no session of that principal by that id; many are a client trying ids)",
+            ["outcome"],
+            registry=r,
+        )
         self.sessions_expired = Counter(
             "mcproxy_sessions_expired", "Sessions deleted after their idle lifetime", registry=r
         )

@@ -1,8 +1,11 @@
 """The registry of live sessions: mint ids, create, load from the store, recover after a crash.
 
 Both fronts (WebSocket and Streamable HTTP) find sessions here and never build runners
-themselves; one session id is one ``SessionRunner`` in this process, whichever front it is
-reached through.
+themselves; one session is one ``SessionRunner`` in this process, whichever front it is
+reached through. A session is named by its principal and its id (``schema.session_key``):
+the fronts ask for ``get(id, principal)``, so another principal's id names a session of the
+asker's own, which does not exist (yet). Nothing here ever refuses an id because it belongs
+to someone else, so nothing tells that it does (issue 15 finding 8, docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mcproxy.core.guard import AddressLimiter
 from mcproxy.core.ids import short_id
 from mcproxy.core.session import Limits, PendingRow, Session, logged_progress
 from mcproxy.engine.runner import SessionRunner
+from mcproxy.engine.schema import id_of, session_key
 from mcproxy.engine.store import Store
 from mcproxy.errors import LimitExceeded, StoreError, UpstreamCapacity
 from mcproxy.metrics import Metrics
@@ -46,7 +50,7 @@ class Hub:
             max_pending_requests=config.limits.max_pending_requests,
             dedupe_window=config.limits.dedupe_window,
         )
-        self.runners: dict[str, SessionRunner] = {}
+        self.runners: dict[str, SessionRunner] = {}  # by session key
         if config.upstream.mode == "per-session":  # shared: its processes are pool_size
             self.slots: UpstreamSlots | None = UpstreamSlots(self)
             self.upstream_factory = self.slots.wrap(upstream_factory)
@@ -67,17 +71,15 @@ class Hub:
         for principal, count in (await self.store.session_counts()).items():
             self.counts[principal or ANONYMOUS] += count
 
-    def owns(self, runner: SessionRunner, principal: str) -> bool:
-        """Only the principal that created a session may use it (docs/SECURITY.md)."""
-        return (runner.core.principal or ANONYMOUS) == principal
-
     def create(self, session_id: str, principal: str = ANONYMOUS) -> SessionRunner:
-        """A new, empty session (its row is written when ``initialize`` arrives).
+        """A new, empty session of ``principal`` (its row is written when ``initialize``
+        arrives).
 
         Raises:
             LimitExceeded: ``limits.max_sessions`` or ``max_sessions_per_principal``.
         """
-        if session_id in self.runners:
+        key = session_key(session_id, principal)
+        if key in self.runners:
             # Two runners for one id would both write LSN 1 (get_or_create is the atomic way).
             raise ValueError("session already exists")
         limits = self.config.limits
@@ -92,61 +94,71 @@ class Hub:
             self.upstream_factory,
             self.config,
             self.metrics,
+            key=key,
         )
-        self.runners[session_id] = runner
-        log.info("session.created", session=short_id(session_id))
+        self.runners[key] = runner
+        log.info("session.created", session=short_id(session_id), principal=principal)
         return runner
 
     async def get_or_create(
         self, session_id: str, principal: str = ANONYMOUS
     ) -> tuple[SessionRunner, bool]:
-        """The session ``session_id`` (loaded if stored), or a new one under that id: atomic,
-        so connections that propose the same new id at the same moment get one runner, and
-        every one but the first is a later connection to it (True: this call created it).
+        """``principal``'s session ``session_id`` (loaded if stored), or a new one under that
+        id: atomic, so connections of one principal that propose the same new id at the same
+        moment get one runner, and every one but the first is a later connection to it
+        (True: this call created it). Another principal's session of that id is another
+        session, untouched.
 
         Raises:
             LimitExceeded: see ``create``.
         """
-        runner = await self.get(session_id)
+        key = session_key(session_id, principal)
+        runner = await self._get(key)
         if runner is None:
             # Another caller may have created it while this one waited for the load; from
             # here to ``create`` nothing awaits, so the check and the insert are one step.
-            runner = self.runners.get(session_id)
+            runner = self.runners.get(key)
         if runner is not None:
             return runner, False
         return self.create(session_id, principal), True
 
-    async def get(self, session_id: str) -> SessionRunner | None:
-        """The live runner for ``session_id``, loading it from the store if needed."""
-        runner = self.runners.get(session_id)
+    async def get(self, session_id: str, principal: str = ANONYMOUS) -> SessionRunner | None:
+        """``principal``'s session ``session_id``, loading it from the store if needed; None
+        if that principal has none by that id. Whether another principal has one makes no
+        difference: same lookups, same database read, nothing loaded or refreshed."""
+        return await self._get(session_key(session_id, principal))
+
+    async def _get(self, key: str) -> SessionRunner | None:
+        runner = self.runners.get(key)
         if runner is not None:
             return runner
-        parking = self._parking.get(session_id)
+        parking = self._parking.get(key)
         if parking is not None:  # let its last state reach the database first
             await asyncio.shield(parking)
-            return await self.get(session_id)
-        loading = self._loading.get(session_id)
+            return await self._get(key)
+        loading = self._loading.get(key)
         if loading is None:
             # The load runs in a task of the Hub's, not in the first requester: cancelling a
             # requester (a socket that drops mid-bind) cancels its own wait only, never the
             # load that every other requester of the id shares.
-            loading = self._tasks.spawn(self._load_once(session_id), f"load:{short_id(session_id)}")
-            self._loading[session_id] = loading
+            loading = self._tasks.spawn(self._load_once(key), f"load:{short_id(key)}")
+            self._loading[key] = loading
         return await asyncio.shield(loading)
 
-    async def _load_once(self, session_id: str) -> SessionRunner | None:
+    async def _load_once(self, key: str) -> SessionRunner | None:
         try:
-            return await self._load(session_id)
+            return await self._load(key)
         finally:
-            del self._loading[session_id]
+            del self._loading[key]
 
-    async def _load(self, session_id: str) -> SessionRunner | None:
-        loaded = await self.store.load_session(session_id)
-        if loaded is None or session_id in self.runners:
-            return self.runners.get(session_id)
-        shown = await self._progress_shown(session_id, loaded.pending)
+    async def _load(self, key: str) -> SessionRunner | None:
+        loaded = await self.store.load_session(key)
+        self.metrics.session_loads.labels("not_found" if loaded is None else "loaded").inc()
+        if loaded is None or key in self.runners:
+            return self.runners.get(key)
+        shown = await self._progress_shown(key, loaded.pending)
         core, actions = Session.restore(
-            session_id, self.limits, loaded.record, loaded.pending, loaded.answered, shown
+            id_of(key), self.limits, loaded.record, loaded.pending, loaded.answered, shown
         )
         runner = SessionRunner(
             core,
@@ -155,18 +167,20 @@ class Hub:
             self.config,
             self.metrics,
             log_floor=loaded.log_floor,
+            key=key,
         )
-        self.runners[session_id] = runner
+        self.runners[key] = runner
         log.info(
             "session.restored",
-            session=short_id(session_id),
+            session=short_id(key),
+            principal=core.principal or ANONYMOUS,
             head_lsn=core.next_lsn - 1,
             resolved=len(loaded.pending),
         )
         runner.execute(actions)
         return runner
 
-    async def _progress_shown(self, session_id: str, pending: list[PendingRow]) -> dict[str, float]:
+    async def _progress_shown(self, key: str, pending: list[PendingRow]) -> dict[str, float]:
         """The highest progress value logged for each request left in flight with a progress
         token (on its stream), so a re-issue after the restart never delivers a lower one
         (basic/utilities/progress: it MUST increase). Read only when restoring such rows."""
@@ -176,7 +190,7 @@ class Hub:
                 continue
             after = 0
             while True:
-                page = await self.store.read_events(session_id, after, 1000, row.stream)
+                page = await self.store.read_events(key, after, 1000, row.stream)
                 for lsn, data in page:
                     value = logged_progress(row, data)
                     if value is not None and value > shown.get(row.key, value - 1):
@@ -192,24 +206,25 @@ class Hub:
         Unsafe ones are answered "outcome unknown" into the log right away; safe ones are
         re-issued, which respawns those sessions' upstreams.
         """
-        ids = await self.store.sessions_with_pending()
-        for session_id in ids:
-            await self.get(session_id)
+        keys = await self.store.sessions_with_pending()
+        for key in keys:
+            await self._get(key)
         await self.store.barrier()  # the resolutions are in the log before anyone connects
-        if ids:
-            log.info("hub.recovered", sessions=len(ids))
-        return len(ids)
+        if keys:
+            log.info("hub.recovered", sessions=len(keys))
+        return len(keys)
 
-    async def terminate(self, session_id: str) -> None:
-        """End a session for good (HTTP DELETE): close its connections, stop its upstream,
-        erase its rows. Later lookups of the id find nothing (404 on HTTP)."""
-        runner = self.runners.get(session_id)
+    async def terminate(self, session_id: str, principal: str = ANONYMOUS) -> None:
+        """End ``principal``'s session for good (HTTP DELETE): close its connections, stop
+        its upstream, erase its rows. Later lookups of the id find nothing (404 on HTTP)."""
+        key = session_key(session_id, principal)
+        runner = self.runners.get(key)
         if runner is not None:
             runner.terminate()
             await runner.aclose(persist=False)
             self._forget(runner.core.principal)
-        await self.store.delete_session(session_id)
-        self.runners.pop(session_id, None)
+        await self.store.delete_session(key)
+        self.runners.pop(key, None)
         log.info("session.terminated", session=short_id(session_id))
 
     async def sweep(self) -> None:
@@ -223,30 +238,32 @@ class Hub:
         """
         cfg = self.config.sessions
         now = asyncio.get_running_loop().time()
-        for session_id, runner in list(self.runners.items()):
+        for key, runner in list(self.runners.items()):
             head = runner.core.next_lsn - 1
             if head - runner.log_floor > cfg.max_log_events:
                 floor = head - cfg.max_log_events
-                self.store.prune(session_id, floor)
+                self.store.prune(key, floor)
                 self.metrics.log_pruned.inc(floor - runner.log_floor)
                 runner.log_floor = floor
             if runner.idle and now - runner.last_active >= cfg.park_after_s:
-                await self.park(session_id)
+                await self.park(key)
         cutoff = time.time() - cfg.expire_after_s
-        for session_id, principal in await self.store.expired_sessions(cutoff):
-            if session_id in self.runners or session_id in self._loading:
+        # Only the owner's use loads a session (``get`` is by principal), so only it keeps
+        # one from expiring: another principal probing the id never does (issue 15 finding 9).
+        for key, principal in await self.store.expired_sessions(cutoff):
+            if key in self.runners or key in self._loading:
                 continue  # in use: its row is refreshed when it parks or detaches
-            await self.store.delete_session(session_id)
+            await self.store.delete_session(key)
             self._forget(principal)
             self.metrics.sessions_expired.inc()
-            log.info("session.expired", session=short_id(session_id))
+            log.info("session.expired", session=short_id(key))
 
-    def _session_failed(self, session_id: str, error: StoreError) -> None:
+    def _session_failed(self, key: str, error: StoreError) -> None:
         """The store rolled back this session's writes alone (a constraint, a bug): fail it,
         and it only (its clients are told; the next use reloads what was committed)."""
         self.metrics.error("session_failed")
-        log.error("session.failed", session=short_id(session_id), error=str(error))
-        runner = self.runners.pop(session_id, None)
+        log.error("session.failed", session=short_id(key), error=str(error))
+        runner = self.runners.pop(key, None)
         if runner is None:
             return
         runner.fail(error)
@@ -257,18 +274,18 @@ class Hub:
         if self.counts[key] > 0:
             self.counts[key] -= 1
 
-    async def park(self, session_id: str) -> None:
-        runner = self.runners.pop(session_id, None)
+    async def park(self, key: str) -> None:
+        runner = self.runners.pop(key, None)
         if runner is None:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._parking[session_id] = done
+        self._parking[key] = done
         try:
             await runner.aclose()
             self.metrics.upstream_events.labels("parked").inc()
             log.info("session.parked", session=runner.label, head_lsn=runner.core.next_lsn - 1)
         finally:
-            del self._parking[session_id]
+            del self._parking[key]
             done.set_result(None)
 
     async def aclose(self) -> None:
@@ -302,7 +319,7 @@ class UpstreamSlots:
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.live: dict[str, str] = {}  # session id -> principal, of upstreams holding a slot
+        self.live: dict[str, str] = {}  # session key -> principal, of upstreams holding a slot
         self.per_principal: Counter[str] = Counter()
 
     def wrap(self, factory: UpstreamFactory) -> UpstreamFactory:
@@ -349,9 +366,9 @@ class UpstreamSlots:
                 log.warning("upstream.capacity", session=short_id(session_id), limit=full)
                 raise UpstreamCapacity(f"too many live upstreams ({full}); none idle to park")
             victim = min(idle, key=lambda r: r.last_active)
-            tried.add(victim.id)
+            tried.add(victim.key)
             log.info("upstream.park_for_room", session=victim.label, limit=full)
-            await self.hub.park(victim.id)
+            await self.hub.park(victim.key)
         self.live[session_id] = principal
         self.per_principal[principal] += 1
 

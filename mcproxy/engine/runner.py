@@ -89,8 +89,12 @@ class SessionRunner:
         config: Config,
         metrics: Metrics,
         log_floor: int = 0,
+        key: str | None = None,
     ) -> None:
         self.core = core
+        # The store's name for the session (engine.schema.session_key: its principal and its
+        # id); the client knows it by ``core.id``. Its rows, its upstream and its slot use it.
+        self.key = core.id if key is None else key
         self.store = store
         self.upstream_factory = upstream_factory
         self.config = config
@@ -139,7 +143,7 @@ class SessionRunner:
         self._drop_streams(None)
         self.conn = conn
         outbox = Outbox(
-            self.core.id,
+            self.key,
             self.store,
             conn.send,
             self._on_sent,
@@ -189,7 +193,7 @@ class SessionRunner:
         self._drop_streams(stream)
         on_sent = self._on_general_sent if stream == GENERAL_STREAM else _ignore
         outbox = Outbox(
-            self.core.id,
+            self.key,
             self.store,
             conn.send,
             on_sent,
@@ -239,7 +243,7 @@ class SessionRunner:
         through = min(lsn, self.core.next_lsn - 1)
         if through <= self.log_floor:
             return
-        self.store.prune(self.core.id, through, stream)
+        self.store.prune(self.key, through, stream)
         if stream is None:
             self.log_floor = through
 
@@ -285,7 +289,7 @@ class SessionRunner:
         )
         self.touch()
         if self.core.init_request is not None and not self._closed:
-            self.store.save_session(self.core.id, self.core.snapshot())
+            self.store.save_session(self.key, self.core.snapshot())
 
     def client_message(self, msg: Message) -> list[Reply | Resend]:
         """Feed a client message to the core. Returns what answers the sender directly (its
@@ -357,7 +361,7 @@ class SessionRunner:
     def execute(self, actions: list[Action]) -> None:
         if self.failed is not None:
             return  # the core is ahead of the log; the reloaded session takes over
-        store, sid = self.store, self.core.id
+        store, sid = self.store, self.key
         for action in actions:
             if isinstance(action, Emit):
                 self.metrics.client_out.inc()
@@ -467,7 +471,7 @@ class SessionRunner:
                 delay = next(self._backoff)
                 log.info("upstream.respawn", session=self.label, delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
-            upstream = self.upstream_factory(self.core.id, self)
+            upstream = self.upstream_factory(self.key, self)
             try:
                 await upstream.start()
             except UpstreamError as exc:
@@ -541,4 +545,4 @@ class SessionRunner:
             self.execute(self.core.never_written(held))
         if persist and self.core.init_request is not None:
             with contextlib.suppress(MCProxyError):
-                await self.store.save_session(self.core.id, self.core.snapshot())
+                await self.store.save_session(self.key, self.core.snapshot())

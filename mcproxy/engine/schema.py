@@ -12,10 +12,38 @@ from __future__ import annotations
 
 from typing import Final
 
-SCHEMA_VERSION: Final = 7
+from mcproxy.core.auth import ANONYMOUS
+
+SCHEMA_VERSION: Final = 8
 # Columns that older versions lacked, for readers of any version (ops.admin).
 STREAM_SINCE: Final = 2  # events.stream, requests.stream
+PRINCIPAL_SINCE: Final = 4  # sessions.principal
 LOG_FLOOR_SINCE: Final = 6  # sessions.log_floor, events.request_key
+KEYED_SINCE: Final = 8  # sessions.id and every session_id column hold session keys
+
+# Schema 8: a session is named by its principal *and* its id (issue 15, findings 8 and 9).
+# Another principal's id names a different session of one's own, so a foreign id is looked up
+# (in memory, then with one database read) exactly like an id nobody has: no refusal, no
+# timing difference tells that it exists, and probing it never loads it or refreshes its
+# `last_seen_at`. The key is one TEXT value, so the write path, its statements and its
+# indexes are those of schema 7: the id, then the unit separator and the principal; the bare
+# id for the anonymous principal (authentication off) and for rows of before schema 4
+# (principal NULL). The separator is never in a session id (visible ASCII only, MCP
+# transports §Session Management), so the first one splits a key back into its two parts.
+KEY_SEPARATOR: Final = "\x1f"
+
+
+def session_key(session_id: str, principal: str | None) -> str:
+    """The store's name for ``principal``'s session ``session_id`` (see KEY_SEPARATOR)."""
+    if principal is None or principal == ANONYMOUS:
+        return session_id
+    return f"{session_id}{KEY_SEPARATOR}{principal}"
+
+
+def id_of(key: str) -> str:
+    """The session id (what the client knows) of a session key."""
+    return key.partition(KEY_SEPARATOR)[0]
+
 
 _TABLES_V6: Final = """
 CREATE TABLE IF NOT EXISTS events (
@@ -76,6 +104,8 @@ V7: Final = (
 # to it has been pruned (rows kept for retries aside). Small columns come before the blobs:
 # reading them then never walks a large payload's overflow pages. `remembered_at` orders a
 # cancelled request among the answers remembered for retries (the head LSN when cancelled).
+# `sessions.id`, `events.session_id` and `requests.session_id` hold the session key (schema 8,
+# `session_key`), not the id the client knows.
 CREATE: Final = (
     """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -100,6 +130,20 @@ CREATE TABLE IF NOT EXISTS sessions (
     + _TABLES_V6
     + _INDEXES_V6
     + V7
+)
+
+# Schema 8: the session key (see KEY_SEPARATOR). Rows of the anonymous principal (and of no
+# principal) keep their id as their key; the others get `<id> US <principal>`, their log and
+# requests first (they are found through the session row's old id). No DDL changes.
+_NAMED: Final = "principal IS NOT NULL AND principal <> '" + ANONYMOUS + "'"
+V8: Final = (
+    "UPDATE events SET session_id = session_id || char(31) ||"
+    " (SELECT principal FROM sessions WHERE id = events.session_id)"
+    f" WHERE session_id IN (SELECT id FROM sessions WHERE {_NAMED});"
+    "UPDATE requests SET session_id = session_id || char(31) ||"
+    " (SELECT principal FROM sessions WHERE id = requests.session_id)"
+    f" WHERE session_id IN (SELECT id FROM sessions WHERE {_NAMED});"
+    f"UPDATE sessions SET id = id || char(31) || principal WHERE {_NAMED};"
 )
 
 # Each step takes a database from version N-1 to N (PRAGMA user_version).
@@ -151,10 +195,11 @@ MIGRATIONS: Final = {
         "DROP TABLE requests_v5;" + _INDEXES_V6
     ),
     7: V7,
+    8: V8,
 }
 
 # Forgetting a session: its log, its requests, then its row (one transaction, in this order;
-# ``?`` is the session id).
+# ``?`` is the session key).
 DELETE_SESSION: Final = (
     "DELETE FROM events WHERE session_id = ?",
     "DELETE FROM requests WHERE session_id = ?",

@@ -17,7 +17,9 @@ it returns, so it survives the proxy being killed (SIGKILL, OOM); only an OS cra
 loss can take back the last transactions. ``full`` fsyncs the WAL on every commit, which the
 group commit amortises over a batch.
 
-This module stores bytes for sessions; it knows nothing of WebSockets or of JSON-RPC.
+This module stores bytes for sessions; it knows nothing of WebSockets or of JSON-RPC. A
+session is named here by its key (``schema.session_key``: its principal and its id, issue 15
+finding 8); every ``session_id`` parameter below is such a key.
 """
 
 from __future__ import annotations

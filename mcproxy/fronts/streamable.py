@@ -225,7 +225,7 @@ class StreamableHttpFront:
                 data: bytes | None = answer.data
             else:
                 await runner.store.barrier()
-                data = await runner.store.read_event(session_id, answer.lsn)
+                data = await runner.store.read_event(runner.key, answer.lsn)
                 data = None if data is None else jsonrpc.without_lsn(data)
             if data is None:  # pruned: the answer is gone, say so rather than hang
                 data = jsonrpc.error_bytes(
@@ -307,7 +307,7 @@ class StreamableHttpFront:
         found = await self._session(session_id, None, principal)
         if isinstance(found, web.Response):
             return found
-        await self.hub.terminate(session_id)
+        await self.hub.terminate(session_id, principal)
         return web.Response(status=204)
 
     # --- shared -----------------------------------------------------------------------
@@ -378,7 +378,9 @@ class StreamableHttpFront:
             return self._error(
                 400, request_id, jsonrpc.INVALID_REQUEST, "malformed Mcp-Session-Id header"
             )
-        runner = await self.hub.get(session_id)
+        # By principal and id: another principal's id is looked up exactly like an unknown one
+        # (the same misses, the same database read) and gets the same 404 (docs/SECURITY.md).
+        runner = await self.hub.get(session_id, principal)
         elsewhere = misdirected(session_id, self.config.server.instance) if runner is None else None
         if elsewhere is not None:
             # A fleet (docs/DEPLOY.md): the balancer sent another instance's session here (its
@@ -386,12 +388,8 @@ class StreamableHttpFront:
             # would tell the client its session is gone; it may retry, and nothing is created.
             log.warning("session.misdirected", session=short_id(session_id), reason=elsewhere)
             return self._error(421, request_id, jsonrpc.SESSION_NOT_FOUND, elsewhere)
-        foreign = runner is not None and not self.hub.owns(runner, principal)
-        if foreign:
-            log.warning("session.foreign", session=short_id(session_id), principal=principal)
-        if runner is None or runner.closed or foreign:
-            # transports §"Session Management" 3: an ended or unknown session gets 404; so does
-            # another principal's (docs/SECURITY.md: no oracle for which ids exist).
+        if runner is None or runner.closed:
+            # transports §"Session Management" 3: an ended or unknown session gets 404.
             return self._error(404, request_id, jsonrpc.SESSION_NOT_FOUND, "Session not found")
         return runner
 

@@ -71,7 +71,8 @@ log = structlog.get_logger("mcproxy")
 SUBPROTOCOL: Final = "mcp"  # what every SDK's WebSocket transport offered
 QUERY_SESSION: Final = "mcp_session_id"
 QUERY_CURSOR: Final = "mcp_last_lsn"
-CLOSE_FORBIDDEN: Final = 4403  # 4000-4999 are for applications (RFC 6455 §7.4.2)
+# 4000-4999 are for applications (RFC 6455 §7.4.2). No 4403: another principal's session id
+# is treated as an unknown one (docs/SECURITY.md, issue 15 finding 8).
 # Another fleet instance's session id named in a message (HTTP 421 at the upgrade): reconnect
 # with the id on the URL so the balancer routes it (docs/DEPLOY.md).
 CLOSE_MISDIRECTED: Final = 4421
@@ -526,7 +527,8 @@ class WebSocketFront:
     async def _accept(self, conn: WsConnection, head: RequestHead, accepted: Accepted) -> None:
         hint = accepted.hint
         try:
-            runner = await self.hub.get(hint) if hint is not None else None
+            # By principal and id: another principal's id is an unknown id here (no oracle).
+            runner = await self.hub.get(hint, conn.principal) if hint is not None else None
         except StoreError as exc:
             log.error("ws.store_failed", conn=conn.label, error=str(exc))
             if conn.transport is not None:
@@ -559,10 +561,6 @@ class WebSocketFront:
             )
         transport.write(accept_response(head, accepted.protocol, extra))
         self.connections.add(conn)
-        if runner is not None and not self.hub.owns(runner, conn.principal):
-            conn.start_reading(proposed, accepted.cursor)
-            self._foreign(conn, runner)
-            return
         log.info("ws.connected", conn=conn.label, bound=runner is not None, peer=conn.peer)
         if runner is not None:
             conn.bind_to(runner)
@@ -613,11 +611,8 @@ class WebSocketFront:
         if hint is not None and not valid_session_id(hint):
             conn.invalid_request(msg, "mcpSessionId must be 16-128 visible ASCII characters")
             return
-        runner = await self.hub.get(hint) if hint is not None else None
+        runner = await self.hub.get(hint, conn.principal) if hint is not None else None
         if conn.transport is None:
-            return
-        if runner is not None and not self.hub.owns(runner, conn.principal):
-            self._foreign(conn, runner)
             return
         instance = self.config.server.instance
         elsewhere = misdirected(hint, instance) if runner is None and hint is not None else None
@@ -649,9 +644,6 @@ class WebSocketFront:
                 return
             if conn.transport is None:
                 return
-            if not self.hub.owns(runner, conn.principal):
-                self._foreign(conn, runner)
-                return
             conn.bind_to(runner)
             if created:
                 runner.attach(conn, None)
@@ -672,12 +664,6 @@ class WebSocketFront:
                     msg.id, jsonrpc.INVALID_REQUEST, "no session: send initialize first"
                 )
             )
-
-    def _foreign(self, conn: WsConnection, runner: SessionRunner) -> None:
-        """Another principal's session: refuse without saying whether it exists (4403)."""
-        self.hub.metrics.error(f"ws_{CLOSE_FORBIDDEN}")
-        log.warning("session.foreign", session=runner.label, principal=conn.principal)
-        conn.begin_close(CLOSE_FORBIDDEN, "session not available to this principal")
 
     async def heartbeat(self) -> None:
         """Ping quiet sockets and drop dead ones: one sweep for all (server.heartbeat_s)."""

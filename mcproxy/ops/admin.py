@@ -13,8 +13,11 @@ safely while the daemon runs:
 
 No command creates the file, and a file with a newer schema than this mcproxy's is refused.
 Session ids are printed in full: the operator needs them to act, and only the operator can
-read the database anyway. Text that came from clients or servers is printed with control
-characters escaped, so it cannot drive the terminal.
+read the database anyway. A session is its principal's: two principals may each have one
+under the same id (schema 8, ``engine.schema.session_key``), so ``show``, ``events`` and
+``delete`` take ``--principal`` and, without it, refuse an id that names more than one.
+Text that came from clients or servers is printed with control characters escaped, so it
+cannot drive the terminal.
 
 The wiring: ``cli`` calls ``add_parser`` on its sub-parsers and ``run(args, db_path)``.
 """
@@ -33,11 +36,12 @@ from typing import Any, Final
 
 import msgspec
 
+from mcproxy.core.auth import ANONYMOUS
 from mcproxy.engine import schema
-from mcproxy.engine.schema import SCHEMA_VERSION
+from mcproxy.engine.schema import SCHEMA_VERSION, id_of, session_key
 from mcproxy.errors import StoreError
 
-EXIT_FAILED: Final = 1  # unknown session, delete not confirmed, a query failed
+EXIT_FAILED: Final = 1  # unknown or ambiguous session, delete not confirmed, a query failed
 EXIT_REFUSED: Final = 2  # no database file, not mcproxy's, or a newer schema
 BUSY_TIMEOUT_MS: Final = 5000  # the daemon holds the write lock for one commit at most
 
@@ -55,6 +59,7 @@ class SessionSummary(msgspec.Struct, kw_only=True):
     """One line of ``sessions list``."""
 
     id: str
+    principal: str | None  # None: not recorded (a session of before schema 4)
     created_at: str
     last_seen_at: str
     head_lsn: int
@@ -79,6 +84,7 @@ class SessionDetail(msgspec.Struct, kw_only=True):
     """``sessions show``: the session row, its counters and its requests in flight."""
 
     id: str
+    principal: str | None
     created_at: str
     last_seen_at: str
     client: str | None
@@ -151,6 +157,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         " subscriptions, counters) and its requests in flight.",
     )
     show.add_argument("session_id", metavar="ID", help="the full session id")
+    _principal_option(show)
     show.add_argument("--json", action="store_true", help="one JSON object")
 
     events = sub.add_parser(
@@ -160,6 +167,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         " is replayed from), oldest first: 'LSN STREAM TIME PAYLOAD' lines.",
     )
     events.add_argument("session_id", metavar="ID", help="the full session id")
+    _principal_option(events)
     events.add_argument(
         "--after", type=_non_negative, default=0, metavar="LSN", help="only LSNs above this"
     )
@@ -187,8 +195,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         " for sessions the daemon does not hold (stopped daemon, abandoned sessions).",
     )
     delete.add_argument("session_id", metavar="ID", help="the full session id")
+    _principal_option(delete)
     delete.add_argument(
         "--yes", action="store_true", help="really delete (without it: show what would go)"
+    )
+
+
+def _principal_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--principal",
+        metavar="NAME",
+        help="whose session (needed when principals have sessions under the same id;"
+        f" '{ANONYMOUS}' with authentication off)",
     )
 
 
@@ -273,6 +291,8 @@ class _Db:
         since = version >= schema.LOG_FLOOR_SINCE
         self.remembered = "request_key IS NOT NULL" if since else "0"
         self.floor = "s.log_floor" if since else "0"
+        self.principal = "principal" if version >= schema.PRINCIPAL_SINCE else "NULL"
+        self.keyed = version >= schema.KEYED_SINCE
 
     def __enter__(self) -> _Db:
         return self
@@ -292,6 +312,36 @@ class _Db:
     def one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
         return self.conn.execute(sql, params).fetchone()
 
+    def find(self, session_id: str, principal: str | None) -> list[tuple[str, str | None]]:
+        """(key, principal) of the sessions with this id, of ``principal`` if given."""
+        if self.keyed:
+            sql = (
+                "SELECT id, principal FROM sessions"
+                " WHERE id = ?1 OR id = ?1 || char(31) || principal ORDER BY id"
+            )
+        else:  # before schema 8 an id named one session, whoever's it was
+            sql = f"SELECT id, {self.principal} FROM sessions WHERE id = ?1"
+        rows = [(str(key), owner) for key, owner in self.execute(sql, (session_id,))]
+        if principal is not None:
+            rows = [(key, owner) for key, owner in rows if (owner or ANONYMOUS) == principal]
+        return rows
+
+    def key(self, args: argparse.Namespace) -> str | None:
+        """The key of the one session ``args`` name; None (said on stderr) if there is no
+        such session or the id names several (one per principal) and none was chosen."""
+        found = self.find(args.session_id, args.principal)
+        if len(found) == 1:
+            return found[0][0]
+        if not found:
+            _unknown(args.session_id, args.principal)
+            return None
+        owners = ", ".join(_printable(owner or ANONYMOUS) for _, owner in found)
+        _error(
+            f"{len(found)} sessions have the id {_printable(args.session_id)!r}"
+            f" (principals: {owners}); choose one with --principal"
+        )
+        return None
+
 
 # The head is the last LSN assigned: the log's last row, or the session row's counter when
 # the log has been pruned (the counter is written with the session, so it may lag the log).
@@ -307,17 +357,20 @@ def _list(args: argparse.Namespace, db: Path) -> int:
     # The inner query sorts and limits first, so the per-session aggregates (index range
     # scans) run for the listed sessions only. One statement: one snapshot.
     sql = f"""
-        SELECT s.id, s.created_at, s.last_seen_at, s.initialized, s.init_request, {_AGGREGATES}
-        FROM (SELECT id, created_at, last_seen_at, initialized, init_request, next_lsn
+        SELECT s.id, s.created_at, s.last_seen_at, s.initialized, s.init_request, {_AGGREGATES},
+            s.principal
+        FROM (SELECT id, created_at, last_seen_at, initialized, init_request, next_lsn,
+                {{principal}} AS principal
               FROM sessions
               ORDER BY last_seen_at DESC, id LIMIT ?) AS s
         ORDER BY s.last_seen_at DESC, s.id
     """
     with _Db(db, write=False) as conn:
-        rows = conn.execute(sql, (args.limit or -1,)).fetchall()
+        rows = conn.execute(sql.format(principal=conn.principal), (args.limit or -1,)).fetchall()
     summaries = [
         SessionSummary(
-            id=str(r[0]),
+            id=id_of(str(r[0])),
+            principal=r[9],
             created_at=_iso(r[1]),
             last_seen_at=_iso(r[2]),
             initialized=bool(r[3]),
@@ -334,11 +387,23 @@ def _list(args: argparse.Namespace, db: Path) -> int:
             print(msgspec.json.encode(summary).decode())
         return 0
     table = [
-        ["ID", "CREATED", "LAST SEEN", "HEAD", "EVENTS", "BYTES", "IN FLIGHT", "INIT", "CLIENT"]
+        [
+            "ID",
+            "PRINCIPAL",
+            "CREATED",
+            "LAST SEEN",
+            "HEAD",
+            "EVENTS",
+            "BYTES",
+            "IN FLIGHT",
+            "INIT",
+            "CLIENT",
+        ]
     ]
     table += [
         [
             _printable(s.id),
+            _printable(s.principal) if s.principal is not None else "-",
             s.created_at,
             s.last_seen_at,
             str(s.head_lsn),
@@ -359,6 +424,9 @@ def _show(args: argparse.Namespace, db: Path) -> int:
     session_id: str = args.session_id
     with _Db(db, write=False) as conn:
         conn.begin()
+        key = conn.key(args)
+        if key is None:
+            return EXIT_FAILED
         row = conn.one(
             "SELECT s.created_at, s.last_seen_at, s.init_request, s.init_result, s.initialized,"
             " s.log_level, s.subscriptions, s.safe_tools, s.next_upstream_id, s.next_server_id,"
@@ -366,12 +434,12 @@ def _show(args: argparse.Namespace, db: Path) -> int:
             " (SELECT count(*) FROM requests WHERE session_id = s.id)"
             f" + (SELECT count(*) FROM events WHERE session_id = s.id AND {conn.remembered}),"
             " (SELECT coalesce(min(lsn), 0) FROM events"
-            f" WHERE session_id = s.id AND lsn > {conn.floor})"
+            f" WHERE session_id = s.id AND lsn > {conn.floor}), {conn.principal}"
             " FROM sessions AS s WHERE s.id = ?",
-            (session_id,),
+            (key,),
         )
         if row is None:
-            return _unknown(session_id)
+            return _unknown(session_id, args.principal)
         flights = [
             InFlightRow(
                 client_key=str(r[0]),
@@ -383,13 +451,14 @@ def _show(args: argparse.Namespace, db: Path) -> int:
             for r in conn.execute(
                 f"SELECT client_key, method, upstream_id, {conn.stream}, safe FROM requests"
                 " WHERE done = 0 AND session_id = ? ORDER BY upstream_id",
-                (session_id,),
+                (key,),
             )
         ]
     init_request = _blob(row[2])
     init_result = _blob(row[3])
     detail = SessionDetail(
         id=session_id,
+        principal=row[18],
         created_at=_iso(row[0]),
         last_seen_at=_iso(row[1]),
         client=_client_name(init_request),
@@ -415,6 +484,7 @@ def _show(args: argparse.Namespace, db: Path) -> int:
         return 0
     fields = [
         ("id", _printable(detail.id)),
+        ("principal", _printable(detail.principal) if detail.principal is not None else "-"),
         ("created", detail.created_at),
         ("last seen", detail.last_seen_at),
         ("client", _printable(detail.client) if detail.client else "-"),
@@ -457,17 +527,17 @@ def _show(args: argparse.Namespace, db: Path) -> int:
 
 
 def _events(args: argparse.Namespace, db: Path) -> int:
-    session_id: str = args.session_id
     with _Db(db, write=False) as conn:
+        conn.begin()
+        key = conn.key(args)
+        if key is None:
+            return EXIT_FAILED
         where = "session_id = ? AND lsn > ?"
-        params: tuple[Any, ...] = (session_id, args.after)
+        params: tuple[Any, ...] = (key, args.after)
         if args.stream is not None:
             where += f" AND {conn.stream} = ?"
             params += (args.stream,)
         sql = f"SELECT lsn, {conn.stream}, created_at, payload FROM events WHERE {where}"
-        conn.begin()
-        if conn.one("SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is None:
-            return _unknown(session_id)
         # Rows are printed as the cursor steps: a long log is never held in memory.
         for lsn, stream, at, payload in conn.execute(
             f"{sql} ORDER BY lsn LIMIT ?", (*params, args.limit or -1)
@@ -491,17 +561,25 @@ def _delete(args: argparse.Namespace, db: Path) -> int:
         # Without --yes nothing is written; with it, the counts and the deletes are one
         # transaction, so what is reported is exactly what went.
         conn.begin(immediate=args.yes)
+        found = conn.find(session_id, args.principal)
+        has_row = bool(found)
+        if len(found) > 1:
+            conn.key(args)  # says which principals, and to choose one
+            return EXIT_FAILED
+        # No session row: rows left behind (a crash between deletes) under the key it had.
+        key = found[0][0] if found else _orphan_key(conn, session_id, args.principal)
         events, requests, in_flight = conn.one(
             "SELECT (SELECT count(*) FROM events WHERE session_id = :id),"
             " (SELECT count(*) FROM requests WHERE session_id = :id),"
             " (SELECT count(*) FROM requests WHERE session_id = :id AND done = 0)",
-            {"id": session_id},
+            {"id": key},
         )
-        has_row = conn.one("SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is not None
         if not has_row and events == 0 and requests == 0:
-            return _unknown(session_id)
+            return _unknown(session_id, args.principal)
+        owner = found[0][1] if found else args.principal
+        whose = f" of {_printable(owner)}" if owner is not None else ""
         what = (
-            f"session {_printable(session_id)}{'' if has_row else ' (no session row)'}:"
+            f"session {_printable(session_id)}{whose}{'' if has_row else ' (no session row)'}:"
             f" {events} events, {requests} requests ({in_flight} in flight)"
         )
         if not args.yes:
@@ -509,7 +587,7 @@ def _delete(args: argparse.Namespace, db: Path) -> int:
             _error(f"nothing deleted; run again with --yes to delete. Note: {_DELETE_WARNING}")
             return EXIT_FAILED
         for sql in schema.DELETE_SESSION:
-            conn.execute(sql, (session_id,))
+            conn.execute(sql, (key,))
         conn.execute("COMMIT")
     print(f"deleted {what}")
     print(f"mcproxy: sessions: warning: {_DELETE_WARNING}", file=sys.stderr)
@@ -523,8 +601,13 @@ def _log_range(detail: SessionDetail) -> str:
     return text
 
 
-def _unknown(session_id: str) -> int:
-    _error(f"no session {_printable(session_id)!r}")
+def _orphan_key(conn: _Db, session_id: str, principal: str | None) -> str:
+    return session_key(session_id, principal) if conn.keyed else session_id
+
+
+def _unknown(session_id: str, principal: str | None = None) -> int:
+    whose = f" of principal {_printable(principal)!r}" if principal is not None else ""
+    _error(f"no session {_printable(session_id)!r}{whose}")
     return EXIT_FAILED
 
 

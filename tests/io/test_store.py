@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import sqlite3
 import threading
@@ -16,7 +17,7 @@ from mcproxy.config import Config, SessionsConfig
 from mcproxy.core.session import SessionRecord
 from mcproxy.engine.hub import Hub
 from mcproxy.engine.outbox import Outbox, Send
-from mcproxy.engine.schema import SCHEMA_VERSION
+from mcproxy.engine.schema import MIGRATIONS, SCHEMA_VERSION, session_key
 from mcproxy.engine.store import Store
 from mcproxy.errors import StoreError
 from mcproxy.metrics import Metrics
@@ -481,5 +482,96 @@ async def test_the_sweeper_survives_a_transient_store_error(tmp_path: Path) -> N
     finally:
         sweeper.cancel()
         await asyncio.gather(sweeper, return_exceptions=True)
+        await hub.aclose()
+        await store.aclose()
+
+
+async def test_a_version_7_database_keys_its_sessions_by_principal_and_id(tmp_path: Path) -> None:
+    """Issue 15 finding 8, schema 8: a session is named by its principal and its id. A v7
+    file with sessions of two principals, one of no principal (from before schema 4) and one
+    of the anonymous principal: each keeps its row, log and requests under its new key, and
+    another principal's lookup of its id finds nothing."""
+    path = tmp_path / "v7.sqlite"
+    v7 = "".join(MIGRATIONS[step] for step in range(2, 8))
+    owners = {"A" * 20: "alice", "B" * 20: "bob", "N" * 20: None, "Z" * 20: "anonymous"}
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_V1.replace("PRAGMA user_version=1;", "") + v7)
+        conn.execute("PRAGMA user_version=7")
+        for sid, principal in owners.items():
+            conn.execute(
+                "INSERT INTO sessions (id, created_at, last_seen_at, principal, next_lsn,"
+                " initialized) VALUES (?, 0, 0, ?, 3, 1)",
+                (sid, principal),
+            )
+            for lsn in (1, 2):
+                conn.execute(
+                    "INSERT INTO events (session_id, lsn, created_at, payload) VALUES (?, ?, 0, ?)",
+                    (sid, lsn, f'{{"{sid[0]}":{lsn}}}'.encode()),
+                )
+            conn.execute(
+                "INSERT INTO requests (session_id, client_key, upstream_id, method, safe, body)"
+                " VALUES (?, '7', 5, 'tools/call', 1, ?)",
+                (sid, b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{}}'),
+            )
+        conn.commit()
+    store = await Store.open(path)
+    try:
+        keys = {sid: session_key(sid, principal) for sid, principal in owners.items()}
+        assert keys["A" * 20] == "A" * 20 + "\x1falice" and keys["N" * 20] == "N" * 20
+        assert keys["Z" * 20] == "Z" * 20  # the anonymous principal keeps bare ids
+        assert sorted(await store.sessions_with_pending()) == sorted(keys.values())
+        for sid, key in keys.items():
+            loaded = await store.load_session(key)
+            assert loaded is not None and loaded.record.principal == owners[sid]
+            assert [p.upstream_id for p in loaded.pending] == [5]
+            assert await store.read_events(key, 0) == [
+                (1, f'{{"{sid[0]}":1}}'.encode()),
+                (2, f'{{"{sid[0]}":2}}'.encode()),
+            ]
+        assert await store.load_session("A" * 20) is None  # the old name is gone
+        assert await store.session_counts() == {"alice": 1, "bob": 1, None: 1, "anonymous": 1}
+        # The trigger still retires a request by its session's (new) key.
+        await store.append(keys["A" * 20], 3, b"{}", answers=("7", "tools/call"))
+        loaded = await store.load_session(keys["A" * 20])
+        assert loaded is not None and loaded.pending == []
+
+        hub = Hub(store, Config(), _factory(), Metrics())
+        try:
+            assert await hub.get("B" * 20, "alice") is None  # bob's id, to alice: nothing
+            runner = await hub.get("B" * 20, "bob")
+            assert runner is not None and runner.id == "B" * 20 and runner.key == keys["B" * 20]
+            assert await hub.get("N" * 20) is not None  # no principal: the anonymous one's
+        finally:
+            await hub.aclose()
+    finally:
+        await store.aclose()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+async def test_two_principals_have_two_sessions_under_one_id(tmp_path: Path) -> None:
+    """Issue 15 finding 8: the same id names one session per principal; each is created,
+    parked, loaded and terminated on its own, and neither sees the other's log."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    hub = Hub(store, Config(), _factory(), Metrics())
+    sid = "S" * 20
+    try:
+        runners = {who: hub.create(sid, who) for who in ("alice", "bob")}
+        assert runners["alice"] is not runners["bob"]
+        for who, runner in runners.items():
+            assert runner.id == sid and runner.key == session_key(sid, who)
+            await store.save_session(runner.key, runner.core.snapshot())
+            await store.append(runner.key, 1, who.encode())
+        for who in runners:
+            await hub.park(session_key(sid, who))
+        assert hub.runners == {}
+        alice = await hub.get(sid, "alice")
+        assert alice is not None and alice.core.principal == "alice"
+        assert await store.read_events(alice.key, 0) == [(1, b"alice")]
+        await hub.terminate(sid, "bob")
+        assert await hub.get(sid, "bob") is None
+        assert await hub.get(sid, "alice") is alice  # untouched
+        assert await hub.get(sid) is None  # nor is it the anonymous principal's
+    finally:
         await hub.aclose()
         await store.aclose()

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from mcproxy.core.session import SessionRecord
-from mcproxy.engine.schema import SCHEMA_VERSION
+from mcproxy.engine.schema import SCHEMA_VERSION, session_key
 from mcproxy.engine.store import Store
 from mcproxy.ops import admin
 from tests.helpers import SCHEMA_V1
@@ -98,15 +98,15 @@ def test_list_text(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert call(db, "list") == 0
     header, first, second = capsys.readouterr().out.splitlines()
     assert header.split() == [
-        "ID", "CREATED", "LAST", "SEEN", "HEAD", "EVENTS", "BYTES", "IN", "FLIGHT", "INIT",
-        "CLIENT",
+        "ID", "PRINCIPAL", "CREATED", "LAST", "SEEN", "HEAD", "EVENTS", "BYTES", "IN", "FLIGHT",
+        "INIT", "CLIENT",
     ]  # fmt: skip
     size = sum(len(p) for _, _, p in EVENTS)
     assert first.split() == [
-        B, "2023-11-14T22:13:20Z", "2023-11-14T22:18:20Z", "0", "0", "0", "0", "no", "-"
+        B, "-", "2023-11-14T22:13:20Z", "2023-11-14T22:18:20Z", "0", "0", "0", "0", "no", "-"
     ]  # fmt: skip
     assert second.split() == [
-        A, "2023-11-14T22:13:20Z", "2023-11-14T22:15:00Z", "5", "5", str(size), "1", "yes",
+        A, "-", "2023-11-14T22:13:20Z", "2023-11-14T22:15:00Z", "5", "5", str(size), "1", "yes",
         "inspector",
     ]  # fmt: skip
     assert header.index("CLIENT") == second.index("inspector")  # aligned columns
@@ -118,6 +118,7 @@ def test_list_json_and_limit(db: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert [r["id"] for r in rows] == [B, A]
     assert rows[1] == {
         "id": A,
+        "principal": None,  # not recorded (SessionRecord's default, as before schema 4)
         "created_at": "2023-11-14T22:13:20Z",
         "last_seen_at": "2023-11-14T22:15:00Z",
         "head_lsn": 5,
@@ -290,6 +291,46 @@ def test_delete_removes_rows_left_without_a_session_row(db: Path) -> None:
     sql(db, "DELETE FROM sessions WHERE id = ?", (A,))
     assert call(db, "delete", A, "--yes") == 0
     assert counts(db, A) == (0, 0, 0)
+
+
+async def test_one_id_of_two_principals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Schema 8: alice and bob each have a session under the id A (issue 15 finding 8).
+    ``list`` shows both with their principals; ``show``, ``events`` and ``delete`` refuse the
+    bare id and act on the one ``--principal`` names."""
+    path = tmp_path / "two.sqlite"
+
+    async def write() -> None:
+        store = await Store.open(path)
+        for who in ("alice", "bob"):
+            key = session_key(A, who)
+            store.save_session(key, SessionRecord(init_request=INIT_REQUEST, principal=who))
+            store.append(key, 1, f'{{"of":"{who}"}}'.encode())
+        await store.barrier()
+        await store.aclose()
+
+    await write()
+    assert call(path, "list", "--json") == 0
+    rows = json_lines(capsys.readouterr().out)
+    assert sorted((r["id"], r["principal"]) for r in rows) == [(A, "alice"), (A, "bob")]
+    for argv in (["show", A], ["events", A], ["delete", A, "--yes"]):
+        assert call(path, *argv) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert "2 sessions have the id" in captured.err and "alice, bob" in captured.err
+        assert "--principal" in captured.err
+    assert call(path, "show", A, "--principal", "bob", "--json") == 0
+    detail = msgspec.json.decode(capsys.readouterr().out)
+    assert (detail["id"], detail["principal"]) == (A, "bob")
+    assert call(path, "events", A, "--principal", "alice") == 0
+    assert '{"of":"alice"}' in capsys.readouterr().out
+    assert call(path, "show", A, "--principal", "carol") == 1
+    assert f"no session '{A}' of principal 'carol'" in capsys.readouterr().err
+    assert call(path, "delete", A, "--principal", "bob", "--yes") == 0
+    assert capsys.readouterr().out.startswith(f"deleted session {A} of bob: 1 events")
+    assert counts(path, session_key(A, "bob")) == (0, 0, 0)
+    assert counts(path, session_key(A, "alice")) == (1, 1, 0)
+    assert call(path, "show", A) == 0  # one left: the bare id names it
+    assert "principal: alice" in " ".join(capsys.readouterr().out.split())
 
 
 def test_delete_help_points_to_http_delete(capsys: pytest.CaptureFixture[str]) -> None:
