@@ -15,6 +15,7 @@ import pytest
 from tests.helpers import (
     FIXTURE_SERVER,
     INIT_PARAMS,
+    MS,
     HttpClient,
     ProxyProcess,
     WsClient,
@@ -208,7 +209,7 @@ async def test_a_session_flood_is_not_a_process_flood(tmp_path: Path) -> None:
         nonlocal peak
         while flooding:
             peak = max(peak, live_children(proxy))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * MS)  # a sampling period, not a wait
 
     try:
         await bystander.initialize()
