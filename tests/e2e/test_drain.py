@@ -4,7 +4,9 @@ on finish, refuses new ones, then stops as before; and which version is serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -133,7 +135,11 @@ async def test_a_call_longer_than_the_drain_is_cut_at_the_bound(tmp_path: Path) 
     """A call the upstream never answers: the drain waits drain_timeout_s, then the stop goes
     on as before, and after the restart the call is answered -32010 (outcome unknown)."""
     drain_s = 1000 * MS
-    proxy = drained(tmp_path, drain_s, upstream=f"stdio:{sys.executable} {DEAF_SERVER}")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd's notify socket
+    receiver.bind(str(tmp_path / "notify.sock"))
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    deaf = f"stdio:{sys.executable} {DEAF_SERVER}"
+    proxy = drained(tmp_path, drain_s, upstream=deaf, env=env)
     try:
         ws = await WsClient.connect(proxy.url)
         session_id = (await ws.initialize())["result"]["mcpSessionId"]
@@ -152,6 +158,15 @@ async def test_a_call_longer_than_the_drain_is_cut_at_the_bound(tmp_path: Path) 
         # The bound, plus the stop ladder (stdin close, SIGTERM) and the final commit.
         assert took < drain_s + 5000 * MS, took
         assert all(m.get("id") != call for m in ws.received)
+        notes: list[str] = []
+        receiver.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                notes.append(receiver.recv(4096).decode())
+        assert "STOPPING=1\nSTATUS=draining 1 requests" in notes, notes
+        extended = [int(n.split("=")[1]) for n in notes if n.startswith("EXTEND_TIMEOUT_USEC=")]
+        # What is left of the drain plus the shutdown steps (4 x shutdown_timeout_s).
+        assert extended and extended[0] > 4 * 5000 * MS * 1_000_000, notes
 
         proxy.start()
         back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
@@ -162,6 +177,7 @@ async def test_a_call_longer_than_the_drain_is_cut_at_the_bound(tmp_path: Path) 
         assert lost["error"]["code"] == -32010, lost
     finally:
         proxy.kill()
+        receiver.close()
 
 
 async def test_a_second_sigterm_skips_the_drain(tmp_path: Path, counter_dir: Path) -> None:
