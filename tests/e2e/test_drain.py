@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 
 import mcproxy
+from mcproxy.client.connection import ReconnectOptions
+from mcproxy.client.mcp import MCPClient
 from tests.helpers import (
     FIXTURE_SERVER,
     MS,
@@ -26,6 +28,7 @@ from tests.helpers import (
     ProxyProcess,
     WsClient,
     eventually,
+    free_port,
     messages,
     read_sse,
     tool_text,
@@ -129,6 +132,49 @@ async def test_sigterm_lets_an_unsafe_call_finish_on_both_fronts(
         assert (counter_dir / name).read_text().splitlines() == ["x"]  # run once
     (drain,) = proxy.events("daemon.drain")
     assert (drain["finished"], drain["cut"], drain["skipped"]) == (2, 0, False), drain
+
+
+async def test_the_client_library_sends_a_refused_request_again_to_the_next_process(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    """mcproxy.client: the call running at SIGTERM completes; one made during the drain is
+    refused (-32016), which the library does not surface: it re-sends the request, same id,
+    after resuming on the next process, where it runs once."""
+    config = tmp_path / "drain.toml"
+    config.write_text(f"[server]\ndrain_timeout_s = {20_000 * MS}\n")
+    env = {"FIXTURE_COUNTER_DIR": str(counter_dir)}
+    proxy = ProxyProcess(
+        tmp_path / "db.sqlite", None, "--config", str(config), env=env, port=free_port()
+    ).start()
+    options = ReconnectOptions(min_reconnection_delay_s=50 * MS, max_reconnection_delay_s=0.5)
+    try:
+        async with MCPClient(f"ws://127.0.0.1:{proxy.port}/mcp", options=options) as mcp:
+            running = asyncio.Event()
+            first = asyncio.ensure_future(
+                mcp.call_tool(
+                    "bump",
+                    {"name": "first", "delay": 3000 * MS},
+                    progress=lambda *_: running.set(),
+                    timeout_s=TIMEOUT,
+                )
+            )
+            await asyncio.wait_for(running.wait(), TIMEOUT)
+            signal_proxy(proxy)
+            await eventually(lambda: proxy.events("daemon.stopping"))
+            late = asyncio.ensure_future(
+                mcp.call_tool("bump", {"name": "late"}, timeout_s=3 * TIMEOUT)
+            )
+            assert tool_text({"result": await first}) == "1"
+            assert await exit_status(proxy) == 0
+            assert not late.done()
+            await asyncio.to_thread(proxy.start)
+            assert tool_text({"result": await late}) == "1"
+    finally:
+        proxy.kill()
+    refused = [e for e in proxy.logs if e.get("event") == "daemon.drain"]
+    assert refused and refused[0]["finished"] == 1
+    for name in ("first", "late"):
+        assert (counter_dir / name).read_text().splitlines() == ["x"]
 
 
 async def test_a_call_longer_than_the_drain_is_cut_at_the_bound(tmp_path: Path) -> None:
