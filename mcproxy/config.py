@@ -23,7 +23,14 @@ DEFAULT_LISTEN: Final = "127.0.0.1:8765"  # loopback: MCP transports §Security 
 DEFAULT_PATH: Final = "/mcp"  # the SEP says SHOULD be the Streamable HTTP endpoint
 DEFAULT_REQUIRE_SESSION_ID: Final = False  # True = SEP draft v0: refuse an upgrade without an id
 DEFAULT_HEARTBEAT_S: Final = 20.0  # WebSocket ping interval; python-websockets uses 20 s too
-DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0  # graceful drain bound on SIGTERM
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0  # bound of each shutdown step after SIGTERM
+# SIGTERM first waits this long for the requests the upstreams are working on to finish (new
+# ones are refused meanwhile), so a planned stop answers them instead of -32010; 0: no wait.
+# 30 s lets the usual tool call (seconds) finish while a restart stuck behind a call that never
+# ends stays within half a minute plus the shutdown steps; systemd/mcproxy.service allows
+# for both (TimeoutStopSec, EXTEND_TIMEOUT_USEC). docs/ARCHITECTURE.md "Shutdown".
+DEFAULT_DRAIN_TIMEOUT_S: Final = 30.0
+MAX_DRAIN_TIMEOUT_S: Final = 3600.0  # an hour: longer is a job to finish, not a drain
 DEFAULT_COOKIE_NAME: Final = "mcp_session_id"
 # DNS-rebinding defence (MCP transports §Security Warning): the Host header must name one of
 # these (any port); the listen address is added when it is a specific host. "*" allows all.
@@ -188,6 +195,7 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]  # 0 means "at once" / "no wa
 Count = Annotated[int, msgspec.Meta(ge=1)]  # a size or a count of at least one
 OptionalCount = Annotated[int, msgspec.Meta(ge=0)]  # 0 means "none" or "no limit" (documented)
 Milliseconds = Annotated[int, msgspec.Meta(ge=1)]
+DrainSeconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_DRAIN_TIMEOUT_S)]  # 0: no drain
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -200,6 +208,7 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     require_session_id: bool = DEFAULT_REQUIRE_SESSION_ID
     heartbeat_s: Positive = DEFAULT_HEARTBEAT_S
     shutdown_timeout_s: Positive = DEFAULT_SHUTDOWN_TIMEOUT_S
+    drain_timeout_s: DrainSeconds = DEFAULT_DRAIN_TIMEOUT_S
     cookie_name: str = DEFAULT_COOKIE_NAME
     allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS

@@ -40,6 +40,7 @@ from mcproxy.core.jsonrpc import (
     META_LAST_LSN,
     META_LSN,
     META_RESUMED,
+    SHUTTING_DOWN,
     SUPERSEDED_REASON,
     TERMINATED_REASON,
 )
@@ -345,13 +346,23 @@ class ReconnectingConnection:
             if self._on_cursor is not None:
                 self._on_cursor(lsn)
         if "method" not in message and "id" in message:
-            self._unanswered.pop(_key(message["id"]), None)
+            key = _key(message["id"])
+            if lsn is None and _shutting_down(message) and key in self._unanswered:
+                # The proxy is draining before a stop and did not run it (docs/PROTOCOL.md
+                # "Stopping"): it stays unanswered and goes again, same id, after the resume.
+                return
+            self._unanswered.pop(key, None)
             result = message.get("result")
             if self.session_id is None and isinstance(result, dict):
                 sid = result.get("mcpSessionId")
                 if isinstance(sid, str):
                     self.session_id = sid
         await self._on_message(message)
+
+
+def _shutting_down(message: JsonMessage) -> bool:
+    error = message.get("error")
+    return isinstance(error, dict) and error.get("code") == SHUTTING_DOWN
 
 
 def _key(request_id: Any) -> str:

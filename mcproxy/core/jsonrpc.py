@@ -39,6 +39,7 @@ TOO_MANY_PENDING: Final = -32012
 TOO_MANY_SESSIONS: Final = -32013
 RATE_LIMITED: Final = -32014
 UPSTREAM_BUSY: Final = -32015  # the upstream is not reading: the request was not sent
+SHUTTING_DOWN: Final = -32016  # the proxy is draining before a stop: retry on the next one
 REQUEST_CANCELLED: Final = -32800
 
 # The `_meta` keys mcproxy adds to what it sends. `io.mcproxy/` is our own reverse-DNS prefix

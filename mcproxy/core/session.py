@@ -519,6 +519,12 @@ class Session:
         """Nothing waits on either side: no client request, no server request unanswered."""
         return not self.has_work and not self._server_requests
 
+    def at_upstream(self) -> list[int]:
+        """Upstream ids of the client's requests written to the current upstream and not
+        answered yet: what stopping it now would answer -32010 (or re-issue). A request not
+        written yet is not among them: the next process sends it (``never_written``)."""
+        return [uid for uid, f in self._inflight.items() if f.kind == "client" and f.sent]
+
     @property
     def protocol_version(self) -> str | None:
         """The version the upstream negotiated (lifecycle §Version Negotiation), once known."""

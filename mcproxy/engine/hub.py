@@ -11,6 +11,7 @@ to someone else, so nothing tells that it does (issue 15 finding 8, docs/SECURIT
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Collection
@@ -18,9 +19,11 @@ from collections.abc import Collection
 import structlog
 
 from mcproxy.config import Config
+from mcproxy.core import jsonrpc
 from mcproxy.core.auth import ANONYMOUS, TokenTable
 from mcproxy.core.guard import AddressLimiter
 from mcproxy.core.ids import short_id
+from mcproxy.core.jsonrpc import RequestId
 from mcproxy.core.session import Limits, PendingRow, Session, logged_progress
 from mcproxy.engine.runner import SessionRunner
 from mcproxy.engine.schema import id_of, session_key
@@ -64,6 +67,25 @@ class Hub:
         store.on_session_failed = self._session_failed
         self._loading: dict[str, asyncio.Task[SessionRunner | None]] = {}
         self._parking: dict[str, asyncio.Future[None]] = {}
+        # Set by the daemon when SIGTERM begins the drain (loop time it ends by): the fronts
+        # refuse new client requests from then on (-32016, HTTP 503); what is in flight runs.
+        self.draining_until: float | None = None
+
+    def drain_refusal(self, request_id: RequestId) -> tuple[bytes, int] | None:
+        """While draining: the error answering a new client request, and the seconds after
+        which to retry (the drain's end, when the next process can be there); else None."""
+        if self.draining_until is None:
+            return None
+        left = self.draining_until - asyncio.get_running_loop().time()
+        retry_s = max(1, math.ceil(left))
+        self.metrics.error(jsonrpc.SHUTTING_DOWN)
+        body = jsonrpc.error_bytes(
+            request_id,
+            jsonrpc.SHUTTING_DOWN,
+            "the proxy is shutting down: send the request again after reconnecting",
+            {"retryAfterS": retry_s},
+        )
+        return body, retry_s
 
     async def load_counts(self) -> None:
         """Start-up: how many sessions each principal has stored (for the limits)."""

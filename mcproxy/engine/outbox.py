@@ -92,6 +92,12 @@ class Outbox:
         self._halted: StoreError | None = None
         self.owner = owner
 
+    @property
+    def parked(self) -> bool:
+        """The pump waits for more with nothing queued: everything handed to it was written
+        (the daemon's drain waits for this before it closes connections)."""
+        return self._waiter is not None and self._head == len(self._items)
+
     def push_live(self, lsn: int, data: bytes, committed: asyncio.Future[None]) -> None:
         if self._overflowed:
             return  # the pump reads everything back from the log

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
+import msgspec
 from aiohttp import hdrs, web
 
 from mcproxy.config import CLIENT_MODULES_PATH, DEMO_PATH, Config
@@ -47,9 +48,16 @@ def _guarded(guard: HostPolicy, handler: Handler) -> Handler:
     return handle
 
 
-async def _healthz(_: web.Request) -> web.Response:
-    """Alive: the event loop answers. Nothing else is checked (that is /readyz)."""
-    return web.json_response({"status": "ok"})
+def _healthz(identity: dict[str, object]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Alive: the event loop answers. Nothing else is checked (that is /readyz). The body
+    also says which program answers (``identity``: version, pid, start time), so an upgrade
+    can be checked; encoded once, it costs nothing per probe (docs/SECURITY.md)."""
+    body = msgspec.json.encode({"status": "ok", **identity})
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    return handle
 
 
 def _readyz(readiness: Readiness) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -104,8 +112,10 @@ def build_app(
     readiness: Readiness,
     scrape: Scrape | None,
     guard: HostPolicy,
+    identity: dict[str, object] | None = None,
 ) -> web.Application:
-    """The main listener. ``scrape`` set: /metrics is served here too."""
+    """The main listener. ``scrape`` set: /metrics is served here too. ``identity``: what
+    /healthz says about the running program besides its status."""
 
     async def get(request: web.Request) -> web.StreamResponse:
         # One endpoint for both transports (the SEP: the WebSocket lives at the Streamable
@@ -118,7 +128,7 @@ def build_app(
     app.router.add_get(config.server.path, get, allow_head=False)
     app.router.add_post(config.server.path, http_front.post)
     app.router.add_delete(config.server.path, http_front.delete)
-    app.router.add_get("/healthz", _guarded(guard, _healthz))
+    app.router.add_get("/healthz", _guarded(guard, _healthz(identity or {})))
     app.router.add_get("/readyz", _guarded(guard, _readyz(readiness)))
     if scrape is not None:
         app.router.add_get(config.metrics.path, _guarded(guard, _metrics(scrape)))

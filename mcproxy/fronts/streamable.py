@@ -26,7 +26,7 @@ import itertools
 from typing import Final
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
@@ -190,6 +190,13 @@ class StreamableHttpFront:
             return self._error(400, None, exc.code, str(exc)[:200])
         request_id = msg.id if isinstance(msg.id, int | str) else None
         kind = jsonrpc.kind_of(msg)
+        if kind is Kind.REQUEST and request_id is not None:
+            refusal = self.hub.drain_refusal(request_id)
+            if refusal is not None:  # draining before a stop (docs/PROTOCOL.md "Stopping")
+                body, retry_s = refusal
+                self.hub.metrics.error("http_503")
+                retry = {hdrs.RETRY_AFTER: str(retry_s)}
+                return web.Response(status=503, body=body, content_type=_JSON, headers=retry)
         session_id = request.headers.get(HEADER_SESSION)
         created = False
         if session_id is None:

@@ -270,6 +270,11 @@ class WsConnection(asyncio.Protocol):
         runner = self.runner
         if runner is None or runner.conn is not self:
             return  # a late message on a superseded socket must not disturb the new one
+        if jsonrpc.kind_of(msg) is Kind.REQUEST and isinstance(msg.id, int | str):
+            refusal = self.front.hub.drain_refusal(msg.id)
+            if refusal is not None:  # answers and notifications still go through
+                self.reply(refusal[0])
+                return
         direct = runner.client_message(msg)
         outbox = self._outbox()
         if outbox is None:

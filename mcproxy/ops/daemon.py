@@ -6,14 +6,17 @@ Start-up: open the database, drop orphan rows, resolve what a crash left in flig
 report READY to systemd.
 
 Shutdown on SIGTERM/SIGINT (docs/ARCHITECTURE.md "Shutdown"):
-1. stop accepting connections (systemd STOPPING=1);
+0. drain (``_drain``, up to ``server.drain_timeout_s``): stop accepting connections (systemd
+   STOPPING=1), refuse new requests, let the upstreams finish what they are working on and
+   the answers reach the clients still connected; a second signal ends the wait;
+1. stop accepting connections;
 2. end every SSE stream and close every WebSocket with 1012 (service restart), so clients
    come back at once to the next process;
 3. stop every upstream (close stdin → SIGTERM → SIGKILL, or DELETE the upstream's HTTP
    session; bounded) and persist each session; a shared pool's children are stopped before
    their sessions close, so what they answer while stopping is still logged;
 4. commit what is queued in the log and close the database.
-Each step is bounded by ``server.shutdown_timeout_s``; a second signal skips the grace.
+Each step is bounded by ``server.shutdown_timeout_s``; a signal during them exits at once.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ import signal
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 import structlog
 from aiohttp import web
 
+from mcproxy import __version__
 from mcproxy.config import Config, HttpTarget, db_path, parse_listen, parse_target
 from mcproxy.core.auth import TokenTable
 from mcproxy.core.guard import HostPolicy
@@ -52,6 +58,14 @@ from mcproxy.upstreams.shared import SharedPool
 from mcproxy.upstreams.stdio import StdioUpstream, child_environment, command_available
 
 log = structlog.get_logger("mcproxy")
+
+# How often the drain looks at what is left, and tells systemd (at most once a second).
+DRAIN_POLL_S: Final = 0.05
+DRAIN_REPORT_S: Final = 1.0
+# The shutdown steps after the drain, each bounded by server.shutdown_timeout_s (close the
+# clients, stop the upstreams, the HTTP server's cleanup) and the final commit: what the
+# drain asks systemd for beyond its own end (EXTEND_TIMEOUT_USEC).
+SHUTDOWN_STEPS: Final = 4
 
 # A tokens file with any of these bits is refused: group/other write, other read.
 TOKENS_FILE_FORBIDDEN = stat.S_IWGRP | stat.S_IWOTH | stat.S_IROTH
@@ -258,6 +272,7 @@ class _Daemon:
 async def serve(config: Config, on_ready: Callable[[str, int], None] | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
+    identity = _identity()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -299,6 +314,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         daemon.readiness,
         None if config.metrics.listen else scrape,
         guard,
+        identity,
     )
     failure: StoreError | None = None
     web_runners = [
@@ -363,6 +379,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             recovered_sessions=recovered,
             instance=config.server.instance,
             newest_event_at=newest,
+            **identity,
         )
         notifier.ready(f"listening on {host}:{bound}, {recovered} sessions recovered")
         daemon.tasks.spawn(daemon.sweeper(), "sweeper")
@@ -382,7 +399,9 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             log.error("daemon.store_failed", error=str(failure))
         log.info("daemon.stopping")
         daemon.listening = False
-        notifier.stopping("draining: closing client connections")
+        if failure is None:
+            await _drain(daemon)
+        notifier.stopping("closing client connections")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _force_exit)
         await _shutdown(daemon)
@@ -399,6 +418,94 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         log.info("daemon.stopped")
     if failure is not None:
         raise failure  # cli: exit status EXIT_RUNTIME
+
+
+def _identity() -> dict[str, object]:
+    """Which program serves (/healthz, the ``daemon.listening`` line): checked after an
+    upgrade. The start is this program's, in RFC 3339 UTC."""
+    started = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return {"version": __version__, "pid": os.getpid(), "started_at": started}
+
+
+async def _drain(daemon: _Daemon) -> None:
+    """SIGTERM's first step: stop accepting connections, refuse new requests (``Hub.
+    drain_refusal``: -32016, HTTP 503), and wait up to ``server.drain_timeout_s`` for the
+    requests the upstreams are working on (unsafe ones too: a stop would answer them -32010),
+    then for their answers, committed, to be written to the clients still connected. A second
+    signal, a failed store or the bound ends it; what is still running then is cut by the
+    shutdown as before. systemd hears STOPPING=1 with the count, and EXTEND_TIMEOUT_USEC so
+    that a drain within its bound is not killed by TimeoutStopSec."""
+    server = daemon.config.server
+    if server.drain_timeout_s == 0:
+        return  # no drain: the stop of earlier versions
+    loop = asyncio.get_running_loop()
+    skip = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, skip.set)
+    for listener in daemon.servers:
+        listener.close()  # with socket activation systemd's copy queues for the next process
+    started = loop.time()
+    deadline = started + server.drain_timeout_s
+    daemon.hub.draining_until = deadline
+    after = SHUTDOWN_STEPS * server.shutdown_timeout_s
+    pending = _at_upstream(daemon)
+    seen = set(pending)
+    daemon.notifier.stopping(f"draining {len(pending)} requests")
+    reported = -DRAIN_REPORT_S
+    ended = daemon.tasks.spawn(skip.wait(), "drain-signal")  # the second signal
+    failure = daemon.store.failure
+    try:
+
+        def stopped() -> bool:
+            return ended.done() or failure.done() or loop.time() >= deadline
+
+        while pending and not stopped():
+            now = loop.time()
+            if now - reported >= DRAIN_REPORT_S:
+                reported = now
+                daemon.notifier.status(f"draining {len(pending)} requests")
+                daemon.notifier.extend_timeout(deadline - now + after)
+            await asyncio.wait({ended, failure}, timeout=min(DRAIN_POLL_S, deadline - now))
+            pending = _at_upstream(daemon)
+            seen |= pending
+        # The answers: committed, then written by each connection's pump (bounded: a client
+        # that reads nothing must not hold the stop; it gets them from the log on resume).
+        flush_until = min(deadline, loop.time() + server.shutdown_timeout_s)
+        with contextlib.suppress(Exception):  # a failed store: the shutdown reports it
+            await asyncio.wait_for(daemon.store.barrier(), max(0.0, flush_until - loop.time()))
+        while _unflushed(daemon) and not ended.done() and loop.time() < flush_until:
+            await asyncio.wait({ended}, timeout=DRAIN_POLL_S)
+    finally:
+        ended.cancel()
+    daemon.notifier.extend_timeout(after)
+    log.info(
+        "daemon.drain",
+        finished=len(seen - pending),
+        cut=len(pending),
+        waited_s=round(loop.time() - started, 3),
+        skipped=skip.is_set(),
+    )
+
+
+def _at_upstream(daemon: _Daemon) -> set[tuple[str, int]]:
+    """(session key, upstream id) of every client request an upstream is working on."""
+    runners = daemon.hub.runners.items()
+    return {(key, uid) for key, runner in runners for uid in runner.core.at_upstream()}
+
+
+def _unflushed(daemon: _Daemon) -> int:
+    """Connections with something still to write: a pump not parked, or an HTTP request
+    stream finishing its response (no longer a session's, it ends once that is written)."""
+    owned: set[object] = set()
+    busy = 0
+    for runner in daemon.hub.runners.values():
+        if runner.conn is not None:
+            owned.add(runner.conn)
+            busy += runner.outbox is not None and not runner.outbox.parked
+        for conn, outbox in runner.streams.values():
+            owned.add(conn)
+            busy += not outbox.parked
+    return busy + sum(1 for stream in daemon.http_front.streams if stream not in owned)
 
 
 async def _shutdown(daemon: _Daemon) -> None:

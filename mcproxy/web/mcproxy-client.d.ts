@@ -10,6 +10,7 @@ export declare const META_RESUMED: "io.mcproxy/resumed";
 export declare const META_HEAD_LSN: "io.mcproxy/headLsn";
 export declare const PROTOCOL_VERSION: string;
 export declare const SESSION_LOST_CODE: -32001;
+export declare const SHUTTING_DOWN_CODE: -32016;
 
 /** Something with the Web Storage methods the client uses (sessionStorage, localStorage). */
 export interface SessionStorageLike {

@@ -28,6 +28,8 @@ export const META_HEAD_LSN = "io.mcproxy/headLsn";
 export const PROTOCOL_VERSION = "2025-11-25";
 /** The code of the error answered to requests a lost session took with it (not the proxy's). */
 export const SESSION_LOST_CODE = -32001;
+/** The proxy is stopping and refused a request unrun: it is sent again after the resume. */
+export const SHUTTING_DOWN_CODE = -32016;
 
 /** Close codes after which reconnecting at once is right (RFC 6455 §7.4.1; 1012 per IANA). */
 const IMMEDIATE = new Set([1001, 1006, 1011, 1012, 1013]);
@@ -511,6 +513,11 @@ export class McproxyClient extends EventTarget {
     const isResponse = !("method" in message) && "id" in message;
     if (isResponse) {
       const key = keyOf(message.id);
+      if (lsn === null && message.error?.code === SHUTTING_DOWN_CODE && this._unanswered.has(key)) {
+        // The proxy is draining before a stop and did not run it (docs/PROTOCOL.md
+        // "Stopping"): it stays unanswered and goes again, same id, on the next connection.
+        return;
+      }
       this._unanswered.delete(key);
       const result = message.result;
       if (result && typeof result === "object" && typeof result.mcpSessionId === "string") {

@@ -197,10 +197,24 @@ def _request_rows(db: Path, session_id: str) -> int:
     return int(count)
 
 
-async def test_an_answer_the_child_writes_while_stopping_is_delivered(proxy: ProxyProcess) -> None:
+async def test_an_answer_the_child_writes_while_stopping_is_delivered(
+    tmp_path: Path, counter_dir: Path
+) -> None:
     """SIGTERM: the child's stdin is closed and it answers what it was running (the mcp SDK
     says "Connection closed") before it exits; that answer is logged and delivered after the
-    restart, not replaced by -32010."""
+    restart, not replaced by -32010. (No drain here, so the call is still running when the
+    child is stopped: the drain is tests/e2e/test_drain.py.)"""
+    config = tmp_path / "nodrain.toml"
+    config.write_text("[server]\ndrain_timeout_s = 0\n")
+    env = {"FIXTURE_COUNTER_DIR": str(counter_dir)}
+    proxy = ProxyProcess(tmp_path / "own.db", None, "--config", str(config), env=env).start()
+    try:
+        await _answer_while_stopping(proxy)
+    finally:
+        proxy.kill()
+
+
+async def _answer_while_stopping(proxy: ProxyProcess) -> None:
     client = await WsClient.connect(proxy.url)
     session_id = (await client.initialize())["result"]["mcpSessionId"]
     call = await client.call_tool("slow", {"steps": 1000, "delay": 50 * MS}, "p")

@@ -422,8 +422,12 @@ async def restart_during_call(
     """Start a call of the tool ``work`` (``slow`` on the fixture server), SIGTERM the proxy
     once the child runs it, restart, resume: the call's answer as the client then sees it."""
     config = tmp_path / "stop.toml"
-    # The child's stop ladder waits long enough after closing its stdin for it to answer.
-    config.write_text('[upstream]\nmode = "shared"\nstdin_close_grace_s = 8.0\n')
+    # The child's stop ladder waits long enough after closing its stdin for it to answer;
+    # no drain, so the call is still running when the shutdown stops the child (the drain
+    # itself: tests/e2e/test_drain.py).
+    config.write_text(
+        '[server]\ndrain_timeout_s = 0\n[upstream]\nmode = "shared"\nstdin_close_grace_s = 8.0\n'
+    )
     proxy = ProxyProcess(tmp_path / "db.sqlite", upstream, "--config", str(config), env=env)
     proxy.start()
     try:

@@ -134,6 +134,20 @@ test("after a drop: immediate reconnect, resume with id and cursor, then the una
   assert.deepEqual(third.sent.slice(1), []);
 });
 
+test("a request the proxy refused while draining (-32016) is re-sent after the resume", async () => {
+  const { client, ws } = await established();
+  const call = client.request("tools/list");
+  const sent = ws.requests().at(-1);
+  ws.receive({ jsonrpc: "2.0", id: sent.id, error: { code: -32016, message: "the proxy is shutting down", data: { retryAfterS: 1 } } });
+  ws.drop(1012);
+  const back = await until(() => FakeWebSocket.instances[1], 500, "a reconnect");
+  back.accept();
+  back.receive({ jsonrpc: "2.0", id: back.sent[0].id, result: { _meta: { "io.mcproxy/resumed": true } } });
+  assert.deepEqual(back.requests().slice(1), [sent]); // the same id, on the next process
+  back.receive(answer(sent.id, 2, { tools: [] }));
+  assert.deepEqual(await call, { tools: [], _meta: { "io.mcproxy/lsn": 2 } });
+});
+
 test("the offline queue is bounded: one more is an error, not a silent drop", async () => {
   const client = make({ maxEnqueuedMessages: 2 });
   client.notify("notifications/a");

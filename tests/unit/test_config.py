@@ -27,6 +27,9 @@ def test_example_file_lists_every_key_with_its_default() -> None:
         ("[server]\nlisen = '1'\n", "lisen"),
         ("[server]\nlisten = 'nope'\n", "HOST:PORT"),
         ("[limits]\nmax_message_bytes = 0\n", r"limits.max_message_bytes: Expected `int` >= 1"),
+        ("[server]\ndrain_timeout_s = -1\n", r"server.drain_timeout_s: Expected `float` >= 0"),
+        ("[server]\ndrain_timeout_s = 3601\n", r"server.drain_timeout_s: Expected `float` <= 3600"),
+        ("[server]\ndrain_timeout_s = 'soon'\n", r"server.drain_timeout_s: Expected `float`"),
         ("[store]\ndurability = 'sometimes'\n", "durability"),
         ("[upstream]\ntarget = 'ftp://x'\n", "stdio:"),
         ("[upstream]\ntarget = 'stdio:'\n", "needs a command"),
@@ -100,6 +103,7 @@ def test_every_numeric_key_carries_its_bound_on_the_record() -> None:
         ("upstream.respawn_stable_s", "-3"),
         ("upstream.pool_size", "0"),
         ("limits.bind_timeout_s", "0"),
+        ("server.drain_timeout_s", "-0.5"),
     ],
 )
 def test_check_config_refuses_values_out_of_bounds(tmp_path: Path, key: str, value: str) -> None:
@@ -115,6 +119,16 @@ def test_check_config_refuses_values_out_of_bounds(tmp_path: Path, key: str, val
     )
     assert done.returncode != 0
     assert key in done.stderr and ">" in done.stderr, done.stderr
+
+
+def test_drain_timeout_bounds() -> None:
+    """0 is allowed (no drain: the stop of earlier versions), and so is the hour at most."""
+    assert config.Config().server.drain_timeout_s == config.DEFAULT_DRAIN_TIMEOUT_S
+    for edge in (0, config.MAX_DRAIN_TIMEOUT_S):
+        cfg = config.load(None, {"server": {"drain_timeout_s": edge}})
+        assert cfg.server.drain_timeout_s == edge
+    with pytest.raises(ConfigError, match="drain_timeout_s"):
+        config.load(None, {"server": {"drain_timeout_s": config.MAX_DRAIN_TIMEOUT_S + 1}})
 
 
 def test_overrides_and_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

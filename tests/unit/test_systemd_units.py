@@ -92,9 +92,10 @@ def test_stop_leaves_the_shutdown_ladder_to_mcproxy(units: dict[str, Unit], name
     unit = units[name]
     assert one(unit, "Service", "KillMode") == "mixed"
     assert one(unit, "Service", "KillSignal") == "SIGTERM"
-    # Three steps bounded by shutdown_timeout_s (clients, upstreams, HTTP cleanup), then the
-    # final commit: systemd must not SIGKILL a shutdown that is still within its bounds.
-    bound = 3 * config.DEFAULT_SHUTDOWN_TIMEOUT_S
+    # The drain, three steps bounded by shutdown_timeout_s (clients, upstreams, HTTP
+    # cleanup), then the final commit: systemd must not SIGKILL a shutdown that is still
+    # within its bounds (the drain also sends EXTEND_TIMEOUT_USEC, for longer drains).
+    bound = config.DEFAULT_DRAIN_TIMEOUT_S + 3 * config.DEFAULT_SHUTDOWN_TIMEOUT_S
     assert seconds(one(unit, "Service", "TimeoutStopSec")) > bound
     # The upstream stop ladder fits in one step.
     ladder = config.DEFAULT_STDIN_CLOSE_GRACE_S + config.DEFAULT_SIGTERM_GRACE_S
