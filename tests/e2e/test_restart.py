@@ -7,6 +7,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import (
     INIT_PARAMS,
     MS,
@@ -120,14 +122,24 @@ async def test_unknown_session_in_url_becomes_a_new_session(proxy: ProxyProcess)
         await again.close()
 
 
-async def test_server_requests_pending_at_a_sigkill_are_withdrawn(proxy: ProxyProcess) -> None:
+@pytest.mark.parametrize(
+    ("tool", "arguments", "method"),
+    [
+        ("sample", {"prompt": "hello"}, "sampling/createMessage"),
+        ("ask", {"message": "your name?"}, "elicitation/create"),
+    ],
+)
+async def test_server_requests_pending_at_a_sigkill_are_withdrawn(
+    proxy: ProxyProcess, tool: str, arguments: dict[str, Any], method: str
+) -> None:
     """PROTOCOL.md, *Upstream loss*: a server request of a dead upstream is withdrawn, also
-    when the proxy itself was killed; a late answer to it goes nowhere (and is logged)."""
+    when the proxy itself was killed; a late answer to it goes nowhere (and is logged).
+    Sampling and elicitation alike (issue 16 item 2)."""
     client = await WsClient.connect(proxy.url)
     session_id = (await client.initialize())["result"]["mcpSessionId"]
-    call = await client.call_tool("sample", {"prompt": "hello"})
+    call = await client.call_tool(tool, arguments)
     ask = await client.recv()
-    while ask.get("method") != "sampling/createMessage":
+    while ask.get("method") != method:
         ask = await client.recv()
     cursor = max(client.lsns())
     await client.drop()
