@@ -144,6 +144,17 @@ class Outbox:
         self._items.append(_End())
         self._wake()
 
+    def ending(self) -> bool:
+        """Whether the message being sent is the last: only the end follows, and nothing is
+        left to read from the log. A ``send`` may then end its response in the same write."""
+        items = self._items
+        return (
+            self._complete
+            and self._head < len(items)
+            and isinstance(items[self._head], _End)
+            and self._halted is None
+        )
+
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
