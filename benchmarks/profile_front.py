@@ -18,6 +18,7 @@ median over rounds is printed.
 
     python benchmarks/profile_front.py [--calls 2000] [--rounds 5] [--mode per-session|shared]
     python benchmarks/profile_front.py --callgrind --calls 200 --rounds 1 [--keep /tmp/cg]
+    python benchmarks/profile_front.py --short-sessions 100   # idle children: close vs end
 """
 
 from __future__ import annotations
@@ -345,6 +346,46 @@ async def run(args: argparse.Namespace, folder: Path) -> None:
         print(f"  http/ws ({'instructions' if grind else 'CPU'}, proxy alone): {ratio:.2f}x")
 
 
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def short_sessions(args: argparse.Namespace, folder: Path) -> None:
+    """Many short WebSocket sessions (one call each), left with close() or ended with end():
+    the upstream children still alive afterwards, their memory, and the proxy's CPU."""
+    from mcproxy.client.mcp import MCPClient
+
+    print(f"{args.short_sessions} short sessions (per-session mode), one echo call each:")
+    for how in ("close", "end"):
+        sub = folder / how
+        sub.mkdir()
+        daemon = Daemon(sub, "per-session", [])
+        url = f"ws://127.0.0.1:{daemon.port}/mcp"
+        try:
+            start = cpu_ns(daemon.proc.pid)
+            t0 = time.perf_counter()
+            for i in range(args.short_sessions):
+                client = MCPClient(url)
+                await client.connect()
+                await client.call_tool("echo", {"text": f"short {i}"})
+                await (client.end() if how == "end" else client.close())
+            wall = time.perf_counter() - t0
+            await asyncio.sleep(1.0)  # ended sessions' children are gone by now
+            used = cpu_ns(daemon.proc.pid) - start
+            kids = children(daemon.proc.pid)
+            rss = sum(rss_kb(k) for k in kids)
+            print(
+                f"  {how + '()':<8} children alive {len(kids):4d} ({rss / 1024:7.1f} MiB RSS)"
+                f" | proxy CPU/session {used / args.short_sessions / 1e3:8.1f} us"
+                f" | wall/session {wall / args.short_sessions * 1e3:7.1f} ms"
+            )
+        finally:
+            daemon.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=2000)
@@ -354,10 +395,17 @@ def main() -> None:
     p.add_argument("--callgrind", action="store_true", help="count instructions (valgrind)")
     p.add_argument("--pyspy", type=Path, help="py-spy profiles of the first round here")
     p.add_argument("--strace", type=Path, help="count system calls in the first round here")
+    p.add_argument(
+        "--short-sessions", type=int, default=0, help="only: N short sessions, close vs end"
+    )
     p.add_argument("--keep", type=Path, help="keep the callgrind dumps in this folder")
     args = p.parse_args()
     if args.callgrind and shutil.which("valgrind") is None:
         sys.exit("--callgrind needs valgrind (Debian: apt-get install valgrind)")
+    if args.short_sessions:
+        with tempfile.TemporaryDirectory(prefix="mcproxy-profile-") as tmp:
+            asyncio.run(short_sessions(args, Path(tmp)))
+        return
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         asyncio.run(run(args, args.keep))
