@@ -189,8 +189,19 @@ class ReconnectingConnection:
         """End the connection cleanly: RFC 6455 §7.1.2, a close frame (1000) and the server's
         echo, waited for at most ``close_timeout_s``, then the TCP connection. (The reading
         task clears ``_ws`` when it stops, so the socket is taken first: closing after that
-        used to drop the TCP connection without a frame, which the server logged as 1006.)"""
-        self.closed = self.closed or ConnectionClosed("closed by the client")
+        used to drop the TCP connection without a frame, which the server logged as 1006.)
+        The session stays on the server, to be resumed (``session_id``, ``cursor``)."""
+        await self._shutdown(b"client closing", ConnectionClosed("closed by the client"))
+
+    async def end(self) -> None:
+        """End the session for good, the WebSocket equivalent of HTTP DELETE: close 1000 with
+        the reason ``MCP session terminated`` (docs/PROTOCOL.md *Ending a session*). The
+        server stops its upstream at once and erases the session. Only a connected client
+        can say so: if the connection is down, the session is left to be parked and expire."""
+        await self._shutdown(TERMINATED_REASON.encode(), SessionTerminated("ended by the client"))
+
+    async def _shutdown(self, reason: bytes, closed: ConnectionClosed) -> None:
+        self.closed = self.closed or closed
         ws = self._ws
         if self._task is not None:
             self._task.cancel()
@@ -199,7 +210,7 @@ class ReconnectingConnection:
         if ws is not None and not ws.closed:
             try:
                 await asyncio.wait_for(
-                    ws.close(code=1000, message=b"client closing"), self.options.close_timeout_s
+                    ws.close(code=1000, message=reason), self.options.close_timeout_s
                 )
             except (TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
                 log.info("client.close_unanswered", error=repr(exc))

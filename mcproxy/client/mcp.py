@@ -152,8 +152,23 @@ class MCPClient:
         self._save_state()
 
     async def close(self) -> None:
+        """Close the connection; the session stays on the proxy, to be resumed."""
         self._save_state()
         await self._conn.close()
+        await self._stop_tasks()
+
+    async def end(self) -> None:
+        """End the session for good (the proxy stops its upstream at once and erases it, as
+        for HTTP DELETE: docs/PROTOCOL.md *Ending a session*); the state file goes too."""
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+        await self._conn.end()
+        if self._state_file is not None:
+            self._state_file.unlink(missing_ok=True)
+        await self._stop_tasks()
+
+    async def _stop_tasks(self) -> None:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -74,6 +74,7 @@ class Outbox:
         max_queue: int,
         stream: int | None = None,
         owner: Owner | None = None,
+        live_after: int | None = None,
     ) -> None:
         self.session_id = session_id
         self.store = store
@@ -91,6 +92,13 @@ class Outbox:
         self.caught_up: Callable[[], None] | None = None  # called once the replay is done
         self._halted: StoreError | None = None
         self.owner = owner
+        # Every message of this outbox's stream(s) with an LSN above ``live_after`` reaches
+        # ``push_live`` (its owner registered the outbox when no LSN above it was handed
+        # out yet); None: unknown. Then the log holds nothing the pump will not be handed,
+        # and a catch-up (a commit wait and a read in aiosqlite's thread, twice per HTTP
+        # request: issue 20) is skipped, until an overflow drops live items again.
+        self.live_after = live_after
+        self._complete = False  # set by ``run``: nothing to read from the log
 
     @property
     def parked(self) -> bool:
@@ -103,6 +111,7 @@ class Outbox:
             return  # the pump reads everything back from the log
         if len(self._items) - self._head >= self.max_queue:
             self._overflowed = True
+            self._complete = False
             waiting = self._items[self._head :]
             self._items = [i for i in waiting if not isinstance(i, _Live)]
             self._head = 0
@@ -141,6 +150,17 @@ class Outbox:
         self._items.append(_End())
         self._wake()
 
+    def ending(self) -> bool:
+        """Whether the message being sent is the last: only the end follows, and nothing is
+        left to read from the log. A ``send`` may then end its response in the same write."""
+        items = self._items
+        return (
+            self._complete
+            and self._head < len(items)
+            and isinstance(items[self._head], _End)
+            and self._halted is None
+        )
+
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
@@ -167,6 +187,9 @@ class Outbox:
         for data in prelude:
             await self.send(data, None)
         self.sent_lsn = after_lsn
+        # (Not if live items overflowed while the prelude was going out.)
+        live = self.live_after
+        self._complete = not self._overflowed and live is not None and after_lsn >= live
         await self._catch_up()
         if self.caught_up is not None:
             self.caught_up()
@@ -175,7 +198,6 @@ class Outbox:
         while True:
             self._check_halted()
             if self._overflowed:
-                self._overflowed = False
                 await self._catch_up()
             item = self._next()
             if item is None:
@@ -201,6 +223,13 @@ class Outbox:
                 await self._deliver(item.lsn, item.data)
 
     async def _catch_up(self) -> None:
+        if self._complete:
+            return
+        # Both set before the commit wait: everything pushed until now is in the read below
+        # (committed by then), and everything pushed from now on is in ``_items``, unless it
+        # overflows again, which clears ``_complete`` for the next catch-up.
+        self._overflowed = False
+        self._complete = True
         await self.store.barrier()
         while True:
             rows = await self.store.read_events(

@@ -142,6 +142,7 @@ class SessionRunner:
             previous.supersede()
         self._drop_streams(None)
         self.conn = conn
+        head = self.core.next_lsn - 1
         outbox = Outbox(
             self.key,
             self.store,
@@ -149,9 +150,9 @@ class SessionRunner:
             self._on_sent,
             self.config.limits.send_queue_max,
             owner=self,
+            live_after=head,  # every later Emit is pushed to it (``execute``)
         )
         self.outbox = outbox
-        head = self.core.next_lsn - 1
         if cursor is not None and cursor > head:
             # The client has seen LSNs this log never had: only after a restore from a
             # replica that lagged (docs/DEPLOY.md *Restore*). New messages must get LSNs
@@ -200,6 +201,9 @@ class SessionRunner:
             self.config.limits.send_queue_max,
             stream,
             owner=self,
+            # Every later Emit of the stream is pushed to it (``execute``) if it is live;
+            # an ended stream is not registered, but gets nothing more either.
+            live_after=self.core.next_lsn - 1,
         )
         ended = not self.core.stream_live(stream)
         if not ended:

@@ -16,6 +16,12 @@ Session selection supports both generations of the SEP (docs/PROTOCOL.md "Sessio
 Last connection wins: attaching closes the previous socket of the session with 1000 and the
 SEP's reason; anything that socket does afterwards is ignored.
 
+A disconnect never ends a session (SEP: "disconnection MUST NOT be interpreted as terminating
+the MCP session"). A client that is done closes with 1000 and the reason the proxy itself uses
+for a deleted session, ``MCP session terminated``: the WebSocket equivalent of HTTP DELETE
+(docs/PROTOCOL.md *Ending a session*). Its upstream is stopped at once instead of idling until
+it is parked.
+
 A connection is an ``asyncio.Protocol`` over the RFC 6455 framing in ``core.websocket``:
 frames are handled in ``data_received`` with no task per socket, and liveness is one sweep over
 every socket (``heartbeat``) instead of a timer each. The opening handshake arrives either straight
@@ -47,6 +53,7 @@ from mcproxy.core.websocket import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
     CLOSE_TRY_AGAIN_LATER,
+    CloseReceived,
     CloseStarted,
     PongReceived,
     ProtocolFailed,
@@ -177,12 +184,29 @@ class WsConnection(asyncio.Protocol):
             elif isinstance(event, CloseStarted):
                 self.front.hub.metrics.error(f"ws_{event.code}")
                 self._wait_for_close()
+            elif (
+                isinstance(event, CloseReceived)
+                and event.code == CLOSE_NORMAL
+                and event.reason == jsonrpc.TERMINATED_REASON
+            ):
+                self._end_session()
         if self.ws.state is State.CLOSED:
             # The peer's close came (ours is out now), or it broke the protocol: the server
             # closes the TCP connection first (§7.1.1).
             self._stop_pump()
             if self.transport is not None:
                 self.transport.close()
+
+    def _end_session(self) -> None:
+        """The client ended its session (close 1000, ``MCP session terminated``): as HTTP
+        DELETE, if this socket still holds it (a superseded socket changes nothing)."""
+        runner = self.runner
+        if runner is None or runner.conn is not self or runner.closed:
+            return
+        log.info("ws.session_ended", conn=self.label, session=runner.label)
+        self.front.tasks.spawn(
+            self.front.hub.terminate(runner.id, self.principal), f"end:{self.label}"
+        )
 
     def pause_writing(self) -> None:
         if self._drained is None:

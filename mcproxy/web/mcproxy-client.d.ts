@@ -123,6 +123,8 @@ export declare class McproxyClient extends EventTarget {
   open(): void;
   start(params?: { protocolVersion?: string; capabilities?: object; clientInfo?: object }): Promise<Message>;
   close(): void;
+  /** End the session for good (the WebSocket equivalent of HTTP DELETE). */
+  end(): void;
   forgetSession(): void;
   send(message: Message): void;
   forget(id: unknown): void;

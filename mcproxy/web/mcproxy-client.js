@@ -240,9 +240,23 @@ export class McproxyClient extends EventTarget {
     return result;
   }
 
-  /** Close for good: no reconnect; pending requests fail with ConnectionClosedError. */
+  /**
+   * Close for good: no reconnect; pending requests fail with ConnectionClosedError. The
+   * session stays on the proxy, to be resumed by a later client.
+   */
   close() {
     this._finish(new ConnectionClosedError("closed", "closed by the client"));
+  }
+
+  /**
+   * End the session for good, the WebSocket equivalent of HTTP DELETE: close 1000 with the
+   * reason "MCP session terminated" (docs/PROTOCOL.md, *Ending a session*). The proxy stops
+   * the session's upstream at once and erases it; the stored session is forgotten. Only a
+   * connected client can say so: if the connection is down, the proxy parks and expires it.
+   */
+  end() {
+    this.forgetSession();
+    this._finish(new ConnectionClosedError("terminated", "ended by the client"), TERMINATED_REASON);
   }
 
   /** Forget the stored session (the next client starts a new one). */
@@ -598,8 +612,8 @@ export class McproxyClient extends EventTarget {
     this._timer = setTimeout(() => this._connect(), wait);
   }
 
-  /** @param {ConnectionClosedError} error */
-  _finish(error) {
+  /** @param {ConnectionClosedError} error @param {string} [reason] the close frame's */
+  _finish(error, reason = "closed by the client") {
     if (this.closedError) return;
     this.closedError = error;
     this._ready = false;
@@ -607,7 +621,7 @@ export class McproxyClient extends EventTarget {
     const ws = this._ws;
     this._ws = null;
     if (ws) {
-      try { ws.close(1000, "closed by the client"); } catch { /* already closing */ }
+      try { ws.close(1000, reason); } catch { /* already closing */ }
     }
     for (const [key, pending] of [...this._pending]) {
       this._settle(key);

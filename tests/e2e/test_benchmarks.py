@@ -22,6 +22,7 @@ SMALL = {
     "bench_store": ["--messages", "10", "--producers", "4", "--sessions", "20"],
     "bench_fleet": ["--sessions", "6", "--calls", "5", "--resumes", "2"],
     "bench_scale": ["--sessions", "30", "--pool", "1", "--duration", "1", "--rounds", "1"],
+    "profile_front": ["--calls", "20", "--rounds", "2", "--warmup", "5"],
 }
 
 

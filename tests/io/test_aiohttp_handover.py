@@ -15,6 +15,7 @@ import asyncio
 import importlib.metadata
 from typing import cast
 
+import aiohttp
 from aiohttp import web
 
 from tests.helpers import TIMEOUT, eventually
@@ -90,5 +91,53 @@ async def test_a_connection_handed_to_aiohttp_is_served_and_can_be_taken_back() 
         writer.close()
         server.close()
         await server.wait_closed()
+    finally:
+        await runner.cleanup()
+
+
+async def test_held_headers_go_out_with_the_first_chunk_and_the_last_with_the_end() -> None:
+    """``fronts.streamable`` writes an SSE response in two writes (issue 20): the headers
+    held back (``_send_headers_immediately``, private) go with the priming event, and the
+    answer goes with the end of the chunked body (``write_eof(data)``)."""
+    writes: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        transport = cast(asyncio.Transport, request.transport)
+        write, writelines = transport.write, transport.writelines
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        def counted_lines(chunks: list[bytes]) -> None:
+            writes.append(b"".join(chunks))
+            writelines(chunks)
+
+        transport.write = counted  # type: ignore[method-assign]
+        transport.writelines = counted_lines  # type: ignore[method-assign]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp._send_headers_immediately = False
+        await resp.prepare(request)
+        assert writes == []
+        await resp.write(b"id: 1\ndata: \n\n")
+        assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200")
+        await resp.write_eof(b"data: last\n\n")
+        assert len(writes) == 2 and writes[1].endswith(b"\r\n0\r\n\r\n")
+        transport.write, transport.writelines = write, writelines  # type: ignore[method-assign]
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as resp:
+            assert await asyncio.wait_for(resp.read(), TIMEOUT) == (
+                b"id: 1\ndata: \n\ndata: last\n\n"
+            )
+        assert len(writes) == 2
     finally:
         await runner.cleanup()

@@ -182,6 +182,25 @@ for (const [code, reason, kind] of [
   });
 }
 
+test("end() closes 1000 with the termination reason and forgets the session; close() keeps it", async () => {
+  const storage = new MemoryStorage();
+  const { client, ws } = await established({ storage });
+  const pending = client.request("tools/list");
+  client.end();
+  assert.deepEqual(ws.closedWith, { code: 1000, reason: TERMINATED_REASON });
+  await assert.rejects(pending, (e) => e.kind === "terminated");
+  assert.equal(storage.getItem(client.storageKey), null);
+  assert.equal(client.state, "closed");
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(FakeWebSocket.instances.length, 1); // no reconnect
+
+  FakeWebSocket.reset();
+  const kept = await established({ storage: new MemoryStorage() });
+  kept.client.close();
+  assert.deepEqual(kept.ws.closedWith, { code: 1000, reason: "closed by the client" });
+  assert.notEqual(kept.client.storage.getItem(kept.client.storageKey), null);
+});
+
 test("an upgrade refused with 401 (ws reports the status) is final", async () => {
   const client = make();
   client.open();
