@@ -411,7 +411,11 @@ class Worker:
                     self.failures.append(repr(result))
             if len(self.failures) > max(10, n // 10):
                 break
-        return {"opened": len(self.sessions), "failures": self.failures[:3]}
+        return {
+            "opened": len(self.sessions),
+            "failed": len(self.failures),
+            "failures": self.failures[:3],
+        }
 
     async def run(self, sessions: list[Checked], until: float) -> Tally:
         tally = Tally()
@@ -607,6 +611,12 @@ class Target:
                 self.proc.wait()
         self.log.close()
 
+    def log_tail(self, lines: int = 5) -> list[str]:
+        """The target's last log lines (warnings and errors only: it runs at that level)."""
+        with contextlib.suppress(OSError):
+            return Path(self.log.name).read_text(errors="replace").splitlines()[-lines:]
+        return []
+
 
 class Load:
     """The load processes, driven by JSON lines over their pipes."""
@@ -614,6 +624,7 @@ class Load:
     def __init__(self, count: int) -> None:
         self.count = count
         self.procs: list[asyncio.subprocess.Process] = []
+        self.failed = 0  # session openings that failed (each retried), over the processes
 
     async def start(self, spec: dict[str, Any], timeout: float) -> None:
         for i in range(self.count):
@@ -652,6 +663,7 @@ class Load:
         shares = self.split(n)
         answers = await asyncio.gather(*(self.ask(i, {"op": "open", "n": k})
                                          for i, k in enumerate(shares)))  # fmt: skip
+        self.failed = sum(a["failed"] for a in answers)
         for answer in answers:
             if answer["failures"]:
                 print(f"      session failures: {answer['failures']}")
@@ -731,6 +743,8 @@ async def measure(name: str, upstream: str, args: argparse.Namespace, tmp: Path)
         t1 = time.monotonic()
         await asyncio.to_thread(target.stop)
         row["teardown_s"] = [round(t1 - t0, 1), round(time.monotonic() - t1, 1)]
+        row["log"] = target.log_tail()
+        row["open_failures"] = load.failed
     return row
 
 
@@ -824,7 +838,7 @@ def table(rows: list[dict[str, Any]], levels: list[int]) -> str:
             return f"{row[key] / base[key]:.2f}"  # of the same run, same upstream
 
         wrong = r["seq"]["wrong"]
-        bad = r["seq"]["timeouts"] + r["seq"]["late"], r["seq"]["errors"]
+        bad = r["seq"]["timeouts"] + r["seq"]["late"], r["seq"]["errors"] + r["open_failures"]
         level_cells = []
         for c in levels:
             level = r["levels"].get(str(c), {})
@@ -877,8 +891,8 @@ Versions: {", ".join(f"{k} {v}" for k, v in result["versions"].items())}.
   (children included).
 - *wrong*: answers or notifications that belong to another call or client, or are malformed
   (supergateway's ws mode turns string ids into `null`: every odd call uses one). *timeouts /
-  errors*: calls unanswered in {result["timeout"]} s (or answered after that), error answers
-  and broken sessions.
+  errors*: calls unanswered in {result["timeout"]} s (or answered after that), error answers,
+  broken sessions and failed session openings (each retried).
 
 {markdown}
 
@@ -912,6 +926,7 @@ async def main() -> int:
     parser.add_argument("--write-docs", action="store_true", help=f"write {DOCS.relative_to(ROOT)}")
     parser.add_argument("--note", default="", help="a remark for the docs (e.g. a loaded machine)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--verbose", action="store_true", help="print each target's log tail")
     parser.add_argument("--parallel", type=int, default=1,
                         help="targets measured at once (figures are void above 1)")  # fmt: skip
     args = parser.parse_args()
@@ -953,6 +968,8 @@ async def main() -> int:
             t0 = time.monotonic()
             row = await measure(name, upstream, args, Path(tmp))
             print(_line(row, args.levels) + f"  [{time.monotonic() - t0:.0f} s]", flush=True)
+            for line in row["log"] if args.verbose or "failed" in row else []:
+                print(f"      log: {line[:300]}")
             return row
 
     with tempfile.TemporaryDirectory() as tmp:
