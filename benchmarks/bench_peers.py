@@ -29,13 +29,18 @@ Per target x upstream, one run measures:
   server do not fit in memory);
 - memory per session: the tree's RSS with every session of the largest level open and idle,
   minus its RSS with one, over the sessions added;
-- wrong answers: every message is checked. A call's answer must carry the call's own id (odd
-  calls use string ids such as "c-17", even ones numbers) and echo its own unique payload;
-  every call carries a unique progress token, so a notification about another client's call
-  is recognised. An answer or notification that belongs to another call or client, or that
-  is malformed, is *wrong*; timeouts, errors and answers that come after their call timed out
-  are counted apart; other notifications (logging, list changes) are counted as *notes*.
+- wrong answers: every message is checked. A call's answer must carry the call's own id
+  (odd calls use string ids such as "c-17", even ones numbers) and echo its own unique
+  payload; every call carries a unique progress token, so a notification about another
+  client's call is recognised. An answer or notification that belongs to another call or
+  client, or that is malformed, is *wrong*; timeouts, errors and answers that come after
+  their call timed out are counted apart; other notifications (logging, list changes) are
+  counted as *notes*.
   Calls/s counts right answers only.
+- the progress probe: on one session a call to a tool that reports progress for a second (the
+  demo's ``countdown``, server-everything's ``trigger-long-running-operation``) while another
+  session calls echo; the second must see none of the first one's notifications, and the
+  first must see them (their number is printed).
 
 The load generator: ``--load-procs`` separate processes (2 by default), each driving its
 share of the sessions with lean clients (raw asyncio WebSocket frames from bench_scale, aiohttp
@@ -93,7 +98,8 @@ LABELS = {
     "sg-http": "supergateway `streamableHttp --stateful` (child per session)",
 }
 EX_TEMPFAIL = 75  # the peers could not be installed and MCPROXY_REQUIRE_PEERS=1
-CONNECT_BATCH = 50
+CONNECT_BATCH = 50  # sessions opened at once by a load process
+CHILD_BATCH = 10  # the same where each session starts a process
 LIST = b'{"jsonrpc":"2.0","id":"tools","method":"tools/list"}'
 
 
@@ -113,6 +119,8 @@ class Tally(msgspec.Struct):
     timeouts: int = 0
     late: int = 0
     notes: int = 0
+    progress: int = 0  # the call's own progress notifications
+    note_methods: dict[str, int] = msgspec.field(default_factory=dict)  # notes, by method
     examples: list[str] = msgspec.field(default_factory=list)  # the first few wrong ones
     latencies: list[float] = msgspec.field(default_factory=list)
 
@@ -122,24 +130,39 @@ class Tally(msgspec.Struct):
             self.examples.append(f"{why}: {raw[:200]!r}")
 
     def merge(self, other: Tally) -> None:
-        for name in ("ok", "wrong", "errors", "timeouts", "late", "notes"):
+        for name in ("ok", "wrong", "errors", "timeouts", "late", "notes", "progress"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.examples += other.examples[: max(0, 3 - len(self.examples))]
+        for method, count in other.note_methods.items():
+            self.note_methods[method] = self.note_methods.get(method, 0) + count
         self.latencies += other.latencies
 
 
 class Call:
-    """One tools/call: its own id (a string for odd calls), payload and progress token."""
+    """One tools/call: its own id (a string for odd calls), payload and progress token.
 
-    def __init__(self, tag: str, seq: int, upstream: str) -> None:
-        self.id: int | str = f"c-{seq}" if seq % 2 else seq
+    ``progress``: instead of echo, a tool that reports progress for about a second (the
+    demo's ``countdown``, server-everything's ``trigger-long-running-operation``), with a
+    numeric id; its answer is any result under its id (``expected`` None). ``numeric``: an
+    echo with a numeric id whatever its number."""
+
+    def __init__(
+        self, tag: str, seq: int, upstream: str, progress: bool = False, numeric: bool = False
+    ) -> None:
+        self.id: int | str = f"c-{seq}" if seq % 2 and not (progress or numeric) else seq
         self.text = f"{tag}-{seq}"
         self.token = f"p-{tag}-{seq}"
-        key, self.expected = ("text", self.text) if upstream == "python" else (
+        key, expected = ("text", self.text) if upstream == "python" else (
             "message", f"Echo: {self.text}")  # fmt: skip
+        self.expected: str | None = expected
+        name, arguments = "echo", {key: self.text}
+        if progress:
+            self.expected = None
+            name, arguments = ("countdown", {"n": 2}) if upstream == "python" else (
+                "trigger-long-running-operation", {"duration": 1, "steps": 4})  # fmt: skip
         self.body = msgspec.json.encode({
             "jsonrpc": "2.0", "id": self.id, "method": "tools/call",
-            "params": {"name": "echo", "arguments": {key: self.text},
+            "params": {"name": name, "arguments": arguments,
                        "_meta": {"progressToken": self.token}},
         })  # fmt: skip
 
@@ -171,8 +194,12 @@ def check(call: Call | None, raw: bytes, tally: Tally, late: set[str]) -> bool:
             meta, dict) else None)  # fmt: skip
         if token is None:
             tally.notes += 1
+            method = str(message["method"])[:60]
+            tally.note_methods[method] = tally.note_methods.get(method, 0) + 1
         elif call is None or token != call.token:
             tally.bad("another call's notification", raw)
+        else:
+            tally.progress += 1
         return False
     if "result" not in message and "error" not in message:
         tally.bad("neither result nor error", raw)
@@ -183,6 +210,9 @@ def check(call: Call | None, raw: bytes, tally: Tally, late: set[str]) -> bool:
     if mine and "error" in message:
         tally.errors += 1
         return True
+    if mine and call is not None and call.expected is None:  # a progress call: any result
+        tally.ok += 1
+        return True
     if call is not None and text == call.expected:
         if mine:
             tally.ok += 1
@@ -192,7 +222,7 @@ def check(call: Call | None, raw: bytes, tally: Tally, late: set[str]) -> bool:
     if mine:
         tally.bad("another call's payload under this call's id", raw)
         return True
-    if text is not None and text in late:
+    if text is not None and text in late:  # late: an echo's answer after its call timed out
         late.discard(text)
         tally.late += 1
         return False
@@ -218,9 +248,9 @@ class Checked:
         self.late: set[str] = set()
         self.closed = False
 
-    def next_call(self) -> Call:
+    def next_call(self, progress: bool = False, numeric: bool = False) -> Call:
         self.seq += 1
-        self.call = Call(self.tag, self.seq, self.upstream)
+        self.call = Call(self.tag, self.seq, self.upstream, progress, numeric)
         self.future = asyncio.get_running_loop().create_future()
         return self.call
 
@@ -232,7 +262,7 @@ class Checked:
 
     def expire(self) -> None:
         """The call in flight timed out: its answer, if it comes, is late, not wrong."""
-        if self.call is not None:
+        if self.call is not None and self.call.expected is not None:
             self.late.add(self.call.expected)
             self.call = None
         if self.future is not None and not self.future.done():
@@ -241,9 +271,9 @@ class Checked:
     async def transmit(self, call: Call) -> None:
         raise NotImplementedError
 
-    async def one(self, timeout: float) -> None:
+    async def one(self, timeout: float, progress: bool = False, numeric: bool = False) -> None:
         """One call, checked; raises TimeoutError or ConnectionError."""
-        call = self.next_call()
+        call = self.next_call(progress, numeric)
         self.deadline = asyncio.get_running_loop().time() + timeout
         future = self.future
         assert future is not None
@@ -257,9 +287,11 @@ class Checked:
 class WsSession(WsClient, Checked):
     """mcproxy's or supergateway's WebSocket front (one JSON-RPC message per text frame)."""
 
+    handshake: asyncio.Queue[bytes] | None = None
+
     def text(self, payload: bytes) -> None:
-        if self.future is None:  # the handshake, before any checked call
-            super().text(payload)
+        if self.handshake is not None:  # before any checked call: initialize, tools/list
+            self.handshake.put_nowait(payload)
         else:
             self.feed(payload)
 
@@ -274,18 +306,30 @@ class WsSession(WsClient, Checked):
     async def aclose(self) -> None:
         self.close()
 
+    async def rpc(self, data: bytes, timeout: float) -> dict[str, Any]:
+        """Sends a request once and waits for a response (supergateway's ws mode sends every
+        client the shared child's notifications, some before the answer)."""
+        assert self.handshake is not None
+        self.send(data)
+        while True:
+            reply = msgspec.json.decode(await asyncio.wait_for(self.handshake.get(), timeout))
+            if isinstance(reply, dict) and "method" not in reply:
+                return reply
+
     @classmethod
-    async def open(cls, host: str, port: int, path: str, timeout: float) -> WsSession:
+    async def open(
+        cls, host: str, port: int, path: str, timeout: float, tag: str, upstream: str
+    ) -> WsSession:
         loop = asyncio.get_running_loop()
         _, client = await loop.create_connection(lambda: cls(host, port, path), host, port)
+        client.setup(tag, upstream, Tally())
+        client.handshake = asyncio.Queue()
         await asyncio.wait_for(client.ready, timeout)
-        await client.call(msgspec.json.encode(INIT), timeout)
+        await client.rpc(msgspec.json.encode(INIT), timeout)
         client.send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
         # like any client: list first (mcproxy learns which tools are read-only)
-        while True:
-            reply = msgspec.json.decode(await client.call(LIST, timeout))
-            if "method" not in reply:
-                break
+        await client.rpc(LIST, timeout)
+        client.handshake = None
         return client
 
 
@@ -376,12 +420,14 @@ class Worker:
         self.failures: list[str] = []
 
     async def open_one(self, index: int) -> Checked:
-        spec, timeout = self.spec, self.spec["timeout"]
+        # a session may start a process (a Node one takes a second of CPU), many at once
+        spec, timeout = self.spec, max(60.0, self.spec["timeout"])
         tag = f"w{spec['worker']}s{index}"
         session: Checked
         if spec["kind"] == "ws":
-            session = await WsSession.open("127.0.0.1", spec["port"], spec["path"], timeout)
-            session.setup(tag, spec["upstream"], Tally())
+            session = await WsSession.open(
+                "127.0.0.1", spec["port"], spec["path"], timeout, tag, spec["upstream"]
+            )
         elif spec["kind"] == "http":
             if self.http is None:
                 self.http = aiohttp.ClientSession(
@@ -399,7 +445,8 @@ class Worker:
 
     async def open(self, n: int) -> dict[str, Any]:
         while len(self.sessions) < n:
-            count = min(CONNECT_BATCH, n - len(self.sessions))
+            batch = CHILD_BATCH if self.spec["per_child"] else CONNECT_BATCH
+            count = min(batch, n - len(self.sessions))
             base = len(self.sessions) + len(self.failures)
             results = await asyncio.gather(
                 *(self.open_one(base + i) for i in range(count)), return_exceptions=True
@@ -445,6 +492,22 @@ class Worker:
             timer.cancel()
         return tally
 
+    async def probe(self) -> dict[str, Any]:
+        """Session 0 makes a call that reports progress while session 1 calls echo: session 1
+        must see none of session 0's notifications, and session 0 must see them all. Numeric
+        ids only: what goes wrong here is about notifications, not string ids."""
+        talker, listener = self.sessions[0], self.sessions[1]
+        talker.tally, listener.tally = Tally(), Tally()
+        timeout = self.spec["timeout"]
+        with contextlib.suppress(TimeoutError, ConnectionError, aiohttp.ClientError, OSError):
+            long = asyncio.ensure_future(talker.one(timeout, progress=True))
+            while not long.done():
+                with contextlib.suppress(TimeoutError):
+                    await listener.one(timeout, numeric=True)
+            await long
+        return {"talker": msgspec.to_builtins(talker.tally),
+                "listener": msgspec.to_builtins(listener.tally)}  # fmt: skip
+
     async def command(self, cmd: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         if cmd["op"] == "open":
@@ -466,6 +529,8 @@ class Worker:
                     break
                 tally.latencies.append(time.perf_counter() - c0)
             return {"tally": msgspec.to_builtins(tally), "wall": time.perf_counter() - t0}
+        if cmd["op"] == "probe":
+            return await self.probe()
         if cmd["op"] == "load":
             t0 = time.perf_counter()
             tally = await self.run(self.sessions[: cmd["c"]], loop.time() + cmd["duration"])
@@ -549,7 +614,7 @@ class Target:
         self.max_children = max_children
         self.proc: subprocess.Popen[bytes] | None = None
         self.proxy: Proxy | None = None
-        self.spec: dict[str, Any] = {"upstream": upstream}
+        self.spec: dict[str, Any] = {"upstream": upstream, "target": name}
         self.log = open(tmp / f"{name}-{upstream}.log", "wb")  # noqa: SIM115
 
     def start(self) -> None:
@@ -629,6 +694,7 @@ class Load:
     async def start(self, spec: dict[str, Any], timeout: float) -> None:
         for i in range(self.count):
             worker_spec = {**spec, "worker": i, "timeout": timeout}
+            worker_spec["per_child"] = spec["target"] in PER_CHILD
             self.procs.append(
                 await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -711,6 +777,13 @@ async def measure(name: str, upstream: str, args: argparse.Namespace, tmp: Path)
                 "cpu_us": 1e6 * (cpu1 - cpu0) / max(1, len(tally.latencies)),
                 "seq": _counts(tally)}  # fmt: skip
         rss1 = tree_rss(target.roots(load.procs))
+        await load.ask(0, {"op": "open", "n": 2})
+        probe = await load.ask(0, {"op": "probe"})
+        talker = msgspec.convert(probe["talker"], Tally)
+        listener = msgspec.convert(probe["listener"], Tally)
+        row["probe"] = {"own_progress": talker.progress, "answered": talker.ok,
+                        "wrong": talker.wrong + listener.wrong, "echoes": listener.ok,
+                        "examples": talker.examples + listener.examples}  # fmt: skip
         opened = 1
         levels = [c for c in args.levels if name not in PER_CHILD or c <= args.max_children]
         for c in args.levels:
@@ -751,6 +824,7 @@ async def measure(name: str, upstream: str, args: argparse.Namespace, tmp: Path)
 def _counts(tally: Tally) -> dict[str, Any]:
     return {"ok": tally.ok, "wrong": tally.wrong, "errors": tally.errors,
             "timeouts": tally.timeouts, "late": tally.late, "notes": tally.notes,
+            "note_methods": tally.note_methods,
             "examples": tally.examples}  # fmt: skip
 
 
@@ -821,12 +895,12 @@ def table(rows: list[dict[str, Any]], levels: list[int]) -> str:
     ok = {(r["target"], r["upstream"]): r for r in rows if "p50_us" in r}
     head = ("| target | upstream | seq p50 µs | p99 µs | x direct | x sg-ws | CPU/call µs "
             "| CPU x sg-ws | " + " | ".join(f"calls/s C={c}" for c in levels)
-            + " | mem/session KiB | wrong | timeouts / errors |")  # fmt: skip
-    lines = [head, "|---|---|" + "---:|" * (9 + len(levels))]
+            + " | mem/session KiB | wrong | other notifications | timeouts / errors |")  # fmt: skip
+    lines = [head, "|---|---|" + "---:|" * (10 + len(levels))]
     for r in rows:
         label = f"{LABELS[r['target']]}"
         if "p50_us" not in r:
-            cells = ["failed: " + r.get("failed", "?")[:80]] + ["—"] * (8 + len(levels))
+            cells = ["failed: " + r.get("failed", "?")[:80]] + ["—"] * (9 + len(levels))
             lines.append(f"| {label} | {r['upstream']} | " + " | ".join(cells) + " |")
             continue
         direct = ok.get(("direct", r["upstream"]))
@@ -837,12 +911,14 @@ def table(rows: list[dict[str, Any]], levels: list[int]) -> str:
                 return "—"
             return f"{row[key] / base[key]:.2f}"  # of the same run, same upstream
 
-        wrong = r["seq"]["wrong"]
+        wrong = r["seq"]["wrong"] + r.get("probe", {}).get("wrong", 0)
+        notes = r["seq"]["notes"]
         bad = r["seq"]["timeouts"] + r["seq"]["late"], r["seq"]["errors"] + r["open_failures"]
         level_cells = []
         for c in levels:
             level = r["levels"].get(str(c), {})
             wrong += level.get("wrong", 0)
+            notes += level.get("notes", 0)
             bad = bad[0] + level.get("timeouts", 0) + level.get("late", 0), bad[1] + level.get(
                 "errors", 0)  # fmt: skip
             if "rps" not in level:
@@ -862,7 +938,7 @@ def table(rows: list[dict[str, Any]], levels: list[int]) -> str:
             f"{ratio('p50_us', direct)} | {ratio('p50_us', sg)} | {_fmt(r['cpu_us'])} | "
             f"{ratio('cpu_us', sg)} | "
             + " | ".join(level_cells)
-            + f" | {mem_cell} | **{wrong}** | {bad[0]} / {bad[1]} |"
+            + f" | {mem_cell} | **{wrong}** | {notes} | {bad[0]} / {bad[1]} |"
         )
     return "\n".join(lines)
 
@@ -889,8 +965,14 @@ Versions: {", ".join(f"{k} {v}" for k, v in result["versions"].items())}.
   a level where a load process used over 85% of a core (the generator may be the limit).
 - *mem/session*: the tree's RSS with n idle sessions (in brackets) minus with one, per session
   (children included).
-- *wrong*: answers or notifications that belong to another call or client, or are malformed
-  (supergateway's ws mode turns string ids into `null`: every odd call uses one). *timeouts /
+- *wrong*: answers or notifications that belong to another call or client, or are malformed,
+  over every phase (supergateway's ws mode turns string ids into `null`: every odd call uses
+  one), and in a progress probe: one session calls a tool that reports progress for a second
+  (the demo's `countdown`, server-everything's `trigger-long-running-operation`) while another
+  calls echo, which must see none of the first one's notifications (supergateway's ws mode
+  sends them to every client; the probe's echoes use numeric ids). *other notifications*:
+  those that name no call (a list change, a log message), received over the run (the JSON
+  below counts them by method). *timeouts /
   errors*: calls unanswered in {result["timeout"]} s (or answered after that), error answers,
   broken sessions and failed session openings (each retried).
 
@@ -1003,6 +1085,10 @@ def _line(row: dict[str, Any], levels: list[int]) -> str:
     if "mem_kib" in row:
         parts.append(f"mem {row['mem_kib']:.0f} KiB/session")
     parts.append(f"seq wrong {row['seq']['wrong']}")
+    if "probe" in row:
+        probe = row["probe"]
+        parts.append(f"progress probe: {probe['own_progress']} own notifications, "
+                     f"{probe['wrong']} wrong beside {probe['echoes']} echoes")  # fmt: skip
     return head + " " + "; ".join(parts)
 
 

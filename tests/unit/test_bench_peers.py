@@ -132,3 +132,21 @@ def test_an_answer_with_no_call_in_flight_is_wrong(peers: ModuleType) -> None:
     tally = peers.Tally()
     assert not peers.check(None, answer(peers.Call("s0", 9, "python")), tally, set())
     assert tally.wrong == 1
+
+
+def test_the_progress_probe_call(peers: ModuleType) -> None:
+    """The probe's call reports progress: its own notifications are counted as such, its
+    answer is any result under its (numeric) id, and its notifications reaching the echo
+    session beside it are wrong there."""
+    tally = peers.Tally()
+    talker = peers.Call("s0", 1, "node", progress=True)
+    assert talker.id == 1 and b"trigger-long-running-operation" in talker.body
+    note = {"jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": talker.token, "progress": 1}}  # fmt: skip
+    assert not peers.check(talker, json.dumps(note).encode(), tally, set())
+    assert peers.check(talker, answer(talker, text="Long running operation completed"),
+                       tally, set())  # fmt: skip
+    assert (tally.progress, tally.ok, tally.wrong) == (1, 1, 0)
+    listener = peers.Call("s1", 2, "node")
+    assert not peers.check(listener, json.dumps(note).encode(), tally, set())
+    assert tally.wrong == 1
