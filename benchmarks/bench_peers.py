@@ -36,7 +36,7 @@ Per target x upstream, one run measures:
   client, or that is malformed, is *wrong*; timeouts, errors and answers that come after
   their call timed out are counted apart; other notifications (logging, list changes) are
   counted as *notes*.
-  Calls/s counts right answers only.
+  Calls/s counts every answer, right or wrong (the wrong ones have their own column).
 - the progress probe: on one session a call to a tool that reports progress for a second (the
   demo's ``countdown``, server-everything's ``trigger-long-running-operation``) while another
   session calls echo; the second must see none of the first one's notifications, and the
@@ -245,6 +245,7 @@ class Checked:
         self.call: Call | None = None
         self.future: asyncio.Future[None] | None = None
         self.deadline = 0.0
+        self.timeout = 0.0
         self.late: set[str] = set()
         self.closed = False
 
@@ -274,6 +275,7 @@ class Checked:
     async def one(self, timeout: float, progress: bool = False, numeric: bool = False) -> None:
         """One call, checked; raises TimeoutError or ConnectionError."""
         call = self.next_call(progress, numeric)
+        self.timeout = timeout
         self.deadline = asyncio.get_running_loop().time() + timeout
         future = self.future
         assert future is not None
@@ -373,7 +375,10 @@ class HttpCall(Checked):
     async def transmit(self, call: Call) -> None:
         session = self.session
         headers = session.headers
-        async with session.http.post(session.url, data=call.body, headers=headers) as resp:
+        limit = aiohttp.ClientTimeout(total=self.timeout)  # the expiry timer cannot end a POST
+        async with session.http.post(
+            session.url, data=call.body, headers=headers, timeout=limit
+        ) as resp:
             if resp.status != 200:
                 raise ConnectionError(f"HTTP {resp.status}")
             if resp.content_type == "application/json":
@@ -804,9 +809,11 @@ async def measure(name: str, upstream: str, args: argparse.Namespace, tmp: Path)
             cpu1, gen1 = tree_cpu(roots), load.cpu()
             ms = sorted(s * 1e3 for s in tally.latencies) or [0.0]
             row["levels"][str(c)] = {
-                "rps": tally.ok / wall, "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99),
+                "rps": (tally.ok + tally.wrong) / wall, "right_per_s": tally.ok / wall,
+                "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99),
                 "cpu_us": 1e6 * (cpu1 - cpu0) / max(1, tally.ok + tally.wrong),
-                "gen_pct": 100 * (gen1 - gen0) / wall, **_counts(tally),
+                "gen_pct": 100 * (gen1 - gen0) / wall, "gen_procs": len(load.split(c)),
+                **_counts(tally),
             }  # fmt: skip
     except Exception as exc:
         row["failed"] = repr(exc)
@@ -928,7 +935,7 @@ def table(rows: list[dict[str, Any]], levels: list[int]) -> str:
             base = sg and sg["levels"].get(str(c), {}).get("rps")
             if base:
                 cell += f" ({level['rps'] / base:.2f}x sg-ws)"
-            if level["gen_pct"] > 85:
+            if level["gen_pct"] / level.get("gen_procs", 1) > 85:
                 cell += " ‡"
             level_cells.append(cell)
         mem = r.get("mem_kib")
@@ -959,10 +966,12 @@ Versions: {", ".join(f"{k} {v}" for k, v in result["versions"].items())}.
 - *x direct*, *x sg-ws*: that p50 over direct stdio's and over supergateway ws's, same upstream.
 - *CPU/call*: utime+stime of the target's whole process tree (proxy and children; for direct
   stdio the server) over the sequential calls, per call. *CPU x sg-ws*: over supergateway ws's.
-- *calls/s C=n*: right answers per second with n sessions, one call in flight each, for
-  {result["duration"]} s (in brackets: over supergateway ws's at the same level); — means not
-  run (a target with a child per session stops at {result["max_children"]} children); ‡ marks
-  a level where a load process used over 85% of a core (the generator may be the limit).
+- *calls/s C=n*: answers per second with n sessions, one call in flight each, for
+  {result["duration"]} s, right or wrong (the wrong ones are in their own column; right ones
+  alone are `right_per_s` in the JSON); in brackets, over supergateway ws's at the same level.
+  — means not run (a target with a child per session stops at {result["max_children"]}
+  children); ‡ marks a level where the load processes used over 85% of a core each, on
+  average (the generator may be the limit there).
 - *mem/session*: the tree's RSS with n idle sessions (in brackets) minus with one, per session
   (children included).
 - *wrong*: answers or notifications that belong to another call or client, or are malformed,
@@ -978,8 +987,13 @@ Versions: {", ".join(f"{k} {v}" for k, v in result["versions"].items())}.
 
 {markdown}
 
-The load: {result["load_procs"]} load processes (separate from this one and from the targets),
-each driving its share of the sessions.
+The load generator: {result["load_procs"]} processes apart from the targets (and from the one
+that measures them), each driving its share of the sessions with lean clients: WebSocket
+frames on raw asyncio transports (bench_scale's client), aiohttp for Streamable HTTP (one POST
+per call on a kept-alive connection, the SSE answer parsed by hand), pipes for direct stdio
+(whose servers are the load processes' children). Their CPU per level is in the JSON
+(`gen_pct`, percent of one core). On 2 cores they share the machine with the target: the
+absolute figures are a floor, the ratios within one run are what compares.
 
 <details><summary>machine-readable results</summary>
 
@@ -1008,10 +1022,21 @@ async def main() -> int:
     parser.add_argument("--write-docs", action="store_true", help=f"write {DOCS.relative_to(ROOT)}")
     parser.add_argument("--note", default="", help="a remark for the docs (e.g. a loaded machine)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--render", type=Path, metavar="FILE",
+                        help="measure nothing: write docs/PEERS.md from the results in FILE "
+                        "(a --json file, or a PEERS.md with its JSON block)")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="print each target's log tail")
     parser.add_argument("--parallel", type=int, default=1,
                         help="targets measured at once (figures are void above 1)")  # fmt: skip
     args = parser.parse_args()
+    if args.render:
+        text = args.render.read_text()
+        if "```json" in text:
+            text = text[text.index("```json") + 7 : text.rindex("```")]
+        result = json.loads(text)
+        DOCS.write_text(document(result, table(result["rows"], result["levels"])))
+        print(f"wrote {DOCS}")
+        return 0
     args.levels = sorted(set(args.levels))
     if args.quick:
         args.levels, args.duration, args.calls, args.warmup = [1, 3], 0.3, 20, 5
