@@ -97,8 +97,9 @@ async def direct_stdio(upstream: str, calls: int) -> list[float]:
 
 
 class Proxy:
-    def __init__(self, db: Path, upstream: str) -> None:
-        self.db, self.upstream = db, upstream
+    def __init__(self, db: Path, upstream: str, *extra: str) -> None:
+        self.db, self.upstream, self.extra = db, upstream, extra
+        self.stderr: Any = subprocess.PIPE  # a file for long runs: a full pipe would block it
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -106,8 +107,8 @@ class Proxy:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mcproxy", "--listen", "127.0.0.1:0", "--db", str(self.db),
              "--upstream", f"stdio:{self.upstream}", "--log-format", "json",
-             "--log-level", "warning"],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
+             "--log-level", "warning", *self.extra],
+            stderr=self.stderr, stdout=subprocess.DEVNULL, cwd=ROOT,
             env={**os.environ, "FIXTURE_COUNTER_DIR": str(self.db.parent)},
         )  # fmt: skip
         self.wait_listening()
