@@ -29,7 +29,7 @@ from pathlib import Path
 
 import aiohttp
 from bench_http import HttpSession, sequential
-from bench_ws import ROOT, Proxy, report, through_proxy
+from bench_ws import DRAIN_PATIENCE_S, ROOT, Proxy, report, through_proxy
 
 FIXTURE = ROOT / "tests" / "fixtures" / "server.py"
 
@@ -65,7 +65,11 @@ class Fixture:
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+        try:
+            self.proc.wait(DRAIN_PATIENCE_S)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)  # the second signal skips the drain
+            self.proc.wait(30)
 
 
 class HttpUpstreamProxy(Proxy):
