@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 
 import structlog
 
@@ -64,6 +64,23 @@ class Hub:
         store.on_session_failed = self._session_failed
         self._loading: dict[str, asyncio.Task[SessionRunner | None]] = {}
         self._parking: dict[str, asyncio.Future[None]] = {}
+        # Upstreams a reload handed over running, by session key: each builds the session's
+        # upstream around its handler when the session is loaded (``adopt_all``).
+        self.kept: dict[str, Callable[[UpstreamHandler], Awaitable[Upstream]]] = {}
+
+    async def adopt_all(self) -> int:
+        """Start-up after a reload in place: load every session whose upstream was handed
+        over, so each gets its running upstream back before any client comes. Returns how
+        many were adopted."""
+        keys = list(self.kept)
+        for key in keys:
+            await self._get(key)
+        for key in list(self.kept):  # stored no more (a concurrent delete): let the child go
+            log.warning("hub.kept_orphan", session=short_id(key))
+            handler = _Orphan()
+            upstream = await self.kept.pop(key)(handler)
+            await upstream.aclose()
+        return len(keys)
 
     async def load_counts(self) -> None:
         """Start-up: how many sessions each principal has stored (for the limits)."""
@@ -157,8 +174,15 @@ class Hub:
         if loaded is None or key in self.runners:
             return self.runners.get(key)
         shown = await self._progress_shown(key, loaded.pending)
+        kept = self.kept.pop(key, None)
         core, actions = Session.restore(
-            id_of(key), self.limits, loaded.record, loaded.pending, loaded.answered, shown
+            id_of(key),
+            self.limits,
+            loaded.record,
+            loaded.pending,
+            loaded.answered,
+            shown,
+            upstream_kept=kept is not None,
         )
         runner = SessionRunner(
             core,
@@ -169,6 +193,14 @@ class Hub:
             log_floor=loaded.log_floor,
             key=key,
         )
+        if kept is not None:
+            if self.slots is not None:  # it holds a slot, as it did in the last program
+                admitted = _Admitted(self.slots, key, runner)
+                admitted.inner = await kept(admitted)
+                admitted.hold(core.principal or ANONYMOUS)
+                runner.adopt(admitted)
+            else:
+                runner.adopt(await kept(runner))
         self.runners[key] = runner
         log.info(
             "session.restored",
@@ -324,7 +356,9 @@ class UpstreamSlots:
 
     def wrap(self, factory: UpstreamFactory) -> UpstreamFactory:
         def admitted(session_id: str, handler: UpstreamHandler) -> Upstream:
-            return _Admitted(self, session_id, factory, handler)
+            upstream = _Admitted(self, session_id, handler)
+            upstream.inner = factory(session_id, upstream)
+            return upstream
 
         return admitted
 
@@ -372,6 +406,12 @@ class UpstreamSlots:
         self.live[session_id] = principal
         self.per_principal[principal] += 1
 
+    def hold(self, session_id: str, principal: str) -> None:
+        """A slot for an upstream already running (handed over by a reload): taken even
+        over the cap (a reload that lowered it stops no child; later starts wait)."""
+        self.live[session_id] = principal
+        self.per_principal[principal] += 1
+
     def release(self, session_id: str) -> None:
         principal = self.live.pop(session_id, None)
         if principal is not None:
@@ -381,18 +421,19 @@ class UpstreamSlots:
 class _Admitted:
     """An upstream that holds a slot of ``UpstreamSlots`` from its start to its end."""
 
+    inner: Upstream
+
     def __init__(
         self,
         slots: UpstreamSlots,
         session_id: str,
-        factory: UpstreamFactory,
         handler: UpstreamHandler,
     ) -> None:
+        """The caller sets ``inner``, built with this object as its handler."""
         self.slots = slots
         self.session_id = session_id
         self.handler = handler
         self.on_upstream_message = handler.on_upstream_message  # straight through
-        self.inner = factory(session_id, self)
         self._holding = False  # released once, by whichever end comes first
 
     async def start(self) -> None:
@@ -403,6 +444,11 @@ class _Admitted:
         except BaseException:
             self._release()
             raise
+
+    def hold(self, principal: str) -> None:
+        """Take the slot of an upstream already running (handed over by a reload)."""
+        self.slots.hold(self.session_id, principal)
+        self._holding = True
 
     def send(self, data: bytes) -> None:
         self.inner.send(data)
@@ -421,3 +467,13 @@ class _Admitted:
         if self._holding:
             self._holding = False
             self.slots.release(self.session_id)
+
+
+class _Orphan:
+    """The handler of a kept upstream whose session is gone: it is only stopped."""
+
+    def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
+        pass
+
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
+        pass

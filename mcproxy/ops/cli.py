@@ -17,7 +17,7 @@ import msgspec
 import structlog
 
 from mcproxy import __version__, config, log
-from mcproxy.errors import ConfigError, StoreError
+from mcproxy.errors import ConfigError, ReloadFailed, StoreError
 from mcproxy.ops import admin
 
 EXIT_CONFIG = 2
@@ -88,7 +88,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _first_command(argv: list[str]) -> str | None:
+def first_command(argv: list[str]) -> str | None:
     """The first positional word, skipping the values of the options that take one."""
     takes_value = {"--config", "-c", "--upstream", "--listen", "--db", "--durability"}
     skip = False
@@ -143,7 +143,7 @@ def _connect(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = _first_command(argv)
+    command = first_command(argv)
     if command == "sessions":
         return _sessions(argv)
     if command == "connect":
@@ -155,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcproxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
+        # Also what a reload runs before it replaces the program (ops/reload.py): the
+        # daemon's code must import, and what it reads at start-up beside the config too.
+        from mcproxy.ops.daemon import load_tokens
+
+        try:
+            load_tokens(cfg)
+        except ConfigError as exc:
+            print(f"mcproxy: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         print(msgspec.json.format(msgspec.json.encode(cfg)).decode())
         return 0
     log.configure(cfg.log.format, cfg.log.level)
@@ -165,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # From here on stderr is the log: a failure is one more log line (JSON under journald).
     try:
-        uvloop.run(serve(cfg))
+        uvloop.run(serve(cfg, argv=argv))
     except ConfigError as exc:  # e.g. a socket systemd passed, a tokens file others can read
         structlog.get_logger("mcproxy").error("daemon.config_error", error=str(exc))
         return EXIT_CONFIG
     except StoreError as exc:
         structlog.get_logger("mcproxy").error("daemon.store_failed", error=str(exc))
+        return EXIT_RUNTIME
+    except ReloadFailed:  # logged as reload.failed
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_RUNTIME
