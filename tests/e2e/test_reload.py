@@ -7,23 +7,32 @@ of ``python -m mcproxy`` (same pid) that adopts the listening socket and the chi
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import signal
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
+import aiohttp
 
 from tests.helpers import (
     MS,
+    ROOT,
+    TIMEOUT,
     HttpClient,
     ProxyProcess,
     WsClient,
+    eventually,
     messages,
     pid_alive,
     read_sse,
     tool_text,
     wait_until,
 )
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
 def reload(proxy: ProxyProcess, expect: str = "reload.done") -> dict[str, Any]:
@@ -34,6 +43,15 @@ def reload(proxy: ProxyProcess, expect: str = "reload.done") -> dict[str, Any]:
     proxy.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: len(proxy.events(expect)) > before)
     return proxy.events(expect)[-1]
+
+
+async def until_closed(client: WsClient) -> int | None:
+    """Receive (keeping what arrives) until the server closes; its close code."""
+    while True:
+        frame = await client.ws.receive(timeout=TIMEOUT)
+        if frame.type is not aiohttp.WSMsgType.TEXT:
+            return client.ws.close_code
+        client.received.append(json.loads(frame.data))
 
 
 def children_of(pid: int) -> set[int]:
@@ -73,14 +91,14 @@ async def test_unsafe_call_in_flight_completes_once_across_a_reload(
     pids = set(proxy.upstream_pids())
     daemon_pid = proxy.proc.pid if proxy.proc else 0
     cursor = max(ws.lsns())
+    closed = asyncio.ensure_future(until_closed(ws))  # a client reads: it answers the close
     done = await asyncio.to_thread(reload, proxy)
     assert done["adopted_upstreams"] == 2
     assert proxy.proc is not None and proxy.proc.pid == daemon_pid  # same process: exec
     assert all(pid_alive(p) for p in pids)
     assert set(proxy.upstream_pids()) == pids  # nothing spawned anew
     # The WebSocket was closed 1012; the client resumes with its cursor.
-    with pytest.raises(ConnectionError):
-        await ws.recv()
+    assert await closed == 1012
     await ws.close()
     back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
     try:
@@ -99,3 +117,125 @@ async def test_unsafe_call_in_flight_completes_once_across_a_reload(
     assert tool_text(got[0]) == "1"
     assert bumped(counter_dir, "http") == 1
     await http.close()
+
+
+async def test_stateful_server_keeps_its_state(proxy: ProxyProcess) -> None:
+    """An in-memory counter in the child goes on counting across reloads: same process."""
+    ws = await WsClient.connect(proxy.url)
+    session_id = (await ws.initialize())["result"]["mcpSessionId"]
+    assert tool_text(await ws.response(await ws.call_tool("count", {}))) == "1"
+    assert tool_text(await ws.response(await ws.call_tool("count", {}))) == "2"
+    child = tool_text(await ws.response(await ws.call_tool("pid", {})))
+    cursor = max(ws.lsns())
+    await ws.close()
+    for _ in range(2):
+        await asyncio.to_thread(reload, proxy)
+    back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+    try:
+        assert tool_text(await back.response(await back.call_tool("count", {}))) == "3"
+        assert tool_text(await back.response(await back.call_tool("pid", {}))) == child
+        assert len(proxy.upstream_pids()) == 1
+    finally:
+        await back.close()
+
+
+async def test_broken_config_is_rejected_and_the_old_daemon_serves_on(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    config = tmp_path / "mcproxy.toml"
+    config.write_text('[store]\ndurability = "normal"\n')
+    proxy = ProxyProcess(
+        tmp_path / "db.sqlite",
+        None,
+        "--config",
+        str(config),
+        env={"FIXTURE_COUNTER_DIR": str(counter_dir)},
+    ).start()
+    try:
+        ws = await WsClient.connect(proxy.url)
+        await ws.initialize()
+        assert tool_text(await ws.response(await ws.call_tool("count", {}))) == "1"
+        config.write_text('[store]\ndurability = "sometimes"\n')
+        rejected = await asyncio.to_thread(reload, proxy, "reload.rejected")
+        assert "durability" in rejected["reason"]
+        assert not proxy.events("reload.exec")
+        # The same program, the same connection, the same child: nothing was touched.
+        assert tool_text(await ws.response(await ws.call_tool("count", {}))) == "2"
+        await ws.close()
+        # Fixed, the next reload goes through.
+        config.write_text('[store]\ndurability = "normal"\n')
+        await asyncio.to_thread(reload, proxy)
+    finally:
+        proxy.kill()
+
+
+async def test_no_connection_refused_during_reloads(proxy: ProxyProcess) -> None:
+    """A client connecting in a loop all through three reloads is never refused: the
+    listening socket stays open across exec, connections wait in its backlog."""
+    refused: list[str] = []
+    answered = 0
+    stop = threading.Event()
+
+    def hammer() -> None:
+        nonlocal answered
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as s:
+                    s.sendall(
+                        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                    )
+                    reply = b""
+                    while chunk := s.recv(4096):
+                        reply += chunk
+                if reply.startswith(b"HTTP/1.1 200"):
+                    answered += 1
+            except ConnectionRefusedError as exc:
+                refused.append(repr(exc))
+            except OSError:
+                pass  # reset by a program that was quiescing: an ordinary drop, not a refusal
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        for _ in range(3):
+            await asyncio.to_thread(reload, proxy)
+            before = answered
+            await eventually(lambda b=before: answered > b)
+    finally:
+        stop.set()
+        thread.join()
+    assert refused == []
+
+
+async def test_upgrade_serves_the_same_sessions_with_the_new_code(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    """The code on disk changes (here a copy of the package, its version string edited),
+    the reload runs it: the new version serves the sessions and children of the old."""
+    install = tmp_path / "install"
+    shutil.copytree(ROOT / "mcproxy", install / "mcproxy")
+    proxy = ProxyProcess(
+        tmp_path / "db.sqlite",
+        env={"FIXTURE_COUNTER_DIR": str(counter_dir)},
+        cwd=install,
+    ).start()
+    try:
+        old = proxy.events("daemon.listening")[-1]["version"]
+        ws = await WsClient.connect(proxy.url)
+        session_id = (await ws.initialize())["result"]["mcpSessionId"]
+        assert tool_text(await ws.response(await ws.call_tool("count", {}))) == "1"
+        cursor = max(ws.lsns())
+        await ws.close()
+        version_file = install / "mcproxy" / "__init__.py"
+        text = version_file.read_text()
+        assert f'"{old}"' in text
+        version_file.write_text(text.replace(f'"{old}"', '"99.0-upgraded"'))
+        done = await asyncio.to_thread(reload, proxy)
+        assert done["version"] == "99.0-upgraded"
+        back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+        try:
+            assert tool_text(await back.response(await back.call_tool("count", {}))) == "2"
+        finally:
+            await back.close()
+    finally:
+        proxy.kill()
