@@ -88,18 +88,30 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def first_command(argv: list[str]) -> str | None:
+def _first_command(argv: list[str]) -> str | None:
     """The first positional word, skipping the values of the options that take one."""
+    index = _command_index(argv)
+    return None if index is None else argv[index]
+
+
+def _command_index(argv: list[str]) -> int | None:
     takes_value = {"--config", "-c", "--upstream", "--listen", "--db", "--durability"}
     skip = False
-    for word in argv:
+    for index, word in enumerate(argv):
         if skip:
             skip = False
         elif word in takes_value or word in {"--log-format", "--log-level"}:
             skip = True
         elif not word.startswith("-"):
-            return word
+            return index
     return None
+
+
+def _options(argv: list[str]) -> list[str]:
+    """The daemon's arguments without the command word: what a reload passes to
+    ``check-config`` and to the next program (``run`` is the default command)."""
+    index = _command_index(argv)
+    return argv if index is None else argv[:index] + argv[index + 1 :]
 
 
 def _sessions(argv: list[str]) -> int:
@@ -143,7 +155,7 @@ def _connect(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = first_command(argv)
+    command = _first_command(argv)
     if command == "sessions":
         return _sessions(argv)
     if command == "connect":
@@ -174,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # From here on stderr is the log: a failure is one more log line (JSON under journald).
     try:
-        uvloop.run(serve(cfg, argv=argv))
+        uvloop.run(serve(cfg, argv=_options(argv)))
     except ConfigError as exc:  # e.g. a socket systemd passed, a tokens file others can read
         structlog.get_logger("mcproxy").error("daemon.config_error", error=str(exc))
         return EXIT_CONFIG

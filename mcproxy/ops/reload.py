@@ -139,14 +139,9 @@ def program_argv(argv: Sequence[str]) -> list[str]:
 
 
 def check_argv(argv: Sequence[str]) -> list[str]:
-    """``mcproxy check-config`` with the daemon's own arguments (its ``run`` word, if it
-    was given one, replaced)."""
-    from mcproxy.ops.cli import first_command
-
-    args = list(argv)
-    if first_command(args) == "run":
-        args.remove("run")
-    return program_argv(["check-config", *args])
+    """``mcproxy check-config`` with the daemon's own options (``argv`` has no command
+    word: ``cli`` removed ``run``)."""
+    return program_argv(["check-config", *argv])
 
 
 async def validate(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
