@@ -11,9 +11,11 @@ to someone else, so nothing tells that it does (issue 15 finding 8, docs/SECURIT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 
 import structlog
 
@@ -25,7 +27,7 @@ from mcproxy.core.session import Limits, PendingRow, Session, logged_progress
 from mcproxy.engine.runner import SessionRunner
 from mcproxy.engine.schema import id_of, session_key
 from mcproxy.engine.store import Store
-from mcproxy.errors import LimitExceeded, StoreError, UpstreamCapacity
+from mcproxy.errors import LimitExceeded, StoreError, UpstreamCapacity, UpstreamError
 from mcproxy.metrics import Metrics
 from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
@@ -66,7 +68,7 @@ class Hub:
         self._parking: dict[str, asyncio.Future[None]] = {}
         # Upstreams a reload handed over running, by session key: each builds the session's
         # upstream around its handler when the session is loaded (``adopt_all``).
-        self.kept: dict[str, Callable[[UpstreamHandler], Awaitable[Upstream]]] = {}
+        self.kept: dict[str, Kept] = {}
 
     async def adopt_all(self) -> int:
         """Start-up after a reload in place: load every session whose upstream was handed
@@ -77,9 +79,9 @@ class Hub:
             await self._get(key)
         for key in list(self.kept):  # stored no more (a concurrent delete): let the child go
             log.warning("hub.kept_orphan", session=short_id(key))
-            handler = _Orphan()
-            upstream = await self.kept.pop(key)(handler)
-            await upstream.aclose()
+            with contextlib.suppress(UpstreamError):
+                upstream = await self.kept.pop(key).start(_Late())
+                await upstream.aclose()
         return len(keys)
 
     async def load_counts(self) -> None:
@@ -174,7 +176,8 @@ class Hub:
         if loaded is None or key in self.runners:
             return self.runners.get(key)
         shown = await self._progress_shown(key, loaded.pending)
-        kept = self.kept.pop(key, None)
+        late = _Late()
+        upstream = await self._adopt(key, late)
         core, actions = Session.restore(
             id_of(key),
             self.limits,
@@ -182,7 +185,7 @@ class Hub:
             loaded.pending,
             loaded.answered,
             shown,
-            upstream_kept=kept is not None,
+            upstream_kept=None if upstream is None else upstream[1],
         )
         runner = SessionRunner(
             core,
@@ -193,14 +196,16 @@ class Hub:
             log_floor=loaded.log_floor,
             key=key,
         )
-        if kept is not None:
+        if upstream is not None:  # nothing was awaited since it started: no message missed
+            late.target = runner
             if self.slots is not None:  # it holds a slot, as it did in the last program
                 admitted = _Admitted(self.slots, key, runner)
-                admitted.inner = await kept(admitted)
+                admitted.inner = upstream[0]
                 admitted.hold(core.principal or ANONYMOUS)
+                late.target = admitted
                 runner.adopt(admitted)
             else:
-                runner.adopt(await kept(runner))
+                runner.adopt(upstream[0])
         self.runners[key] = runner
         log.info(
             "session.restored",
@@ -211,6 +216,19 @@ class Hub:
         )
         runner.execute(actions)
         return runner
+
+    async def _adopt(self, key: str, late: _Late) -> tuple[Upstream, bool] | None:
+        """The upstream a reload kept for this session, running again (and whether its
+        requests in flight are still answered by it), or None: none was kept, or it cannot
+        be taken up again, and the session is restored as after a restart."""
+        kept = self.kept.pop(key, None)
+        if kept is None:
+            return None
+        try:
+            return await kept.start(late), kept.requests_kept
+        except UpstreamError as exc:
+            log.error("upstream.adopt_failed", session=short_id(key), error=str(exc))
+            return None
 
     async def _progress_shown(self, key: str, pending: list[PendingRow]) -> dict[str, float]:
         """The highest progress value logged for each request left in flight with a progress
@@ -469,11 +487,31 @@ class _Admitted:
             self.slots.release(self.session_id)
 
 
-class _Orphan:
-    """The handler of a kept upstream whose session is gone: it is only stopped."""
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """An upstream a reload in place handed over running (docs/ARCHITECTURE.md *Reload in
+    place*). ``start`` takes it up again around the session's handler; ``requests_kept``:
+    its requests in flight are still answered by it (a stdio child: the same pipes), or
+    only its session goes on (an HTTP upstream: the answer streams were cut, so they are
+    resolved as after a restart)."""
+
+    start: Callable[[UpstreamHandler], Awaitable[Upstream]]
+    requests_kept: bool
+
+
+class _Late:
+    """The handler of an upstream taken up before its runner exists: forwards to
+    ``target`` once set (nothing arrives before: no await between the two)."""
+
+    __slots__ = ("target",)
+
+    def __init__(self) -> None:
+        self.target: UpstreamHandler | None = None
 
     def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
-        pass
+        if self.target is not None:
+            self.target.on_upstream_message(line, related)
 
     def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
-        pass
+        if self.target is not None:
+            self.target.on_upstream_lost(reason, unsent)

@@ -46,7 +46,7 @@ from mcproxy.core.auth import TokenTable
 from mcproxy.core.guard import HostPolicy
 from mcproxy.core.ids import short_id
 from mcproxy.core.websocket import CLOSE_SERVICE_RESTART
-from mcproxy.engine.hub import Hub
+from mcproxy.engine.hub import Hub, Kept
 from mcproxy.engine.store import Store
 from mcproxy.errors import ConfigError, ReloadFailed, StoreError
 from mcproxy.fronts.app import build_app, build_metrics_app
@@ -341,9 +341,14 @@ async def serve(
         daemon.reloads = handover.reloads
         metrics.reloads.inc(handover.reloads)
         for child in handover.children:
-            hub.kept[child.session] = functools.partial(
-                _adopt, child.handed_over(), config, short_id(child.session)
-            )
+            start = functools.partial(_adopt, child.handed_over(), config, short_id(child.session))
+            hub.kept[child.session] = Kept(start, requests_kept=True)
+        target = parse_target(config.upstream.target)
+        if isinstance(target, HttpTarget):  # the same kind of upstream still: take them up
+            options = HttpOptions.from_config(target.url, config.upstream, os.environ)
+            for key in handover.http_sessions:
+                start = functools.partial(_take_up, options, config, store, key)
+                hub.kept[key] = Kept(start, requests_kept=False)
     scrape = daemon.scrape if config.metrics.enabled else None
     app = build_app(
         config,
@@ -513,6 +518,16 @@ async def _adopt(
     return await adopt(handed, (), handler, config.upstream, label, {})
 
 
+async def _take_up(
+    options: HttpOptions, config: Config, store: Store, key: str, handler: UpstreamHandler
+) -> Upstream:
+    upstream = HttpUpstream(
+        options, handler, config.upstream, short_id(key), _UpstreamState(store, key), resume=True
+    )
+    await upstream.start()
+    return upstream
+
+
 async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) -> NoReturn:
     """Reload in place: quiesce, write the handover record, exec the program on disk.
 
@@ -533,6 +548,7 @@ async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) 
             listeners.append(os.dup(sock.fileno()))
         server.close()
     kept: dict[str, StdioUpstream] = {}
+    released: list[str] = []  # sessions whose HTTP upstream session goes on
     try:
         # 2. Clients come back to the next program: SSE streams end, WebSockets get 1012.
         daemon.http_front.close_all()
@@ -551,6 +567,10 @@ async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) 
 
         async def keep(key: str, upstream: Upstream) -> bool:
             inner = getattr(upstream, "inner", upstream)  # the hub's slot wrapper
+            if isinstance(inner, HttpUpstream) and inner.session_id is not None:
+                await inner.release()
+                released.append(key)
+                return True
             if not isinstance(inner, StdioUpstream):
                 return False
             if not await inner.quiesce(grace):
@@ -577,7 +597,7 @@ async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) 
             reload.KeptChild(key, *_fields(upstream.handover())) for key, upstream in kept.items()
         ]
         record = reload.Handover(
-            reload.RECORD_VERSION, os.getpid(), daemon.reloads + 1, listeners, children
+            reload.RECORD_VERSION, os.getpid(), daemon.reloads + 1, listeners, children, released
         )
         for fd in listeners:
             os.set_inheritable(fd, True)
@@ -586,6 +606,7 @@ async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) 
         log.info(
             "reload.exec",
             kept_upstreams=len(children),
+            kept_http_sessions=len(released),
             listeners=len(listeners),
             quiesce_ms=round((time.monotonic() - started) * 1000, 1),
         )

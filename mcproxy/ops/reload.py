@@ -64,6 +64,9 @@ class Handover(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reloads: int  # reloads in place since the process started (mcproxy_reloads_total)
     listeners: list[int] = msgspec.field(default_factory=list)
     children: list[KeptChild] = msgspec.field(default_factory=list)
+    # Sessions whose HTTP upstream session was released, not ended: its id is in the
+    # session's ``upstream_state`` (committed before exec), the next program takes it up.
+    http_sessions: list[str] = msgspec.field(default_factory=list)
 
     def descriptors(self) -> list[int]:
         fds = list(self.listeners)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -17,6 +18,9 @@ from typing import Any
 
 import aiohttp
 
+from mcproxy.client.connection import ReconnectOptions
+from mcproxy.client.mcp import MCPClient
+from tests.e2e.test_http_upstream import HttpFixture
 from tests.helpers import (
     MS,
     ROOT,
@@ -32,6 +36,7 @@ from tests.helpers import (
     wait_until,
 )
 
+FAST = ReconnectOptions(min_reconnection_delay_s=0.05, max_reconnection_delay_s=0.5)
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
@@ -239,3 +244,118 @@ async def test_upgrade_serves_the_same_sessions_with_the_new_code(
             await back.close()
     finally:
         proxy.kill()
+
+
+async def test_http_upstream_session_is_kept_not_deleted(tmp_path: Path) -> None:
+    """An HTTP upstream's session goes on across a reload: the same upstream session id is
+    taken up by the next program, nothing DELETEs it, the server still has one session."""
+    upstream = await HttpFixture(tmp_path).start()
+    proxy = ProxyProcess(tmp_path / "db.sqlite", upstream.url).start()
+    try:
+        ws = await WsClient.connect(proxy.url)
+        session_id = (await ws.initialize())["result"]["mcpSessionId"]
+        assert tool_text(await ws.response(await ws.call_tool("echo", {"text": "a"}))) == "a"
+        [before] = proxy.events("upstream.session")
+        cursor = max(ws.lsns())
+        await ws.close()
+        done = await asyncio.to_thread(reload, proxy)
+        assert done["adopted_upstreams"] == 1
+        [taken] = proxy.events("upstream.session_taken_up")
+        assert taken["upstream_session"] == before["upstream_session"]
+        back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+        try:
+            echo = await back.response(await back.call_tool("echo", {"text": "b"}))
+            assert tool_text(echo) == "b"
+            live = await back.response(await back.call_tool("live_sessions", {}))
+            assert tool_text(live) == "1"
+        finally:
+            await back.close()
+        assert not proxy.events("upstream.session_ended")  # no DELETE
+        assert not proxy.events("upstream.stale_session_ended")
+        assert len(proxy.events("upstream.session")) == 1  # no new initialize
+    finally:
+        proxy.kill()
+        upstream.kill()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def http_call(http: HttpClient, rid: int, name: str, arguments: dict[str, Any]) -> Any:
+    """A tools/call over Streamable HTTP that survives drops: POSTed again under the same id
+    (the proxy answers a retry with the logged or the live answer, never a second run)."""
+    message = {
+        "jsonrpc": "2.0",
+        "id": rid,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments},
+    }
+    while True:
+        try:
+            async with await http.post(message) as resp:
+                if resp.status == 200:
+                    for m in messages(await read_sse(resp)):
+                        if m.get("id") == rid and "method" not in m:
+                            return m["result"]["structuredContent"]["result"]
+        except (aiohttp.ClientError, ValueError):
+            pass  # the program was quiescing or exec'ing: an ordinary drop
+        await asyncio.sleep(20 * MS)
+
+
+async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
+    proxy: ProxyProcess, counter_dir: Path
+) -> None:
+    """Both fronts call non-idempotent tools without pause while the daemon reloads 50
+    times: every call is answered once and ran once (the in-memory counter of the WebSocket
+    session's child counts 1, 2, 3... without a gap or a repeat; the HTTP session's tool
+    appends one line per run), and the daemon holds as many descriptors, children and about
+    as much memory after as before."""
+    assert proxy.proc is not None
+    pid = proxy.proc.pid
+    http = HttpClient(proxy.url)
+    await http.initialize()
+    counted: list[int] = []
+    bumps: list[int] = []
+    stop = asyncio.Event()
+    async with MCPClient(f"ws://127.0.0.1:{proxy.port}/mcp", options=FAST) as mcp:
+
+        async def ws_traffic() -> None:
+            while not stop.is_set():
+                result = await mcp.call_tool("count", timeout_s=TIMEOUT)
+                counted.append(result["structuredContent"]["result"])
+
+        async def http_traffic() -> None:
+            rid = 1000
+            while not stop.is_set():
+                rid += 1
+                bumps.append(await http_call(http, rid, "bump", {"name": "soak"}))
+
+        async def flowing() -> None:
+            n, m = len(counted), len(bumps)
+            await eventually(lambda: len(counted) > n and len(bumps) > m)
+
+        traffic = [asyncio.ensure_future(ws_traffic()), asyncio.ensure_future(http_traffic())]
+        await eventually(lambda: counted and bumps)
+        await asyncio.to_thread(reload, proxy)  # the first reload's program is the baseline
+        await flowing()
+        fds, children, rss = len(os.listdir(f"/proc/{pid}/fd")), children_of(pid), rss_kb(pid)
+        assert len(children) == 2
+        for _ in range(50):
+            await asyncio.to_thread(reload, proxy)
+            # Traffic flows again on both fronts before the next reload.
+            await flowing()
+        stop.set()
+        await asyncio.gather(*traffic)
+    await http.close()
+    assert counted == list(range(1, len(counted) + 1))
+    assert bumps == list(range(1, len(bumps) + 1))
+    assert bumped(counter_dir, "soak") == len(bumps)
+    assert len(proxy.events("reload.done")) == 51 and proxy.proc.pid == pid
+    assert len(os.listdir(f"/proc/{pid}/fd")) == fds
+    assert children_of(pid) == children  # the same two children, nothing spawned or left
+    assert len(proxy.upstream_pids()) == 2
+    assert rss_kb(pid) < rss * 1.5, (rss, rss_kb(pid))
