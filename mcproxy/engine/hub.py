@@ -69,6 +69,13 @@ class Hub:
         # Upstreams a reload handed over running, by session key: each builds the session's
         # upstream around its handler when the session is loaded (``adopt_all``).
         self.kept: dict[str, Kept] = {}
+        self.quiescing = False  # a reload hands every session over: nobody may use one
+
+    def quiesce(self) -> None:
+        """A reload in place begins: from now on no session is created, loaded or handed
+        to a client (a request that asks waits until the exec ends this program; its
+        client sees an ordinary drop and asks the next one)."""
+        self.quiescing = True
 
     async def adopt_all(self) -> int:
         """Start-up after a reload in place: load every session whose upstream was handed
@@ -97,6 +104,8 @@ class Hub:
         Raises:
             LimitExceeded: ``limits.max_sessions`` or ``max_sessions_per_principal``.
         """
+        if self.quiescing:
+            raise LimitExceeded("the proxy is reloading; try again", 503)
         key = session_key(session_id, principal)
         if key in self.runners:
             # Two runners for one id would both write LSN 1 (get_or_create is the atomic way).
@@ -148,6 +157,8 @@ class Hub:
         return await self._get(session_key(session_id, principal))
 
     async def _get(self, key: str) -> SessionRunner | None:
+        if self.quiescing:
+            await asyncio.get_running_loop().create_future()  # never set: exec ends it
         runner = self.runners.get(key)
         if runner is not None:
             return runner

@@ -551,6 +551,7 @@ async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) 
     released: list[str] = []  # sessions whose HTTP upstream session goes on
     try:
         # 2. Clients come back to the next program: SSE streams end, WebSockets get 1012.
+        daemon.hub.quiesce()  # a request arriving on a kept-alive connection waits for exec
         daemon.http_front.close_all()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
