@@ -1,7 +1,7 @@
 """Command line: parse arguments, load the config, hand over to ``daemon.serve``. Nothing else.
 
 mcproxy [--config FILE] [--upstream TARGET] [--listen HOST:PORT] [--db PATH] ...
-mcproxy check-config [--config FILE] [...]     print the effective config and exit
+mcproxy check-config [--config FILE] [...]     validate (config, tokens), print the effective config
 mcproxy [--config FILE | --db PATH] sessions list|show|events|delete ...   (see admin.py)
 mcproxy connect ws://HOST:PORT/mcp       stdio <-> reconnecting WebSocket bridge (bridge.py)
 """
