@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from tests.helpers import (
     messages,
     pid_alive,
     read_sse,
+    scrape,
     tool_text,
+    value,
     wait_until,
 )
 
@@ -375,3 +378,36 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
     assert children_of(pid) == children  # the same two children, nothing spawned or left
     assert len(proxy.upstream_pids()) == 2
     assert rss_kb(pid) < rss * 1.5, (rss, rss_kb(pid))
+
+
+async def test_systemd_sees_reloading_then_ready_and_the_watchdog_goes_on(tmp_path: Path) -> None:
+    """sd_notify across a reload: RELOADING=1 and READY=1, each with MONOTONIC_USEC (systemd
+    253+ Type=notify-reload), the watchdog fed on both sides of the exec, the same pid."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    receiver.bind(str(path))
+    receiver.settimeout(TIMEOUT)
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}  # ping every 0.2 s
+    proxy = ProxyProcess(tmp_path / "db.sqlite", env=env).start()
+    try:
+        got: list[str] = []
+
+        def until(fragment: str) -> str:
+            while True:
+                message = receiver.recv(4096).decode()
+                got.append(message)
+                if fragment in message:
+                    return message
+
+        until("READY=1")
+        await asyncio.to_thread(reload, proxy)
+        reloading = until("RELOADING=1")
+        ready = until("READY=1")
+        assert "MONOTONIC_USEC=" in reloading and "MONOTONIC_USEC=" in ready
+        stamps = [int(m.split("MONOTONIC_USEC=")[1].split()[0]) for m in (reloading, ready)]
+        assert stamps[0] < stamps[1] <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        until("WATCHDOG=1")  # the new program pings
+        assert value(await scrape(proxy), "mcproxy_reloads_total") == 1
+    finally:
+        proxy.kill()
+        receiver.close()
