@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import structlog
 from aiohttp import web
@@ -450,7 +449,7 @@ async def serve(
             loop.add_signal_handler(
                 signal.SIGHUP, lambda: log.warning("reload.refused", reason="reloading")
             )
-            await _hand_over(daemon, {**os.environ, **systemd_env}, db_path(config).parent)
+            await _hand_over(daemon, {**os.environ, **systemd_env}, db_path(config).parent, stop)
         if store.failure.done():
             # The storage failed (I/O error, disk full, corruption): the store commits
             # nothing more and refuses every write. Serving 503 until someone notices would
@@ -528,12 +527,15 @@ async def _take_up(
     return upstream
 
 
-async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) -> NoReturn:
+async def _hand_over(
+    daemon: _Daemon, environ: dict[str, str], state_dir: Path, stop: asyncio.Event
+) -> None:
     """Reload in place: quiesce, write the handover record, exec the program on disk.
 
-    Never returns: exec, or, when a step fails once clients were told to go, ``ReloadFailed``
-    after stopping what was kept (no rollback: systemd's ``Restart=`` starts the program
-    anew, and every session resumes from the log as after any restart).
+    Does not return but for a stop signal that arrived meanwhile (what was kept is stopped,
+    and the shutdown goes on). When a step fails once clients were told to go, raises
+    ``ReloadFailed`` after stopping what was kept (no rollback: systemd's ``Restart=`` starts
+    the program anew, and every session resumes from the log as after any restart).
     """
     grace = daemon.config.server.shutdown_timeout_s
     started = time.monotonic()
@@ -594,6 +596,10 @@ async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) 
         await daemon.tasks.cancel_all()
         # 4. Everything logged is committed; the next program opens the database anew.
         await daemon.store.aclose()
+        if stop.is_set():  # SIGTERM while quiescing: a stop, not a reload, was asked last
+            log.info("reload.abandoned", reason="stop signal")
+            await _release_kept(kept, listeners)
+            return
         children = [
             reload.KeptChild(key, *_fields(upstream.handover())) for key, upstream in kept.items()
         ]
@@ -611,14 +617,24 @@ async def _hand_over(daemon: _Daemon, environ: dict[str, str], state_dir: Path) 
             listeners=len(listeners),
             quiesce_ms=round((time.monotonic() - started) * 1000, 1),
         )
-        reload.exec_program(daemon.argv, environ, path)
+        try:
+            reload.exec_program(daemon.argv, environ, path)
+        finally:  # only reached if exec failed
+            with contextlib.suppress(OSError):
+                path.unlink()
     except BaseException as exc:
         log.error("reload.failed", error=repr(exc))
-        for upstream in kept.values():
-            with contextlib.suppress(Exception):
-                await upstream.aclose()
-        reload.close_descriptors(listeners)
+        await _release_kept(kept, listeners)
         raise ReloadFailed(f"reload failed: {exc!r}") from exc
+
+
+async def _release_kept(kept: dict[str, StdioUpstream], listeners: list[int]) -> None:
+    """A reload that does not exec after all: stop the children it kept (their sessions
+    resume from the log after the restart, as after any), close the listener duplicates."""
+    for upstream in kept.values():
+        with contextlib.suppress(Exception):
+            await upstream.aclose()
+    reload.close_descriptors(listeners)
 
 
 def _fields(handed: HandedOver) -> tuple[int, int, int, int, bytes]:

@@ -7,6 +7,7 @@ of ``python -m mcproxy`` (same pid) that adopts the listening socket and the chi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -386,28 +387,37 @@ async def test_systemd_sees_reloading_then_ready_and_the_watchdog_goes_on(tmp_pa
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = tmp_path / "notify.sock"
     receiver.bind(str(path))
-    receiver.settimeout(TIMEOUT)
+    receiver.settimeout(100 * MS)
+    got: list[str] = []
+    done = threading.Event()
+
+    def receive() -> None:  # at once: the kernel queues only a few datagrams
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                got.append(receiver.recv(4096).decode())
+
+    reader = threading.Thread(target=receive)
+    reader.start()
     env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}  # ping every 0.2 s
     proxy = ProxyProcess(tmp_path / "db.sqlite", env=env).start()
     try:
-        got: list[str] = []
 
-        def until(fragment: str) -> str:
-            while True:
-                message = receiver.recv(4096).decode()
-                got.append(message)
-                if fragment in message:
-                    return message
+        async def until(fragment: str, after: int = 0) -> tuple[int, str]:
+            await eventually(lambda: any(fragment in m for m in got[after:]))
+            index = next(i for i, m in enumerate(got) if i >= after and fragment in m)
+            return index, got[index]
 
-        until("READY=1")
+        first, _ = await until("READY=1")
         await asyncio.to_thread(reload, proxy)
-        reloading = until("RELOADING=1")
-        ready = until("READY=1")
+        at, reloading = await until("RELOADING=1", first + 1)
+        at, ready = await until("READY=1", at + 1)
         assert "MONOTONIC_USEC=" in reloading and "MONOTONIC_USEC=" in ready
         stamps = [int(m.split("MONOTONIC_USEC=")[1].split()[0]) for m in (reloading, ready)]
         assert stamps[0] < stamps[1] <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        until("WATCHDOG=1")  # the new program pings
+        await until("WATCHDOG=1", at + 1)  # the new program pings
         assert value(await scrape(proxy), "mcproxy_reloads_total") == 1
     finally:
         proxy.kill()
+        done.set()
+        reader.join()
         receiver.close()
