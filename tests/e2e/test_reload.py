@@ -458,3 +458,49 @@ async def test_shared_pool_reload_restarts_its_children_as_a_restart_would(
             await back.close()
     finally:
         proxy.kill()
+
+
+async def test_a_new_program_that_fails_after_exec_takes_the_restart_path(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    """No rollback: code that passes the validation but fails once exec'd exits non-zero
+    (systemd's Restart= starts it again); its children die with it, and the next start
+    resolves what was in flight as after any restart. Nothing is lost from the log."""
+    install = tmp_path / "install"
+    shutil.copytree(ROOT / "mcproxy", install / "mcproxy")
+    proxy = ProxyProcess(
+        tmp_path / "db.sqlite", env={"FIXTURE_COUNTER_DIR": str(counter_dir)}, cwd=install
+    ).start()
+    try:
+        ws = await WsClient.connect(proxy.url)
+        session_id = (await ws.initialize())["result"]["mcpSessionId"]
+        call = await ws.call_tool("bump", {"name": "broken", "delay": 3000 * MS})
+        await asyncio.sleep(300 * MS)
+        children = set(proxy.upstream_pids())
+        cursor = max(ws.lsns())
+        daemon = install / "mcproxy" / "ops" / "daemon.py"
+        good = daemon.read_text()
+        marker = "    loop = asyncio.get_running_loop()\n    stop = asyncio.Event()\n"
+        assert marker in good
+        # Imports fine (check-config passes), fails as soon as it serves.
+        daemon.write_text(good.replace(marker, '    raise StoreError("broken on purpose")\n', 1))
+        closed = asyncio.ensure_future(until_closed(ws))
+        assert proxy.proc is not None
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert await asyncio.to_thread(proxy.proc.wait, TIMEOUT) == 1
+        assert await closed == 1012
+        await ws.close()
+        assert any(
+            e.get("error") == "broken on purpose" for e in proxy.events("daemon.store_failed")
+        )
+        wait_until(lambda: not any(pid_alive(p) for p in children))  # PR_SET_PDEATHSIG
+        daemon.write_text(good)
+        proxy.start()  # what Restart= does
+        back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+        try:
+            lost = await back.response(call)
+            assert lost["error"]["code"] == -32010
+        finally:
+            await back.close()
+    finally:
+        proxy.kill()
