@@ -26,6 +26,9 @@ FIXTURE_SERVER = ROOT / "tests" / "fixtures" / "server.py"
 # Every wait in the tests is a multiple of this unit; raise it on a slow machine.
 MS = 0.001 * float(os.environ.get("MCPROXY_TESTS_TIMEOUT_FACTOR", "1"))
 TIMEOUT = 10_000 * MS
+# Starting a process (Python importing the daemon or the mcp SDK) is the step a loaded
+# machine slows most; a longer bound costs nothing when it starts in time.
+STARTUP = 3 * TIMEOUT
 
 
 def fixture_upstream() -> str:
@@ -87,7 +90,7 @@ class ProxyProcess:
             pass_fds=self.pass_fds,
         )
         threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
-        if not self._ready.wait(TIMEOUT):
+        if not self._ready.wait(STARTUP):
             self.kill()
             raise RuntimeError(f"proxy did not start: {self.logs[-5:]}")
         return self

@@ -73,6 +73,10 @@ log = structlog.get_logger("mcproxy")
 TOKENS_FILE_FORBIDDEN = stat.S_IWGRP | stat.S_IWOTH | stat.S_IROTH
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
+# Sweeps that fail in a row before /readyz says so: one transient failure (a busy file) is
+# retried at the next interval and is no reason to leave a load balancer; three in a row
+# mean parking, pruning and expiry have stopped, which an operator must see.
+SWEEP_FAILURES_NOT_READY = 3
 
 
 def prepare_state(path: Path) -> None:
@@ -196,6 +200,7 @@ class _Daemon:
     http_front: StreamableHttpFront
     notifier: Notifier
     listening: bool = False
+    sweep_failures: int = 0  # consecutive; reset by a sweep that succeeds
     servers: list[asyncio.Server] = field(default_factory=list)
     tasks: TaskSet = field(default_factory=lambda: TaskSet("daemon"))
     argv: Sequence[str] = ()  # this program's arguments: a reload runs the next one with them
@@ -227,6 +232,7 @@ class _Daemon:
 
     async def readiness(self) -> dict[str, bool]:
         """/readyz: the log is writable and readable, the listener is up (and not draining),
+        housekeeping runs (fewer than ``SWEEP_FAILURES_NOT_READY`` failed sweeps in a row),
         and the upstream command can be found. A remote (HTTP) upstream is not probed: its
         outages are answered per request (-32011), and must not take this proxy out of a
         load balancer that could not route around them anyway."""
@@ -234,6 +240,7 @@ class _Daemon:
         return {
             "database": await self.store.ping(),
             "listener": self.listening,
+            "housekeeping": self.sweep_failures < SWEEP_FAILURES_NOT_READY,
             "upstream": isinstance(target, HttpTarget) or command_available(target.argv),
         }
 
@@ -269,12 +276,16 @@ class _Daemon:
             await asyncio.sleep(interval)
             try:
                 await self.hub.sweep()
+                self.sweep_failures = 0
             except Exception as exc:
+                self.sweep_failures += 1
                 # A transient error (a busy file, one bad row) must not end parking, pruning
                 # and expiry for the life of the process: say it, count it, try again at the
                 # next interval. A storage failure also stops the daemon (Store.failure).
                 self.metrics.error("sweep_failed")
-                log.error("daemon.sweep_failed", error=repr(exc))
+                log.error(
+                    "daemon.sweep_failed", error=repr(exc), failures_in_a_row=self.sweep_failures
+                )
             self.notifier.status(self.status_line())
 
     async def watchdog(self, interval: float) -> None:

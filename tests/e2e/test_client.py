@@ -122,7 +122,7 @@ async def test_a_proxy_restart_is_invisible_to_a_safe_call(tmp_path: Path) -> No
 
             restarter = asyncio.create_task(restart())
             result = await mcp.call_tool(
-                "slow_read", {"steps": 4, "delay": 0.25}, progress=lambda *_: first.set()
+                "slow_read", {"steps": 4, "delay": 250 * MS}, progress=lambda *_: first.set()
             )
             await restarter
             assert text(result) == "read done after 4"
@@ -196,7 +196,7 @@ async def test_a_restarted_client_process_resumes_from_its_state_file(
     url = f"ws://127.0.0.1:{proxy.port}/mcp"
     async with MCPClient(url, state_file=state) as before:
         session_id = before.session_id
-        await before.call_tool("notify_later", {"text": "while away", "delay": 0.3})
+        await before.call_tool("notify_later", {"text": "while away", "delay": 300 * MS})
     # The note is logged while no client is connected ...
     assert session_id is not None
     wait_until(lambda: logged(proxy.db, session_id, "while away"))

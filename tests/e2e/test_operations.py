@@ -157,7 +157,9 @@ async def test_socket_activation_serves_clients_that_connected_before_start(
 
 
 async def test_idle_session_parks_and_respawns_on_demand(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "[sessions]\npark_after_s = 0.3\nsweep_interval_s = 0.1\n")
+    config = write_config(
+        tmp_path, f"[sessions]\npark_after_s = {300 * MS}\nsweep_interval_s = {100 * MS}\n"
+    )
     proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
     try:
         client = await WsClient.connect(proxy.url)
@@ -182,7 +184,8 @@ async def test_idle_session_parks_and_respawns_on_demand(tmp_path: Path) -> None
 async def test_expired_sessions_are_deleted(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,
-        "[sessions]\npark_after_s = 0.1\nexpire_after_s = 0.5\nsweep_interval_s = 0.1\n",
+        f"[sessions]\npark_after_s = {100 * MS}\nexpire_after_s = {500 * MS}\n"
+        f"sweep_interval_s = {100 * MS}\n",
     )
     db = tmp_path / "db.sqlite"
     proxy = ProxyProcess(db, None, "--config", config).start()
@@ -211,7 +214,7 @@ async def test_pruning_keeps_the_log_bounded(tmp_path: Path) -> None:
     window = 16
     config = write_config(
         tmp_path,
-        f"[sessions]\nmax_log_events = {cap}\nsweep_interval_s = 0.05\n"
+        f"[sessions]\nmax_log_events = {cap}\nsweep_interval_s = {50 * MS}\n"
         f"[limits]\ndedupe_window = {window}\n",
     )
     db = tmp_path / "db.sqlite"

@@ -373,7 +373,7 @@ async def test_session_and_rate_limits(tmp_path: Path) -> None:
 
 
 async def test_a_socket_that_never_binds_is_closed(tmp_path: Path) -> None:
-    config = config_file(tmp_path, "[limits]\nbind_timeout_s = 0.3\n")
+    config = config_file(tmp_path, f"[limits]\nbind_timeout_s = {300 * MS}\n")
     proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
     try:
         idle = await WsClient.connect(proxy.url)

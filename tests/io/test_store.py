@@ -21,7 +21,7 @@ from mcproxy.engine.schema import MIGRATIONS, SCHEMA_VERSION, session_key
 from mcproxy.engine.store import Store
 from mcproxy.errors import StoreError
 from mcproxy.metrics import Metrics
-from mcproxy.ops.daemon import _Daemon
+from mcproxy.ops.daemon import SWEEP_FAILURES_NOT_READY, _Daemon
 from mcproxy.ops.sdnotify import Notifier
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
 from tests.helpers import MS, SCHEMA_V1, SCHEMA_V5, TIMEOUT, eventually
@@ -449,7 +449,8 @@ async def test_hub_aclose_reports_the_sessions_it_could_not_close(tmp_path: Path
 
 async def test_the_sweeper_survives_a_transient_store_error(tmp_path: Path) -> None:
     """Issue 16 item 7: a sweep that fails (here a real failing query: the table is
-    briefly gone) is logged, counted, and tried again at the next interval."""
+    briefly gone) is logged, counted, and tried again at the next interval; sweeps that keep
+    failing turn /readyz's housekeeping check red, and it turns green again once one passes."""
     path = tmp_path / "db.sqlite"
     store = await Store.open(path)
     config = Config(sessions=SessionsConfig(sweep_interval_s=10 * MS))
@@ -472,10 +473,12 @@ async def test_the_sweeper_survives_a_transient_store_error(tmp_path: Path) -> N
         conn.execute("ALTER TABLE sessions RENAME TO elsewhere")
     sweeper = asyncio.get_running_loop().create_task(daemon.sweeper())
     try:
-        await eventually(lambda: False in sweeps)
+        await eventually(lambda: sweeps.count(False) >= SWEEP_FAILURES_NOT_READY)
+        assert (await daemon.readiness())["housekeeping"] is False
         with sqlite3.connect(path) as conn:
             conn.execute("ALTER TABLE elsewhere RENAME TO sessions")
         await eventually(lambda: sweeps[-1] is True)  # housekeeping goes on
+        assert (await daemon.readiness())["housekeeping"] is True
         assert not sweeper.done()
         failed = metrics.errors.labels("sweep_failed")._value.get()
         assert failed >= 1

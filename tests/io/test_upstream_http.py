@@ -4,6 +4,7 @@ answers a well-behaved SDK server never gives, each checked for what the session
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
@@ -14,7 +15,7 @@ from aiohttp import web
 from mcproxy.config import UpstreamConfig
 from mcproxy.errors import UpstreamError
 from mcproxy.upstreams.http import HttpOptions, HttpUpstream
-from tests.helpers import TIMEOUT, free_port
+from tests.helpers import TIMEOUT, eventually, free_port
 
 Handler = Callable[[web.Request, dict[str, Any] | None], Awaitable[web.StreamResponse]]
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
@@ -347,3 +348,36 @@ async def test_a_reader_that_dies_loses_the_upstream(server: Server) -> None:
     assert [k for k, _, _ in server.seen][-1] == "DELETE"  # its upstream session was ended
     await up.aclose()
     assert len(session.lost) == 1
+
+
+@pytest.mark.filterwarnings("error")  # an unclosed aiohttp ClientSession warns when collected
+async def test_a_start_cancelled_mid_probe_closes_its_connection(server: Server) -> None:
+    # Issue 16 item 6: a session closed while its HTTP upstream is being reached cancels
+    # ``start()``; the client it opened must be closed (no connection left to the remote
+    # server), and closing the upstream afterwards is safe.
+    probing = asyncio.Event()
+    client_gone = asyncio.Event()
+
+    async def stall(request: web.Request, body: dict[str, Any] | None) -> web.Response:
+        probing.set()
+        transport = request.transport
+        await eventually(lambda: transport is None or transport.is_closing())
+        client_gone.set()
+        return web.Response(status=204)
+
+    server.routes["OPTIONS"] = stall
+    session = Session()
+    up = upstream(server.url, session)
+    starting = asyncio.ensure_future(up.start())
+    async with asyncio.timeout(TIMEOUT):
+        await probing.wait()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    del starting  # its traceback holds start()'s frame, and with it the client
+    gc.collect()  # a client left open warns here, failing the test
+    async with asyncio.timeout(TIMEOUT):
+        await client_gone.wait()
+    await up.aclose()
+    assert not session.lost
+    assert [key for key, _, _ in server.seen] == ["OPTIONS"]  # nothing else was sent

@@ -268,3 +268,39 @@ def test_config_and_factory() -> None:
         config.load(None, {"upstream": {"mode": "shared", "pool_size": 0}})
     with pytest.raises(ConfigError, match="mode"):
         config.load(None, {"upstream": {"mode": "pooled"}})
+
+
+async def test_cancelling_one_starting_session_leaves_the_others_starting() -> None:
+    # Issue 16 item 6: two sessions wait for the same child to spawn; the first is cancelled
+    # (its client left). The spawn goes on, the second session attaches and works, the
+    # cancelled one holds no place on the child.
+    rig = Rig()
+    gate = asyncio.Event()
+
+    def slow(handler: Any, label: str) -> Any:
+        proc = FakeProc(handler)
+
+        async def start() -> None:
+            await gate.wait()
+
+        proc.start = start  # type: ignore[method-assign]
+        rig.spawned.append(proc)
+        return proc
+
+    rig.pool.spawn = slow
+    first, second = rig.pool("s1", Recorder()), rig.pool("s2", Recorder())
+    starting = [asyncio.ensure_future(up.start()) for up in (first, second)]
+    await asyncio.sleep(0)
+    starting[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting[0]
+    assert not starting[1].done()
+    gate.set()
+    await starting[1]  # not handed the first one's CancelledError
+    assert len(rig.spawned) == 1 and not rig.spawned[0].closed
+    assert first.sid is None and second.sid is not None
+    assert list(rig.pool.sessions) == [second.sid]
+    second.send(request(1, "initialize", {"capabilities": {}}))
+    assert "initialize" in [m.get("method") for m in rig.proc.take()]  # it reached the child
+    await second.aclose()
+    await rig.pool.aclose()
