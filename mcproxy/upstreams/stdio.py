@@ -191,10 +191,12 @@ class StdioUpstream:
                 close_fds=True,
                 preexec_fn=_isolate_batch if self.config.batch_scheduling else _isolate,
             )
-        except (OSError, ValueError) as exc:
+        except BaseException as exc:  # a cancelled start too: no descriptor left behind
             for fd in (*child_ends, *ours):
                 os.close(fd)
-            raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc
+            if isinstance(exc, OSError | ValueError):
+                raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc
+            raise
         for fd in child_ends:
             os.close(fd)  # the child holds them now; our copies would hide its EOF
         log.info("upstream.spawned", session=self.session_label, pid=proc.pid)
@@ -212,6 +214,9 @@ class StdioUpstream:
         self._stderr = asyncio.StreamReader(limit=_READ_CHUNK, loop=loop)
         if unread:
             self._stdout.feed_data(unread)
+        # Each pipe's file belongs to its transport from the call on (it closes it). A start
+        # cancelled between two calls leaves the later descriptors open (the child itself
+        # is stopped by ``aclose``, its stdout and stderr reach EOF with it).
         stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(fds[0], "wb", 0))
         self._stdin = stdin
         self._transports.append(stdin)
