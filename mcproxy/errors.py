@@ -80,3 +80,8 @@ class LimitExceeded(MCProxyError):
 
 class StoreError(MCProxyError):
     """A write to or read from the event log failed."""
+
+
+class ReloadFailed(MCProxyError):
+    """A reload in place failed after clients were told to go: the process exits for
+    systemd to start it anew (docs/ARCHITECTURE.md *Reload in place*)."""

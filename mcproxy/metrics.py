@@ -104,8 +104,14 @@ class Metrics:
         )
         self.upstream_events = Counter(
             "mcproxy_upstream_events",
-            "Upstream lifecycle: spawned, spawn_failed, lost, restarted, parked",
+            "Upstream lifecycle: spawned, spawn_failed, lost, restarted, parked, adopted"
+            " (kept running across a reload in place)",
             ["event"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "mcproxy_reloads",
+            "Reloads in place (SIGHUP) this process went through since it was started",
             registry=r,
         )
         self.inflight_resolved = Counter(

@@ -46,8 +46,10 @@ class ProxyProcess:
         env: dict[str, str] | None = None,
         port: int = 0,
         pass_fds: tuple[int, ...] = (),
+        cwd: Path = ROOT,
     ) -> None:
         self.db = db
+        self.cwd = cwd  # `python -m mcproxy` imports the package found here first
         self.pass_fds = pass_fds  # descriptors the daemon inherits
         self.upstream = upstream or fixture_upstream()
         # A stdio child sees only an allow-list of the daemon's environment (upstream
@@ -84,7 +86,7 @@ class ProxyProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=self.env,
-            cwd=ROOT,
+            cwd=self.cwd,
             pass_fds=self.pass_fds,
         )
         threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()

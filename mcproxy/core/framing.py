@@ -56,6 +56,13 @@ class LineFramer:
         """Bytes of an unfinished line (non-zero at EOF means the peer cut a message)."""
         return len(self._buffer)
 
+    def take_partial(self) -> bytes:
+        """The bytes of the unfinished line, handed to whoever reads the stream next (a
+        reload: the next program's framer gets them first, so no message is cut or lost)."""
+        partial = bytes(self._buffer)
+        self._buffer.clear()
+        return partial
+
 
 _EOL: Final = re.compile(rb"\r\n|\r|\n")
 

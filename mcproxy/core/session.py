@@ -449,6 +449,7 @@ class Session:
         pending: list[PendingRow],
         answered: list[tuple[str, int | None, str]],
         progress_shown: dict[str, float] | None = None,
+        upstream_kept: bool | None = None,
     ) -> tuple[Session, list[Action]]:
         """Rebuild a session from the store after a proxy restart.
 
@@ -457,6 +458,14 @@ class Session:
         server→client request the client had not answered is withdrawn. ``progress_shown``:
         the highest progress value in the log for each pending request (by client key; see
         ``logged_progress``), so that a re-issued one never goes back.
+
+        ``upstream_kept``: a reload in place handed the session's initialized upstream over
+        alive (docs/ARCHITECTURE.md *Reload in place*); no re-initialization. True: nothing
+        was lost either: the requests it was sent stay in flight on it (their answers come
+        from it, once), server→client requests stay open, and requests never written to it
+        are written now. False: its session goes on but what was in flight on it is resolved
+        as after a restart (an HTTP upstream: the answer streams were cut). None: the
+        upstream died with the last process.
         """
         s = cls(session_id, limits, record.principal)
         if record.init_request is not None:
@@ -503,7 +512,13 @@ class Session:
             if not row.written:
                 s._queue.append(upstream_msg)  # never written: it goes to the next process
         actions: list[Action] = [Forget(tuple(forgotten))] if forgotten else []
-        if s._inflight or s._server_requests:
+        if upstream_kept is not None:
+            s.state = UpstreamState.READY
+            if not upstream_kept and (s._inflight or s._server_requests):
+                lost = s._lose("proxy reloaded")
+                actions += [a for a in lost if not isinstance(a, StartUpstream)]
+            actions += s._flush()
+        elif s._inflight or s._server_requests:
             actions += s._lose("proxy restarted")
         return s, actions
 

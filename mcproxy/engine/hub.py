@@ -11,10 +11,12 @@ to someone else, so nothing tells that it does (issue 15 finding 8, docs/SECURIT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 
 import structlog
 
@@ -28,7 +30,7 @@ from mcproxy.core.session import Limits, PendingRow, Session, logged_progress
 from mcproxy.engine.runner import SessionRunner
 from mcproxy.engine.schema import id_of, session_key
 from mcproxy.engine.store import Store
-from mcproxy.errors import LimitExceeded, StoreError, UpstreamCapacity
+from mcproxy.errors import LimitExceeded, StoreError, UpstreamCapacity, UpstreamError
 from mcproxy.metrics import Metrics
 from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
@@ -70,6 +72,10 @@ class Hub:
         # Set by the daemon when SIGTERM begins the drain (loop time it ends by): the fronts
         # refuse new client requests from then on (-32016, HTTP 503); what is in flight runs.
         self.draining_until: float | None = None
+        # Upstreams a reload handed over running, by session key: each builds the session's
+        # upstream around its handler when the session is loaded (``adopt_all``).
+        self.kept: dict[str, Kept] = {}
+        self.quiescing = False  # a reload hands every session over: nobody may use one
 
     def drain_refusal(self, request_id: RequestId) -> tuple[bytes, int] | None:
         """While draining: the error answering a new client request, and the seconds after
@@ -87,6 +93,26 @@ class Hub:
         )
         return body, retry_s
 
+    def quiesce(self) -> None:
+        """A reload in place begins: from now on no session is created, loaded or handed
+        to a client (a request that asks waits until the exec ends this program; its
+        client sees an ordinary drop and asks the next one)."""
+        self.quiescing = True
+
+    async def adopt_all(self) -> int:
+        """Start-up after a reload in place: load every session whose upstream was handed
+        over, so each gets its running upstream back before any client comes. Returns how
+        many were adopted."""
+        keys = list(self.kept)
+        for key in keys:
+            await self._get(key)
+        for key in list(self.kept):  # stored no more (a concurrent delete): let the child go
+            log.warning("hub.kept_orphan", session=short_id(key))
+            with contextlib.suppress(UpstreamError):
+                upstream = await self.kept.pop(key).start(_Late())
+                await upstream.aclose()
+        return len(keys)
+
     async def load_counts(self) -> None:
         """Start-up: how many sessions each principal has stored (for the limits)."""
         self.counts = Counter()
@@ -100,6 +126,8 @@ class Hub:
         Raises:
             LimitExceeded: ``limits.max_sessions`` or ``max_sessions_per_principal``.
         """
+        if self.quiescing:
+            raise LimitExceeded("the proxy is reloading; try again", 503)
         key = session_key(session_id, principal)
         if key in self.runners:
             # Two runners for one id would both write LSN 1 (get_or_create is the atomic way).
@@ -151,6 +179,8 @@ class Hub:
         return await self._get(session_key(session_id, principal))
 
     async def _get(self, key: str) -> SessionRunner | None:
+        if self.quiescing:
+            await asyncio.get_running_loop().create_future()  # never set: exec ends it
         runner = self.runners.get(key)
         if runner is not None:
             return runner
@@ -179,8 +209,16 @@ class Hub:
         if loaded is None or key in self.runners:
             return self.runners.get(key)
         shown = await self._progress_shown(key, loaded.pending)
+        late = _Late()
+        upstream = await self._adopt(key, late)
         core, actions = Session.restore(
-            id_of(key), self.limits, loaded.record, loaded.pending, loaded.answered, shown
+            id_of(key),
+            self.limits,
+            loaded.record,
+            loaded.pending,
+            loaded.answered,
+            shown,
+            upstream_kept=None if upstream is None else upstream[1],
         )
         runner = SessionRunner(
             core,
@@ -191,6 +229,16 @@ class Hub:
             log_floor=loaded.log_floor,
             key=key,
         )
+        if upstream is not None:  # nothing was awaited since it started: no message missed
+            late.target = runner
+            if self.slots is not None:  # it holds a slot, as it did in the last program
+                admitted = _Admitted(self.slots, key, runner)
+                admitted.inner = upstream[0]
+                admitted.hold(core.principal or ANONYMOUS)
+                late.target = admitted
+                runner.adopt(admitted)
+            else:
+                runner.adopt(upstream[0])
         self.runners[key] = runner
         log.info(
             "session.restored",
@@ -201,6 +249,19 @@ class Hub:
         )
         runner.execute(actions)
         return runner
+
+    async def _adopt(self, key: str, late: _Late) -> tuple[Upstream, bool] | None:
+        """The upstream a reload kept for this session, running again (and whether its
+        requests in flight are still answered by it), or None: none was kept, or it cannot
+        be taken up again, and the session is restored as after a restart."""
+        kept = self.kept.pop(key, None)
+        if kept is None:
+            return None
+        try:
+            return await kept.start(late), kept.requests_kept
+        except UpstreamError as exc:
+            log.error("upstream.adopt_failed", session=short_id(key), error=str(exc))
+            return None
 
     async def _progress_shown(self, key: str, pending: list[PendingRow]) -> dict[str, float]:
         """The highest progress value logged for each request left in flight with a progress
@@ -346,7 +407,9 @@ class UpstreamSlots:
 
     def wrap(self, factory: UpstreamFactory) -> UpstreamFactory:
         def admitted(session_id: str, handler: UpstreamHandler) -> Upstream:
-            return _Admitted(self, session_id, factory, handler)
+            upstream = _Admitted(self, session_id, handler)
+            upstream.inner = factory(session_id, upstream)
+            return upstream
 
         return admitted
 
@@ -394,6 +457,12 @@ class UpstreamSlots:
         self.live[session_id] = principal
         self.per_principal[principal] += 1
 
+    def hold(self, session_id: str, principal: str) -> None:
+        """A slot for an upstream already running (handed over by a reload): taken even
+        over the cap (a reload that lowered it stops no child; later starts wait)."""
+        self.live[session_id] = principal
+        self.per_principal[principal] += 1
+
     def release(self, session_id: str) -> None:
         principal = self.live.pop(session_id, None)
         if principal is not None:
@@ -403,18 +472,19 @@ class UpstreamSlots:
 class _Admitted:
     """An upstream that holds a slot of ``UpstreamSlots`` from its start to its end."""
 
+    inner: Upstream
+
     def __init__(
         self,
         slots: UpstreamSlots,
         session_id: str,
-        factory: UpstreamFactory,
         handler: UpstreamHandler,
     ) -> None:
+        """The caller sets ``inner``, built with this object as its handler."""
         self.slots = slots
         self.session_id = session_id
         self.handler = handler
         self.on_upstream_message = handler.on_upstream_message  # straight through
-        self.inner = factory(session_id, self)
         self._holding = False  # released once, by whichever end comes first
 
     async def start(self) -> None:
@@ -425,6 +495,11 @@ class _Admitted:
         except BaseException:
             self._release()
             raise
+
+    def hold(self, principal: str) -> None:
+        """Take the slot of an upstream already running (handed over by a reload)."""
+        self.slots.hold(self.session_id, principal)
+        self._holding = True
 
     def send(self, data: bytes) -> None:
         self.inner.send(data)
@@ -443,3 +518,33 @@ class _Admitted:
         if self._holding:
             self._holding = False
             self.slots.release(self.session_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """An upstream a reload in place handed over running (docs/ARCHITECTURE.md *Reload in
+    place*). ``start`` takes it up again around the session's handler; ``requests_kept``:
+    its requests in flight are still answered by it (a stdio child: the same pipes), or
+    only its session goes on (an HTTP upstream: the answer streams were cut, so they are
+    resolved as after a restart)."""
+
+    start: Callable[[UpstreamHandler], Awaitable[Upstream]]
+    requests_kept: bool
+
+
+class _Late:
+    """The handler of an upstream taken up before its runner exists: forwards to
+    ``target`` once set (nothing arrives before: no await between the two)."""
+
+    __slots__ = ("target",)
+
+    def __init__(self) -> None:
+        self.target: UpstreamHandler | None = None
+
+    def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
+        if self.target is not None:
+            self.target.on_upstream_message(line, related)
+
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
+        if self.target is not None:
+            self.target.on_upstream_lost(reason, unsent)

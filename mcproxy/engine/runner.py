@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Protocol
 
 import msgspec
@@ -531,6 +531,36 @@ class SessionRunner:
         self.conn = None
         self.outbox = None
         self.streams.clear()
+
+    def adopt(self, upstream: Upstream) -> None:
+        """A reload handed this session's upstream over running and initialized (the core
+        was restored with ``upstream_kept``): it is this session's upstream, as if spawned."""
+        self.upstream = upstream
+        self._spawned_at = asyncio.get_running_loop().time()
+        self.metrics.upstream_events.labels("adopted").inc()
+
+    async def hand_over(self, keep: Callable[[Upstream], Awaitable[bool]]) -> bool:
+        """A reload in place: close this runner like ``aclose``, but ask ``keep`` to take the
+        upstream over alive (it quiesces it for the next program) rather than stop it. Only
+        an initialized upstream with nothing held back for a commit is offered (the reload
+        committed everything first, so the holding list is empty unless a commit failed).
+        True if it was kept; otherwise it was stopped, as on a restart."""
+        self._closed = True
+        await self._tasks.cancel_all()
+        upstream, self.upstream = self.upstream, None
+        held = self._held_requests()
+        self._up_pending.clear()
+        kept = False
+        if upstream is not None:
+            if not held and self.core.state is UpstreamState.READY:
+                kept = await keep(upstream)
+            if not kept:
+                await upstream.aclose()
+        if held:
+            self.execute(self.core.never_written(held))
+        if self.core.init_request is not None:
+            self.store.save_session(self.key, self.core.snapshot())
+        return kept
 
     async def aclose(self, persist: bool = True) -> None:
         """Stop the upstream and persist the session; the log itself is already durable."""

@@ -1,7 +1,7 @@
 """Command line: parse arguments, load the config, hand over to ``daemon.serve``. Nothing else.
 
 mcproxy [--config FILE] [--upstream TARGET] [--listen HOST:PORT] [--db PATH] ...
-mcproxy check-config [--config FILE] [...]     print the effective config and exit
+mcproxy check-config [--config FILE] [...]     validate (config, tokens), print the effective config
 mcproxy [--config FILE | --db PATH] sessions list|show|events|delete ...   (see admin.py)
 mcproxy connect ws://HOST:PORT/mcp       stdio <-> reconnecting WebSocket bridge (bridge.py)
 """
@@ -17,7 +17,7 @@ import msgspec
 import structlog
 
 from mcproxy import __version__, config, log
-from mcproxy.errors import ConfigError, StoreError
+from mcproxy.errors import ConfigError, ReloadFailed, StoreError
 from mcproxy.ops import admin
 
 EXIT_CONFIG = 2
@@ -90,16 +90,28 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def _first_command(argv: list[str]) -> str | None:
     """The first positional word, skipping the values of the options that take one."""
+    index = _command_index(argv)
+    return None if index is None else argv[index]
+
+
+def _command_index(argv: list[str]) -> int | None:
     takes_value = {"--config", "-c", "--upstream", "--listen", "--db", "--durability"}
     skip = False
-    for word in argv:
+    for index, word in enumerate(argv):
         if skip:
             skip = False
         elif word in takes_value or word in {"--log-format", "--log-level"}:
             skip = True
         elif not word.startswith("-"):
-            return word
+            return index
     return None
+
+
+def _options(argv: list[str]) -> list[str]:
+    """The daemon's arguments without the command word: what a reload passes to
+    ``check-config`` and to the next program (``run`` is the default command)."""
+    index = _command_index(argv)
+    return argv if index is None else argv[:index] + argv[index + 1 :]
 
 
 def _sessions(argv: list[str]) -> int:
@@ -155,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcproxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
+        # Also what a reload runs before it replaces the program (ops/reload.py): the
+        # daemon's code must import, and what it reads at start-up beside the config too.
+        from mcproxy.ops.daemon import load_tokens
+
+        try:
+            load_tokens(cfg)
+        except ConfigError as exc:
+            print(f"mcproxy: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         print(msgspec.json.format(msgspec.json.encode(cfg)).decode())
         return 0
     log.configure(cfg.log.format, cfg.log.level)
@@ -165,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # From here on stderr is the log: a failure is one more log line (JSON under journald).
     try:
-        uvloop.run(serve(cfg))
+        uvloop.run(serve(cfg, argv=_options(argv)))
     except ConfigError as exc:  # e.g. a socket systemd passed, a tokens file others can read
         structlog.get_logger("mcproxy").error("daemon.config_error", error=str(exc))
         return EXIT_CONFIG
     except StoreError as exc:
         structlog.get_logger("mcproxy").error("daemon.store_failed", error=str(exc))
+        return EXIT_RUNTIME
+    except ReloadFailed:  # logged as reload.failed
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_RUNTIME

@@ -17,17 +17,25 @@ Shutdown on SIGTERM/SIGINT (docs/ARCHITECTURE.md "Shutdown"):
    their sessions close, so what they answer while stopping is still logged;
 4. commit what is queued in the log and close the database.
 Each step is bounded by ``server.shutdown_timeout_s``; a signal during them exits at once.
+
+Reload in place on SIGHUP (docs/ARCHITECTURE.md "Reload in place", ``ops/reload.py``): the
+program on disk is validated first; then clients are told to come back as on a shutdown, but
+the listening sockets stay open and every initialized stdio child keeps running: the log is
+committed, the database closed, and the program replaced by exec (same pid), which adopts
+the sockets and the children.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
 import stat
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,20 +50,27 @@ from mcproxy.core.auth import TokenTable
 from mcproxy.core.guard import HostPolicy
 from mcproxy.core.ids import short_id
 from mcproxy.core.websocket import CLOSE_SERVICE_RESTART
-from mcproxy.engine.hub import Hub
+from mcproxy.engine.hub import Hub, Kept
 from mcproxy.engine.store import Store
-from mcproxy.errors import ConfigError, StoreError
+from mcproxy.errors import ConfigError, ReloadFailed, StoreError
 from mcproxy.fronts.app import build_app, build_metrics_app
 from mcproxy.fronts.listener import listen
 from mcproxy.fronts.streamable import StreamableHttpFront
 from mcproxy.fronts.ws import WebSocketFront
 from mcproxy.metrics import Metrics, WorldState
-from mcproxy.ops.sdnotify import Notifier, listen_fds
+from mcproxy.ops import reload
+from mcproxy.ops.sdnotify import NOTIFY_ENV, Notifier, listen_fds, listening_socket
 from mcproxy.tasks import TaskSet
+from mcproxy.upstreams.adopted import adopt
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
 from mcproxy.upstreams.http import HttpOptions, HttpUpstream
 from mcproxy.upstreams.shared import SharedPool
-from mcproxy.upstreams.stdio import StdioUpstream, child_environment, command_available
+from mcproxy.upstreams.stdio import (
+    HandedOver,
+    StdioUpstream,
+    child_environment,
+    command_available,
+)
 
 log = structlog.get_logger("mcproxy")
 
@@ -201,6 +216,32 @@ class _Daemon:
     sweep_failures: int = 0  # consecutive; reset by a sweep that succeeds
     servers: list[asyncio.Server] = field(default_factory=list)
     tasks: TaskSet = field(default_factory=lambda: TaskSet("daemon"))
+    argv: Sequence[str] = ()  # this program's arguments: a reload runs the next one with them
+    reloads: int = 0  # reloads in place since the process started
+    reloading: bool = False  # a reload is being validated or carried out
+    reload_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_reload(self) -> None:
+        """SIGHUP: validate the program on disk, then reload (one at a time)."""
+        if self.reloading or not self.listening:
+            reason = "a reload is in progress" if self.reloading else "not serving"
+            log.warning("reload.refused", reason=reason)
+            return
+        self.reloading = True
+        log.info("reload.requested")
+        self.notifier.status("reload: validating the program and configuration on disk")
+        self.tasks.spawn(self._validate(), "reload-validate")
+
+    async def _validate(self) -> None:
+        error = await reload.validate(self.argv, os.environ)
+        if error is not None:
+            # Nothing was touched: the running program goes on serving as it was.
+            self.reloading = False
+            self.metrics.error("reload_rejected")
+            log.error("reload.rejected", reason=error)
+            self.notifier.status(f"reload rejected; serving on. {self.status_line()}")
+            return
+        self.reload_wanted.set()
 
     async def readiness(self) -> dict[str, bool]:
         """/readyz: the log is writable and readable, the listener is up (and not draining),
@@ -269,16 +310,30 @@ class _Daemon:
             await asyncio.sleep(interval)
 
 
-async def serve(config: Config, on_ready: Callable[[str, int], None] | None = None) -> None:
-    """Run the daemon until SIGTERM or SIGINT."""
+async def serve(
+    config: Config,
+    on_ready: Callable[[str, int], None] | None = None,
+    argv: Sequence[str] = (),
+) -> None:
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads it in place (``argv``: this
+    program's arguments, which the next one gets)."""
     loop = asyncio.get_running_loop()
     identity = _identity()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # Read (and unset, so MCP children do not inherit them) systemd's variables first.
+    # Until the daemon serves, a SIGHUP must not end it (its default action) nor reload it.
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: log.warning("reload.refused", reason="starting up")
+    )
+    # Read (and unset, so MCP children do not inherit them) systemd's variables first; a
+    # reload passes them on to the next program.
+    systemd_env = {name: os.environ[name] for name in NOTIFY_ENV if name in os.environ}
     notifier = Notifier.from_env(os.environ, unset_environment=True)
+    handover = reload.take_record(os.environ)
     inherited = listen_fds(os.environ)
+    if handover is not None:  # a reload in place: the sockets stayed open across exec
+        inherited = [listening_socket(fd) for fd in handover.listeners]
 
     tokens = load_tokens(config)
     path = db_path(config)
@@ -305,7 +360,20 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
     guard = HostPolicy(config.server.allowed_hosts, config.server.allowed_origins, host)
     ws_front = WebSocketFront(hub, config, guard)
     http_front = StreamableHttpFront(hub, config, guard)
-    daemon = _Daemon(config, store, hub, metrics, ws_front, http_front, notifier)
+    daemon = _Daemon(config, store, hub, metrics, ws_front, http_front, notifier, argv=argv)
+    if handover is not None:
+        daemon.reloads = handover.reloads
+        metrics.reloads.inc(handover.reloads)
+        for child in handover.children:
+            start = functools.partial(_adopt, child.handed_over(), config, short_id(child.session))
+            hub.kept[child.session] = Kept(start, requests_kept=True)
+        target = parse_target(config.upstream.target)
+        if isinstance(target, HttpTarget):  # the same kind of upstream still: take them up
+            options = HttpOptions.from_config(target.url, config.upstream, os.environ)
+            for key in handover.http_sessions:
+                start = functools.partial(_take_up, options, config, store, key)
+                hub.kept[key] = Kept(start, requests_kept=False)
+    identity["reloads"] = daemon.reloads  # /healthz: an upgrade by reload is checked by it
     scrape = daemon.scrape if config.metrics.enabled else None
     app = build_app(
         config,
@@ -345,6 +413,7 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         notifier.status("recovering sessions")
         await store.delete_orphans()
         await hub.load_counts()
+        adopted = await hub.adopt_all()
         recovered = await hub.recover()
         # The recovery point: after a restore from a replica (docs/DEPLOY.md *Restore*), what
         # was logged after this instant was lost with the machine (the replication lag).
@@ -381,7 +450,19 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
             newest_event_at=newest,
             **identity,
         )
-        notifier.ready(f"listening on {host}:{bound}, {recovered} sessions recovered")
+        if handover is not None:
+            log.info(
+                "reload.done",
+                version=__version__,
+                reloads=daemon.reloads,
+                adopted_upstreams=adopted,
+            )
+            notifier.ready(
+                f"reloaded ({daemon.reloads}): listening on {host}:{bound}", reloaded=True
+            )
+        else:
+            notifier.ready(f"listening on {host}:{bound}, {recovered} sessions recovered")
+        loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
         daemon.tasks.spawn(daemon.sweeper(), "sweeper")
         daemon.tasks.spawn(ws_front.heartbeat(), "ws-heartbeat")
         if notifier.watchdog_interval_s:
@@ -389,7 +470,13 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
         if on_ready is not None:
             on_ready(host, bound)
         signalled = daemon.tasks.spawn(stop.wait(), "stop-signal")
-        await asyncio.wait({signalled, store.failure}, return_when=asyncio.FIRST_COMPLETED)
+        wanted = daemon.tasks.spawn(daemon.reload_wanted.wait(), "reload-wanted")
+        await asyncio.wait({signalled, wanted, store.failure}, return_when=asyncio.FIRST_COMPLETED)
+        if daemon.reload_wanted.is_set() and not stop.is_set() and not store.failure.done():
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: log.warning("reload.refused", reason="reloading")
+            )
+            await _hand_over(daemon, {**os.environ, **systemd_env}, db_path(config).parent, stop)
         if store.failure.done():
             # The storage failed (I/O error, disk full, corruption): the store commits
             # nothing more and refuses every write. Serving 503 until someone notices would
@@ -422,7 +509,8 @@ async def serve(config: Config, on_ready: Callable[[str, int], None] | None = No
 
 def _identity() -> dict[str, object]:
     """Which program serves (/healthz, the ``daemon.listening`` line): checked after an
-    upgrade. The start is this program's, in RFC 3339 UTC."""
+    upgrade. The start is this program's (after a reload in place: the exec), in RFC 3339
+    UTC; the daemon adds how many reloads in place the process has had."""
     started = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     return {"version": __version__, "pid": os.getpid(), "started_at": started}
 
@@ -537,6 +625,138 @@ async def _shutdown(daemon: _Daemon) -> None:
         )
     await daemon.ws_front.aclose()
     await daemon.http_front.aclose()
+
+
+async def _adopt(
+    handed: HandedOver, config: Config, label: str, handler: UpstreamHandler
+) -> Upstream:
+    # The session's next child, if it needs one, comes from the factory: the argv and the
+    # environment of this upstream object are never used to start anything.
+    return await adopt(handed, (), handler, config.upstream, label, {})
+
+
+async def _take_up(
+    options: HttpOptions, config: Config, store: Store, key: str, handler: UpstreamHandler
+) -> Upstream:
+    upstream = HttpUpstream(
+        options, handler, config.upstream, short_id(key), _UpstreamState(store, key), resume=True
+    )
+    await upstream.start()
+    return upstream
+
+
+async def _hand_over(
+    daemon: _Daemon, environ: dict[str, str], state_dir: Path, stop: asyncio.Event
+) -> None:
+    """Reload in place: quiesce, write the handover record, exec the program on disk.
+
+    Does not return but for a stop signal that arrived meanwhile (what was kept is stopped,
+    and the shutdown goes on). When a step fails once clients were told to go, raises
+    ``ReloadFailed`` after stopping what was kept (no rollback: systemd's ``Restart=`` starts
+    the program anew, and every session resumes from the log as after any restart).
+    """
+    grace = daemon.config.server.shutdown_timeout_s
+    started = time.monotonic()
+    log.info("reload.quiescing")
+    daemon.notifier.reloading("reloading: handing over to the program on disk")
+    daemon.listening = False
+    # 1. Stop accepting, the sockets staying open: a duplicate of each keeps it listening
+    # (connections wait in its backlog) while the server lets its own descriptor go.
+    listeners: list[int] = []
+    for server in daemon.servers:
+        for sock in server.sockets:
+            listeners.append(os.dup(sock.fileno()))
+        server.close()
+    kept: dict[str, StdioUpstream] = {}
+    released: list[str] = []  # sessions whose HTTP upstream session goes on
+    try:
+        # 2. Clients come back to the next program: SSE streams end, WebSockets get 1012.
+        daemon.hub.quiesce()  # a request arriving on a kept-alive connection waits for exec
+        daemon.http_front.close_all()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                daemon.ws_front.close_all(CLOSE_SERVICE_RESTART, "server reloading"), grace
+            )
+        factory = daemon.hub.upstream_factory
+        if isinstance(factory, SharedPool):  # its children stop, as on a restart
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(factory.aclose(), grace)
+        # 3. Commit what is queued: the requests held back for their commit are then
+        # written to their children (the commit's callbacks run on the next loop turn).
+        await daemon.store.barrier()
+        await asyncio.sleep(0)
+
+        async def keep(key: str, upstream: Upstream) -> bool:
+            inner = getattr(upstream, "inner", upstream)  # the hub's slot wrapper
+            if isinstance(inner, HttpUpstream) and inner.session_id is not None:
+                await inner.release()
+                released.append(key)
+                return True
+            if not isinstance(inner, StdioUpstream):
+                return False
+            if not await inner.quiesce(grace):
+                return False
+            kept[key] = inner
+            return True
+
+        runners = list(daemon.hub.runners.items())
+        daemon.hub.runners.clear()
+        results = await asyncio.gather(
+            *(r.hand_over(functools.partial(keep, key)) for key, r in runners),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise ReloadFailed(f"{len(errors)} sessions could not be handed over: {errors[0]!r}")
+        await daemon.hub.aclose()  # its own tasks (loads in progress)
+        await daemon.ws_front.aclose()
+        await daemon.http_front.aclose()
+        await daemon.tasks.cancel_all()
+        # 4. Everything logged is committed; the next program opens the database anew.
+        await daemon.store.aclose()
+        if stop.is_set():  # SIGTERM while quiescing: a stop, not a reload, was asked last
+            log.info("reload.abandoned", reason="stop signal")
+            await _release_kept(kept, listeners)
+            return
+        children = [
+            reload.KeptChild(key, *_fields(upstream.handover())) for key, upstream in kept.items()
+        ]
+        record = reload.Handover(
+            reload.RECORD_VERSION, os.getpid(), daemon.reloads + 1, listeners, children, released
+        )
+        for fd in listeners:
+            os.set_inheritable(fd, True)
+        path = reload.write_record(state_dir, record)
+        daemon.notifier.watchdog()  # the next program pings from its start
+        log.info(
+            "reload.exec",
+            kept_upstreams=len(children),
+            kept_http_sessions=len(released),
+            listeners=len(listeners),
+            quiesce_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        try:
+            reload.exec_program(daemon.argv, environ, path)
+        finally:  # only reached if exec failed
+            with contextlib.suppress(OSError):
+                path.unlink()
+    except BaseException as exc:
+        log.error("reload.failed", error=repr(exc))
+        await _release_kept(kept, listeners)
+        raise ReloadFailed(f"reload failed: {exc!r}") from exc
+
+
+async def _release_kept(kept: dict[str, StdioUpstream], listeners: list[int]) -> None:
+    """A reload that does not exec after all: stop the children it kept (their sessions
+    resume from the log after the restart, as after any), close the listener duplicates."""
+    for upstream in kept.values():
+        with contextlib.suppress(Exception):
+            await upstream.aclose()
+    reload.close_descriptors(listeners)
+
+
+def _fields(handed: HandedOver) -> tuple[int, int, int, int, bytes]:
+    return handed.pid, handed.stdin_fd, handed.stdout_fd, handed.stderr_fd, handed.unread
 
 
 def _force_exit() -> None:

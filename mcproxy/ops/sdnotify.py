@@ -96,9 +96,11 @@ class Notifier:
             return False
         return True
 
-    def ready(self, status: str | None = None) -> bool:
-        """Startup is complete: the unit becomes active (``Type=notify``)."""
-        return self.send("READY=1", *_status(status))
+    def ready(self, status: str | None = None, *, reloaded: bool = False) -> bool:
+        """Startup is complete: the unit becomes active (``Type=notify``). ``reloaded``: the
+        end of a reload (after ``reloading``), stamped with ``MONOTONIC_USEC`` as well."""
+        stamp = (f"MONOTONIC_USEC={_monotonic_us()}",) if reloaded else ()
+        return self.send("READY=1", *stamp, *_status(status))
 
     def status(self, text: str) -> bool:
         """Free-form one-line status for ``systemctl status``."""
@@ -114,8 +116,7 @@ class Notifier:
         ``MONOTONIC_USEC`` lets systemd (253+, ``Type=notify-reload``) tell this reload from
         an earlier one; older versions ignore the unknown variable.
         """
-        now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        return self.send("RELOADING=1", f"MONOTONIC_USEC={now_us}", *_status(status))
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={_monotonic_us()}", *_status(status))
 
     def watchdog(self) -> bool:
         """Keep-alive for ``WatchdogSec=``; send every ``watchdog_interval_s`` seconds."""
@@ -190,14 +191,20 @@ def listen_fds(
     socks: list[socket.socket] = []
     try:
         for fd in range(start_fd, start_fd + count):
-            socks.append(_listener(fd))
+            socks.append(listening_socket(fd))
     except BaseException:
         _close(socks)
         raise
     return socks
 
 
-def _listener(fd: int) -> socket.socket:
+def listening_socket(fd: int) -> socket.socket:
+    """A listening stream socket from an inherited descriptor (socket activation, or a
+    reload in place), non-blocking and close-on-exec.
+
+    Raises:
+        ConfigError: the descriptor is not a listening stream socket.
+    """
     try:
         os.set_inheritable(fd, False)
         sock = socket.socket(fileno=fd)  # family and type are read from the descriptor
@@ -214,6 +221,10 @@ def _listener(fd: int) -> socket.socket:
         )
     sock.setblocking(False)
     return sock
+
+
+def _monotonic_us() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
 def _notify_address(value: str | None) -> bytes | None:

@@ -262,8 +262,12 @@ class HttpUpstream:
         config: UpstreamConfig,
         session_label: str,
         state: StateSlot | None = None,
+        resume: bool = False,
     ) -> None:
+        """``resume``: take up the initialized upstream session recorded in ``state`` (a
+        reload in place released it, ``release``) instead of ending it as stale."""
         self.options = options
+        self._resume_session = resume
         self.url = options.url
         self.handler = handler
         self.config = config
@@ -302,7 +306,7 @@ class HttpUpstream:
             ),
         )
         try:
-            status = await self._probe(http)
+            status = await (self._take_up(http) if self._resume_session else self._probe(http))
         except BaseException as exc:  # a cancelled start too: never leave the client open
             await http.close()
             if isinstance(exc, _NETWORK_ERRORS):
@@ -315,12 +319,48 @@ class HttpUpstream:
         self._http = http
         log.info("upstream.connected", session=self.session_label, url=_redacted(self.url))
         self._tasks.spawn(self._write_loop(), f"writer:{self.session_label}")
+        if self._resume_session:  # initialized already: the GET stream is opened again
+            self._listening = True
+            stream = _Stream("the GET stream")
+            self._tasks.spawn(self._listen(stream), f"get:{self.session_label}")
+
+    async def _take_up(self, http: aiohttp.ClientSession) -> int:
+        """``start`` after a reload in place: the recorded session is ours again, with its
+        negotiated version; the endpoint is probed like any start (OPTIONS)."""
+        recorded = await self._stale_session()
+        if recorded is None:
+            raise UpstreamError("no upstream session recorded to take up")
+        self.session_id, self.protocol_version = recorded
+        self._headers[SESSION_HEADER] = self.session_id
+        if self.protocol_version:
+            self._headers[VERSION_HEADER] = self.protocol_version
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.config.connect_timeout_s,
+            sock_read=self.config.connect_timeout_s,
+        )
+        async with http.options(self.url, timeout=timeout, allow_redirects=False) as resp:
+            log.info(
+                "upstream.session_taken_up",
+                session=self.session_label,
+                upstream_session=short_id(self.session_id),
+            )
+            return resp.status
 
     def send(self, data: bytes) -> None:
         if self._closing or self._lost or self._http is None:
             return  # the loss is (being) reported; the session re-routes
         self._outbox.append(data)
         self._wakeup.set()
+
+    async def release(self) -> None:
+        """A reload in place: let the upstream session go without ending it (no DELETE):
+        its id stays recorded in ``state`` for the next program (``resume``). The answer
+        streams of requests in flight are cut; never reports ``on_upstream_lost``."""
+        self._closing = True
+        await self._tasks.cancel_all()
+        await self._ending.cancel_all()
+        await self._close_http()
 
     async def aclose(self) -> None:
         """End the upstream session (DELETE, best effort) and release everything. Bounded;

@@ -20,8 +20,10 @@ import shutil
 import signal
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -39,6 +41,30 @@ _PR_SET_PDEATHSIG = 1
 _READ_CHUNK = 256 * 1024
 _STDERR_LINE_MAX = 4096  # longer stderr lines are cut in the log, not in the child
 _EXIT_POLL_S = 0.01
+
+
+class Child(Protocol):
+    """The process half of a child: ``asyncio.subprocess.Process`` for one this program
+    spawned, ``upstreams.adopted.AdoptedChild`` for one handed over by a reload."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HandedOver:
+    """What a reload passes to the next program for one child (``StdioUpstream.handover``):
+    its pid, the proxy's ends of its three pipes, and the stdout bytes read but not yet
+    consumed (an unfinished line; read-ahead), which the next reader takes first."""
+
+    pid: int
+    stdin_fd: int
+    stdout_fd: int
+    stderr_fd: int
+    unread: bytes
 
 
 class _Head(msgspec.Struct, gc=False):
@@ -130,7 +156,16 @@ class StdioUpstream:
         self.config = config
         self.session_label = session_label
         self.pid: int | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | None = None
+        # The proxy's ends of the child's pipes: opened here (not by the spawner), so a
+        # reload knows their descriptors and can hand them to the next program.
+        self._stdin: asyncio.WriteTransport | None = None
+        self._stdout: asyncio.StreamReader | None = None
+        self._stderr: asyncio.StreamReader | None = None
+        self._fds: tuple[int, int, int] | None = None
+        self._transports: list[asyncio.BaseTransport] = []
+        self._framer = LineFramer(config.max_line_bytes)
+        self._handing_over = False
         # A reader that dies (a bug in the session's handling of a line) must not leave the
         # child running unread: the upstream declares itself lost (issue 16 item 5).
         self._tasks = TaskSet(f"upstream:{session_label}", self._task_failed)
@@ -141,34 +176,102 @@ class StdioUpstream:
         self._dropped = 0  # notifications and responses dropped over max_queued_bytes
 
     async def start(self) -> None:
+        # Pipes made here, close-on-exec on our side: the child gets its ends as 0, 1, 2.
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
+        child_ends = (pipes[0][0], pipes[1][1], pipes[2][1])
+        ours = (pipes[0][1], pipes[1][0], pipes[2][0])
         try:
             proc = await asyncio.create_subprocess_exec(
                 *resolve_command(self.argv),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=child_ends[0],
+                stdout=child_ends[1],
+                stderr=child_ends[2],
                 start_new_session=True,  # own session => own process group, pgid == pid
                 env=self.env,
                 close_fds=True,
                 preexec_fn=_isolate_batch if self.config.batch_scheduling else _isolate,
             )
-        except (OSError, ValueError) as exc:
-            raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc
+        except BaseException as exc:  # a cancelled start too: no descriptor left behind
+            for fd in (*child_ends, *ours):
+                os.close(fd)
+            if isinstance(exc, OSError | ValueError):
+                raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc
+            raise
+        for fd in child_ends:
+            os.close(fd)  # the child holds them now; our copies would hide its EOF
+        log.info("upstream.spawned", session=self.session_label, pid=proc.pid)
+        await self.attach(proc, ours, b"")
+
+    async def attach(self, proc: Child, fds: tuple[int, int, int], unread: bytes) -> None:
+        """Drive ``proc`` through the proxy's ends of its pipes (stdin, stdout, stderr), which
+        this upstream now owns; ``unread``: stdout bytes to consume before the pipe's (a
+        child handed over by a reload, ``upstreams.adopted``)."""
+        loop = asyncio.get_running_loop()
         self._proc = proc
         self.pid = proc.pid
-        log.info("upstream.spawned", session=self.session_label, pid=proc.pid)
+        self._fds = fds
+        self._stdout = asyncio.StreamReader(limit=_READ_CHUNK, loop=loop)
+        self._stderr = asyncio.StreamReader(limit=_READ_CHUNK, loop=loop)
+        if unread:
+            self._stdout.feed_data(unread)
+        # Each pipe's file belongs to its transport from the call on (it closes it). A start
+        # cancelled between two calls leaves the later descriptors open (the child itself
+        # is stopped by ``aclose``, its stdout and stderr reach EOF with it).
+        stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(fds[0], "wb", 0))
+        self._stdin = stdin
+        self._transports.append(stdin)
+        for reader, fd in ((self._stdout, fds[1]), (self._stderr, fds[2])):
+            transport, _ = await loop.connect_read_pipe(
+                lambda r=reader: asyncio.StreamReaderProtocol(r, loop=loop),  # type: ignore[misc]
+                os.fdopen(fd, "rb", 0),
+            )
+            self._transports.append(transport)
         self._tasks.spawn(self._read_stdout(proc), f"stdout:{self.session_label}")
         self._tasks.spawn(self._read_stderr(proc), f"stderr:{self.session_label}")
 
+    def _stdin_open(self) -> bool:
+        return self._stdin is not None and not self._stdin.is_closing()
+
+    async def quiesce(self, drain_s: float) -> bool:
+        """A reload begins: write what is queued for the child (waiting up to ``drain_s``
+        for the pipe to take it), then stop reading its output at a message boundary,
+        leaving the child running. False if the child is not fit to hand over (it is
+        gone, or did not take its input in time); it is then stopped as on a restart."""
+        if self._proc is None or self._closing or self._lost or not self._stdin_open():
+            return False
+        self._write_unsent()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
+        while self._stdin is not None and self._stdin.get_write_buffer_size():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_EXIT_POLL_S)
+        # The readers stop between two messages: each chunk's lines are all handled before
+        # the next read is awaited, so nothing is handled twice by the next program.
+        self._handing_over = True
+        await self._tasks.cancel_all()
+        return self._proc.returncode is None
+
+    def handover(self) -> HandedOver:
+        """After ``quiesce``, just before exec (no await in between, so no byte arrives in
+        a buffer after it was read here): the descriptors to keep and what was read ahead.
+        The descriptors are left open and made inheritable for exec."""
+        assert self._proc is not None and self._fds is not None and self._stdout is not None
+        # StreamReader has no public "take what is buffered": its buffer is read directly.
+        unread = self._framer.take_partial() + bytes(self._stdout._buffer)  # type: ignore[attr-defined]
+        for fd in self._fds:
+            os.set_inheritable(fd, True)
+        return HandedOver(self._proc.pid, *self._fds, unread)
+
     def send(self, data: bytes) -> None:
-        proc = self._proc
-        if proc is None or proc.stdin is None or self._closing or proc.stdin.is_closing():
+        stdin = self._stdin
+        if stdin is None or self._closing or self._handing_over or stdin.is_closing():
             return  # the loss is reported by the stdout reader; the session re-routes
         # transports §stdio: one message per line, no embedded newlines (JSON encoders
         # escape them inside strings, so the encoded envelope is always one line).
         # The lines of one loop turn leave in one write: each pipe write is a system call
         # and wakes the child, and a shared child gets thousands of lines a second.
-        queued = self._unsent_bytes + proc.stdin.transport.get_write_buffer_size()
+        queued = self._unsent_bytes + stdin.get_write_buffer_size()
         if queued and queued + len(data) > self.config.max_queued_bytes:
             self._refuse(data, queued)
             return
@@ -217,17 +320,16 @@ class StdioUpstream:
     def _write_unsent(self) -> None:
         unsent, self._unsent = self._unsent, []
         self._unsent_bytes = 0
-        proc = self._proc
-        if unsent and proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(b"".join(unsent))
+        if unsent and self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(b"".join(unsent))
 
-    async def _read_stdout(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        framer = LineFramer(self.config.max_line_bytes)
+    async def _read_stdout(self, proc: Child) -> None:
+        assert self._stdout is not None
+        stdout, framer = self._stdout, self._framer
         reason = "upstream closed stdout"
         try:
             while True:
-                chunk = await proc.stdout.read(_READ_CHUNK)
+                chunk = await stdout.read(_READ_CHUNK)
                 if not chunk:
                     break
                 for line in framer.feed(chunk):
@@ -240,14 +342,14 @@ class StdioUpstream:
 
     def _task_failed(self, task: asyncio.Task[object], exc: BaseException) -> None:
         proc = self._proc
-        if proc is None or self._closing or self._lost:
+        if proc is None or self._closing or self._lost or self._handing_over:
             return
         reason = f"internal error in {task.get_name()}: {exc!r}"
         self._tasks.spawn(self._report_lost(proc, reason), f"lost:{self.session_label}")
 
-    async def _report_lost(self, proc: asyncio.subprocess.Process, reason: str) -> None:
+    async def _report_lost(self, proc: Child, reason: str) -> None:
         """Stop the child (whatever is left of it) and tell the session, once."""
-        if self._closing or self._lost:
+        if self._closing or self._lost or self._handing_over:
             return
         self._lost = True
         await self._stop(proc)
@@ -255,11 +357,11 @@ class StdioUpstream:
         log.warning("upstream.lost", session=self.session_label, pid=proc.pid, reason=reason)
         self.handler.on_upstream_lost(reason)
 
-    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
+    async def _read_stderr(self, proc: Child) -> None:
+        assert self._stderr is not None
         pending = b""
         while True:
-            chunk = await proc.stderr.read(_READ_CHUNK)
+            chunk = await self._stderr.read(_READ_CHUNK)
             if not chunk:
                 break
             pending += chunk
@@ -286,12 +388,14 @@ class StdioUpstream:
         if self._proc is not None:
             await self._stop(self._proc)
         await self._tasks.cancel_all()
+        for transport in self._transports:
+            transport.close()  # a grandchild may hold the pipes open: ours are let go now
 
-    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
+    async def _stop(self, proc: Child) -> None:
         # lifecycle §Shutdown (stdio): close stdin, then SIGTERM, then SIGKILL, each bounded.
-        if proc.stdin is not None and not proc.stdin.is_closing():
+        if self._stdin is not None and not self._stdin.is_closing():
             self._write_unsent()  # what was sent before the close goes first
-            proc.stdin.close()
+            self._stdin.close()
         if await self._exited_within(proc, self.config.stdin_close_grace_s):
             return
         self._signal_group(proc, signal.SIGTERM)
@@ -301,13 +405,13 @@ class StdioUpstream:
         await self._exited_within(proc, 5.0)
 
     @staticmethod
-    def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    def _signal_group(proc: Child, sig: signal.Signals) -> None:
         log.info("upstream.signal", pid=proc.pid, signal=sig.name)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
 
     @staticmethod
-    async def _exited_within(proc: asyncio.subprocess.Process, timeout_s: float) -> bool:
+    async def _exited_within(proc: Child, timeout_s: float) -> bool:
         # Poll returncode rather than await proc.wait(): on 3.11+ wait() also waits for pipe
         # EOF, and a grandchild holding the pipes open would make an exited child look hung.
         loop = asyncio.get_running_loop()

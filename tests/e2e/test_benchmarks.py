@@ -20,6 +20,7 @@ SMALL = {
     "bench_ws": ["--calls", "20", "--resumes", "5", "--restarts", "1"],
     "bench_http": ["--calls", "20", "--concurrency", "2"],
     "bench_http_upstream": ["--calls", "20"],
+    "bench_reload": ["--reloads", "2", "--restarts", "1"],
     "bench_client": ["--drops", "2", "--restarts", "1"],
     "bench_browser": ["--drops", "3"],
     "bench_store": ["--messages", "10", "--producers", "4", "--sessions", "20"],

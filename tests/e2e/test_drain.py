@@ -262,6 +262,7 @@ async def test_healthz_and_version_say_which_program_serves(tmp_path: Path) -> N
     assert body["status"] == "ok"
     assert body["version"] == mcproxy.__version__
     assert body["pid"] == proxy.proc.pid
+    assert body["reloads"] == 0
     assert body["started_at"].endswith("Z")  # RFC 3339, UTC
     started_at = datetime.fromisoformat(body["started_at"].replace("Z", "+00:00"))
     assert before <= started_at <= datetime.now(UTC)

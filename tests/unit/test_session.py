@@ -519,3 +519,27 @@ def test_safety_is_decided_at_the_loss_not_when_the_request_arrived() -> None:
     assert Tally("reissued") in actions and emitted(actions) == []
     [save] = [a for a in actions if isinstance(a, SaveRequest)]
     assert save.key == jsonrpc.id_key(2) and save.upstream_id > call["id"]
+
+
+def test_restore_with_the_upstream_kept_leaves_requests_in_flight_on_it() -> None:
+    """A reload in place handed the upstream over alive: what it was sent stays pending on
+    it (no -32010, no re-issue), server requests stay open, its answers route as before."""
+    s = ready_session()
+    [call] = sent(s.client_message(msg(id="c", method="tools/call", params={"name": "t"})))
+    [ask] = emitted(s.upstream_message(msg(id=4, method="roots/list")))
+    body = jsonrpc.encode(msg(id="c", method="tools/call", params={"name": "t"}))
+    pending = [PendingRow('"c"', call["id"], "tools/call", False, body, call["id"])]
+    unwritten_body = jsonrpc.encode(msg(id="u", method="tools/call", params={"name": "u"}))
+    unwritten = PendingRow('"u"', call["id"] + 1, "tools/call", False, unwritten_body, 0, False)
+    restored, actions = Session.restore(
+        s.id, LIMITS, s.snapshot(), [*pending, unwritten], [], upstream_kept=True
+    )
+    assert restored.state is UpstreamState.READY
+    assert emitted(actions) == [] and StartUpstream() not in actions
+    assert [m["id"] for m in sent(actions)] == [call["id"] + 1]  # only the never-written one
+    assert MarkWritten('"u"', True) in actions
+    answer = emitted(restored.upstream_message(msg(id=call["id"], result={"ok": 1})))
+    assert answer[0]["id"] == "c" and answer[0]["result"]["ok"] == 1
+    # The child's question is still open: the client's answer goes back to it.
+    [back] = sent(restored.client_message(msg(id=ask["id"], result={"roots": []})))
+    assert back["id"] == 4

@@ -85,6 +85,8 @@ def test_service_is_notify_with_watchdog(units: dict[str, Unit], name: str) -> N
     assert one(unit, "Service", "Restart") == "on-failure"
     assert one(unit, "Service", "RestartPreventExitStatus") == "2"  # cli.EXIT_CONFIG
     assert one(unit, "Service", "DynamicUser") == "yes"
+    # systemctl reload: a reload in place (SIGHUP to mcproxy itself), not a restart.
+    assert one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
 
 
 @pytest.mark.parametrize("name", ["mcproxy.service", "mcproxy@.service"])
