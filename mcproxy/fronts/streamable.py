@@ -131,11 +131,31 @@ class SseStream:
         try:
             await outbox.run(after_lsn, prelude, ended)
         except (ConnectionError, RuntimeError) as exc:
-            # The client went away mid-write (aiohttp: a reset, or a write after the response
-            # ended): ordinary, and the log keeps everything for its resume. Not a failure.
-            client_gone(exc, conn=self.label)
+            # Mostly the client went away mid-write (aiohttp: a reset, or a write after the
+            # response ended because of it): ordinary, and the log keeps everything for its
+            # resume. ``failed`` tells that from a write that failed on an open connection.
+            self.failed(exc)
         except StoreError as exc:
             log.error("http.store_failed", conn=self.label, error=str(exc))
+
+    def failed(self, exc: BaseException) -> None:
+        """A write failed. With the client gone, that is all (one info line). With its
+        connection still open it is not the client's doing (a write after the response
+        ended: a bug), and the response must not end as if complete: a POST stream would
+        end without its answer, silently (peer benchmark, issue 20). It is cut instead, so
+        the client sees a broken stream and resumes with ``Last-Event-ID`` (the log has the
+        answer), and the log says what happened."""
+        transport = self._transport
+        if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
+            client_gone(exc, conn=self.label)
+            return
+        log.error("http.stream_failed", conn=self.label, error=repr(exc)[:200])
+        self.cut()
+
+    def cut(self) -> None:
+        """End the connection without the end of the chunked body (not a complete response)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     def supersede(self) -> None:
         self.stop()
@@ -164,7 +184,7 @@ class SseStream:
                     continue
                 await self.resp.write(b": keepalive\n\n")
             except (ConnectionError, RuntimeError) as exc:
-                client_gone(exc, conn=self.label)
+                self.failed(exc)
                 pump.cancel()
                 break
         # The pump logs its own end (``_run``); a cancelled one may not have finished yet,
@@ -472,7 +492,7 @@ class StreamableHttpFront:
         except (ConnectionError, RuntimeError) as exc:
             # The client went away before its stream was attached (the headers or the
             # priming event could not be written): the log keeps everything for its resume.
-            client_gone(exc, conn=conn.label)
+            conn.failed(exc)
         finally:
             conn.stop()
             self.streams.discard(conn)
