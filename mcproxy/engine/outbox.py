@@ -99,6 +99,7 @@ class Outbox:
         # request: issue 20) is skipped, until an overflow drops live items again.
         self.live_after = live_after
         self._complete = False  # set by ``run``: nothing to read from the log
+        self._reading = False  # a catch-up is delivering rows read from the log
 
     @property
     def parked(self) -> bool:
@@ -156,6 +157,7 @@ class Outbox:
         items = self._items
         return (
             self._complete
+            and not self._reading  # more rows of the read may follow (after an overflow)
             and self._head < len(items)
             and isinstance(items[self._head], _End)
             and self._halted is None
@@ -231,14 +233,18 @@ class Outbox:
         self._overflowed = False
         self._complete = True
         await self.store.barrier()
-        while True:
-            rows = await self.store.read_events(
-                self.session_id, self.sent_lsn, _REPLAY_PAGE, self.stream
-            )
-            for lsn, data in rows:
-                await self._deliver(lsn, data)
-            if len(rows) < _REPLAY_PAGE:
-                return
+        self._reading = True
+        try:
+            while True:
+                rows = await self.store.read_events(
+                    self.session_id, self.sent_lsn, _REPLAY_PAGE, self.stream
+                )
+                for lsn, data in rows:
+                    await self._deliver(lsn, data)
+                if len(rows) < _REPLAY_PAGE:
+                    return
+        finally:
+            self._reading = False
 
     def _check_halted(self) -> None:
         # The owner's flag covers outboxes it no longer lists (an HTTP stream whose request

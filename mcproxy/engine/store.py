@@ -551,8 +551,7 @@ class Store:
             )
             params = (session_id, after, stream, limit)
         try:
-            async with self._reader.execute(sql, params) as cur:
-                rows = await cur.fetchall()
+            rows = await self._rows(sql, params)
         except sqlite3.Error as exc:
             raise StoreError(f"event log read failed: {exc}") from exc
         return [(int(r[0]), bytes(r[1])) for r in rows]
@@ -568,24 +567,23 @@ class Store:
             raise StoreError(f"cannot load session: {exc}") from exc
 
     async def _load(self, session_id: str) -> LoadedSession | None:
-        db = self._reader
-        async with db.execute(
+        found = await self._rows(
             "SELECT init_request, init_result, initialized, log_level, subscriptions,"
             " safe_tools, next_upstream_id, next_server_id, next_lsn, delivered_lsn, principal,"
             " log_floor, (SELECT max(lsn) FROM events WHERE session_id = :id),"
             " (SELECT max(upstream_id) FROM requests WHERE session_id = :id), server_requests"
             " FROM sessions WHERE id = :id",
             {"id": session_id},
-        ) as cur:
-            row = await cur.fetchone()
+        )
+        row = _first(found)
         if row is None:
             return None
         pruned = int(row[11])
         last_lsn = max(int(row[12] or 0), pruned)
-        async with db.execute(
+        found = await self._rows(
             "SELECT min(lsn) FROM events WHERE session_id = ? AND lsn > ?", (session_id, pruned)
-        ) as cur:
-            first = await cur.fetchone()
+        )
+        first = _first(found)
         record = SessionRecord(
             init_request=None if row[0] is None else bytes(row[0]),
             init_result=None if row[1] is None else bytes(row[1]),
@@ -601,22 +599,22 @@ class Store:
             principal=row[10],
             server_requests=[(int(c), u, int(st)) for c, u, st in json.loads(row[14] or "[]")],
         )
-        async with db.execute(
+        found = await self._rows(
             "SELECT client_key, upstream_id, method, safe, body, stream, written FROM requests"
             " WHERE session_id = ? AND done = 0",
             (session_id,),
-        ) as cur:
-            pending = [
-                PendingRow(
-                    str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]), int(r[5]), bool(r[6])
-                )
-                for r in await cur.fetchall()
-            ]
+        )
+        pending = [
+            PendingRow(
+                str(r[0]), int(r[1]), str(r[2]), bool(r[3]), bytes(r[4]), int(r[5]), bool(r[6])
+            )
+            for r in found
+        ]
         # Remembered ids, in the order they were remembered: keys on answer rows, and
         # cancelled requests (plus, from before schema 6, answered ones whose answer had been
         # pruned) in `requests`. All of them: the core forgets what exceeds its window, and
         # a row it never saw would never be forgotten (nor pruned).
-        async with db.execute(
+        found = await self._rows(
             "SELECT key, lsn, method FROM ("
             " SELECT request_key AS key, lsn, request_method AS method, lsn AS at, 0 AS late"
             "  FROM events WHERE session_id = :id AND request_key IS NOT NULL"
@@ -625,11 +623,8 @@ class Store:
             "  WHERE session_id = :id AND done = 1"
             ") ORDER BY at, late",
             {"id": session_id},
-        ) as cur:
-            answered = [
-                (str(r[0]), None if r[1] is None else int(r[1]), str(r[2]))
-                for r in await cur.fetchall()
-            ]
+        )
+        answered = [(str(r[0]), None if r[1] is None else int(r[1]), str(r[2])) for r in found]
         # With no rows left above the floor, everything before the next LSN is gone (or
         # never existed).
         floor = int(first[0]) - 1 if first and first[0] is not None else record.next_lsn - 1
@@ -638,10 +633,10 @@ class Store:
     async def load_upstream_state(self, session_id: str) -> str | None:
         """The last committed ``save_upstream_state`` value (None if none, or no such row)."""
         try:
-            async with self._reader.execute(
+            found = await self._rows(
                 "SELECT upstream_state FROM sessions WHERE id = ?", (session_id,)
-            ) as cur:
-                row = await cur.fetchone()
+            )
+            row = _first(found)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot load upstream state: {exc}") from exc
         return None if row is None or row[0] is None else str(row[0])
@@ -654,10 +649,8 @@ class Store:
     async def newest_event_at(self) -> float | None:
         """Wall-clock time of the newest logged message (None: an empty log): after a
         restore from a replica, the recovery point (docs/DEPLOY.md *Restore*)."""
-        async with self._reader.execute(
-            "SELECT created_at FROM events ORDER BY id DESC LIMIT 1"
-        ) as cur:
-            row = await cur.fetchone()
+        found = await self._rows("SELECT created_at FROM events ORDER BY id DESC LIMIT 1")
+        row = _first(found)
         return float(row[0]) if row else None
 
     async def expired_sessions(self, last_seen_before: float) -> list[tuple[str, str | None]]:
@@ -670,12 +663,12 @@ class Store:
     async def stats(self) -> StoreStats:
         """For the metrics: counts read from committed data, sizes from the file system."""
         try:
-            async with self._reader.execute("SELECT count(*) FROM sessions") as cur:
-                sessions = await cur.fetchone()
-            async with self._reader.execute(
+            found = await self._rows("SELECT count(*) FROM sessions")
+            sessions = _first(found)
+            found = await self._rows(
                 "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
-            ) as cur:
-                events = await cur.fetchone()
+            )
+            events = _first(found)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read statistics: {exc}") from exc
         size = 0
@@ -700,8 +693,7 @@ class Store:
         if not self.healthy:
             return False
         try:
-            async with self._reader.execute("SELECT 1") as cur:
-                await cur.fetchone()
+            await self._rows("SELECT 1")
         except sqlite3.Error:
             return False
         return True
@@ -711,6 +703,15 @@ class Store:
         rows = await self._read("SELECT DISTINCT session_id FROM requests WHERE done = 0")
         return [str(r[0]) for r in rows]
 
+    async def _rows(self, sql: str, params: Any = ()) -> list[Any]:
+        """Every row of one query, in one hop of the reader's thread. Never a cursor held
+        across hops: reads share one connection, and a statement stepped once (sqlite3's
+        ``execute``) but not yet fetched holds the connection's read snapshot; every read
+        that ran meanwhile saw the log as it was then, not what had committed since. An
+        outbox that waited for its answer's commit read nothing and ended a POST stream
+        without the answer (peer benchmark, issue 20)."""
+        return list(await self._reader.execute_fetchall(sql, params))
+
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         """Rows of one query on the reader; sqlite3's errors become StoreError here, at the
         edge, so callers (the sweeper, start-up) handle one exception type.
@@ -719,8 +720,8 @@ class Store:
             StoreError: the query failed.
         """
         try:
-            async with self._reader.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            found = await self._rows(sql, params)
+            return list(found)
         except sqlite3.Error as exc:
             raise StoreError(f"event log read failed: {exc}") from exc
 
@@ -747,6 +748,10 @@ class Store:
             if db is not None:
                 with contextlib.suppress(Exception):
                     await db.close()
+
+
+def _first(rows: list[Any]) -> Any | None:
+    return rows[0] if rows else None
 
 
 def _run_transaction(

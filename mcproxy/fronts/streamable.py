@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import structlog
@@ -53,6 +54,7 @@ ASSUMED_VERSION: Final = "2025-03-26"
 # Priming events (an id with empty data) arrived in 2025-11-25; older clients may choke on an
 # empty `data`, so they only get them from that version on (as the Python SDK does).
 PRIMING_SINCE: Final = "2025-11-25"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON: Final = "application/json"
 _SSE: Final = "text/event-stream"
 _SSE_HEADERS: Final = {
@@ -129,14 +131,31 @@ class SseStream:
         try:
             await outbox.run(after_lsn, prelude, ended)
         except (ConnectionError, RuntimeError) as exc:
-            # The client went away mid-write (aiohttp: a reset, or a write after the response
-            # ended): ordinary, and the log keeps everything for its resume. Not a failure.
-            self.client_gone(exc)
+            # Mostly the client went away mid-write (aiohttp: a reset, or a write after the
+            # response ended because of it): ordinary, and the log keeps everything for its
+            # resume. ``failed`` tells that from a write that failed on an open connection.
+            self.failed(exc)
         except StoreError as exc:
             log.error("http.store_failed", conn=self.label, error=str(exc))
 
-    def client_gone(self, exc: BaseException) -> None:
-        log.info("http.client_gone", conn=self.label, error=type(exc).__name__)
+    def failed(self, exc: BaseException) -> None:
+        """A write failed. With the client gone, that is all (one info line). With its
+        connection still open it is not the client's doing (a write after the response
+        ended: a bug), and the response must not end as if complete: a POST stream would
+        end without its answer, silently (peer benchmark, issue 20). It is cut instead, so
+        the client sees a broken stream and resumes with ``Last-Event-ID`` (the log has the
+        answer), and the log says what happened."""
+        transport = self._transport
+        if isinstance(exc, ConnectionError) or transport is None or transport.is_closing():
+            client_gone(exc, conn=self.label)
+            return
+        log.error("http.stream_failed", conn=self.label, error=repr(exc)[:200])
+        self.cut()
+
+    def cut(self) -> None:
+        """End the connection without the end of the chunked body (not a complete response)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     def supersede(self) -> None:
         self.stop()
@@ -165,7 +184,7 @@ class SseStream:
                     continue
                 await self.resp.write(b": keepalive\n\n")
             except (ConnectionError, RuntimeError) as exc:
-                self.client_gone(exc)
+                self.failed(exc)
                 pump.cancel()
                 break
         # The pump logs its own end (``_run``); a cancelled one may not have finished yet,
@@ -180,9 +199,39 @@ class StreamableHttpFront:
         self.streams: set[SseStream] = set()
         self._tasks = TaskSet("http")
 
-    # --- POST -------------------------------------------------------------------------
+    # --- the handlers ----------------------------------------------------------------
 
     async def post(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._post)
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._get)
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, self._delete)
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Run ``handler`` and write its answer here, so that a client that left (a reset or
+        closed connection: a timed-out session opening, a killed process) is what it is, one
+        info line (``http.client_gone``), on every path: an exception that escapes a handler
+        is aiohttp's "Error handling request", logged at error level with a traceback, and
+        a response left for aiohttp to write fails there unseen. What the request did stands
+        (its answer is in the log for a resume)."""
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await handler(request)
+            if not resp.prepared:  # a JSON body or a status; an SSE stream wrote itself
+                await resp.prepare(request)
+                await resp.write_eof()
+        except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is one
+            client_gone(exc, method=request.method, peer=request.remote)
+            # Nobody reads it: aiohttp's own write of it fails quietly (a ConnectionError).
+            return resp if resp is not None else web.Response(status=499)
+        return resp
+
+    # --- POST -------------------------------------------------------------------------
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
         admitted = self._admit(request)
         if isinstance(admitted, web.Response):
             return admitted
@@ -269,7 +318,7 @@ class StreamableHttpFront:
 
     # --- GET --------------------------------------------------------------------------
 
-    async def get(self, request: web.Request) -> web.StreamResponse:
+    async def _get(self, request: web.Request) -> web.StreamResponse:
         admitted = self._admit(request)
         if isinstance(admitted, web.Response):
             return admitted
@@ -309,7 +358,7 @@ class StreamableHttpFront:
 
     # --- DELETE -----------------------------------------------------------------------
 
-    async def delete(self, request: web.Request) -> web.StreamResponse:
+    async def _delete(self, request: web.Request) -> web.StreamResponse:
         admitted = self._admit(request)
         if isinstance(admitted, web.Response):
             return admitted
@@ -425,12 +474,13 @@ class StreamableHttpFront:
         # write with the priming event that follows at once (issue 20: a system call each).
         # A private attribute of the pinned aiohttp: tests/io/test_aiohttp_handover.py.
         resp._send_headers_immediately = not primed
-        await resp.prepare(request)
         conn = SseStream(
             resp, stream, self._tasks, request.transport, self.config.limits.max_output_bytes
         )
         self.streams.add(conn)
         try:
+            # The headers may be the first write (no priming): a client gone by now fails it.
+            await resp.prepare(request)
             if primed:
                 assert stream is not None
                 await conn.prime(event_id(stream, after), self.config.server.sse_retry_ms)
@@ -439,8 +489,10 @@ class StreamableHttpFront:
             else:
                 runner.attach_stream(conn, stream, after, resume=version is None)
             await conn.serve(self.config.server.sse_keepalive_s)
-        except (ConnectionError, RuntimeError):
-            pass  # the client went away; the log keeps everything for its resume
+        except (ConnectionError, RuntimeError) as exc:
+            # The client went away before its stream was attached (the headers or the
+            # priming event could not be written): the log keeps everything for its resume.
+            conn.failed(exc)
         finally:
             conn.stop()
             self.streams.discard(conn)
@@ -454,6 +506,11 @@ class StreamableHttpFront:
 
     async def aclose(self) -> None:
         await self._tasks.cancel_all()
+
+
+def client_gone(exc: BaseException, **where: str | None) -> None:
+    """A client left while something was written to it: ordinary, not an error."""
+    log.info("http.client_gone", error=type(exc).__name__, **where)
 
 
 def event_id(stream: int | None, lsn: int) -> str:

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +16,20 @@ from pathlib import Path
 import aiohttp
 
 from tests.helpers import (
+    INIT_PARAMS,
     MS,
     ROOT,
+    STARTUP,
     TIMEOUT,
     HttpClient,
     ProxyProcess,
     WsClient,
     eventually,
     fixture_upstream,
+    logged,
+    messages,
     pid_alive,
+    read_sse,
     scrape,
     tool_text,
     value,
@@ -382,4 +388,124 @@ async def test_clients_that_go_away_mid_stream_are_info_not_tracebacks(tmp_path:
         proxy.terminate()
     assert not [e for e in proxy.logs if e.get("event") == "raw"]  # JSON lines only
     assert not [e for e in proxy.logs if e.get("level") in ("error", "critical")]
+    assert all(e["level"] == "info" for e in proxy.events("http.client_gone"))
+
+
+async def _reset_after(
+    port: int, method: str, headers: dict[str, str], body: bytes = b"", read_head: bool = False
+) -> bytes:
+    """Send one request and reset the connection (SO_LINGER 0: an RST, no FIN) before the
+    answer, as a client that gave up or was killed; with ``read_head`` after the response's
+    head and first event (the priming one). What was read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    length = f"Content-Length: {len(body)}\r\n" if body else ""
+    writer.write(f"{method} /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{head}{length}\r\n".encode())
+    writer.write(body)
+    await writer.drain()
+    read = b""
+    if read_head:
+        read = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        read += await asyncio.wait_for(reader.readuntil(b"\n\n"), TIMEOUT)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    return read
+
+
+async def test_clients_that_reset_a_request_before_its_answer_are_info_not_errors(
+    tmp_path: Path,
+) -> None:
+    """Peer benchmark (issue 20): a client that gave up on a slow session opening and reset
+    its connection was logged by aiohttp at error level ("Error handling request", with a
+    ClientConnectionResetError traceback): the SSE headers were written outside the front's
+    care. Every write of the HTTP front (the headers, the priming event, a JSON answer, a
+    resumed GET stream, DELETE's status) to a client that is gone is one info line; the
+    request goes on, its answer is logged for a resume, and everyone else is served."""
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    (counters / "start_delay").write_text(str(1000 * MS))  # initialize answers are slow
+    env = {"FIXTURE_COUNTER_DIR": str(counters)}
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, env=env).start()
+    accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+    def init(version: str) -> bytes:
+        params = {**INIT_PARAMS, "protocolVersion": version}
+        return json.dumps(
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}
+        ).encode()
+
+    def errors() -> list[dict[str, object]]:
+        return [e for e in proxy.logs if e.get("level") in ("error", "critical")]
+
+    async def gone_after(count: int) -> None:
+        """The ``count``-th client gone is logged, and nothing as an error."""
+        await eventually(lambda: len(proxy.events("http.client_gone")) >= count or errors())
+        assert not errors(), errors()
+
+    client = HttpClient(proxy.url)
+    try:
+        # 1. initialize from a client older than priming: the headers are the first write.
+        await _reset_after(proxy.port, "POST", accept, init("2025-06-18"))
+        await gone_after(1)
+        # 2. initialize from a current client, reset before anything was written...
+        await _reset_after(proxy.port, "POST", accept, init("2025-11-25"))
+        await gone_after(2)
+        # ... and after the priming event, before the (slow) answer: the answer is logged
+        # for the resume, which a reset resumption does not disturb either.
+        head = await _reset_after(proxy.port, "POST", accept, init("2025-11-25"), read_head=True)
+        session_id = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"mcp-session-id:")
+        )
+        priming = head.split(b"id: ", 1)[1].split(b"\n", 1)[0].decode()
+        await gone_after(3)
+        await eventually(lambda: logged(proxy.db, session_id, "serverInfo"), STARTUP)
+        resume = {
+            "Accept": "text/event-stream",
+            "Mcp-Session-Id": session_id,
+            "MCP-Protocol-Version": "2025-11-25",
+            "Last-Event-ID": priming,
+        }
+        await _reset_after(proxy.port, "GET", resume)  # a resumption: no priming, headers first
+        await gone_after(4)
+        async with client.http.get(proxy.url, headers=resume) as resp:
+            assert resp.status == 200
+            answers = messages(await read_sse(resp))
+        assert [m["id"] for m in answers] == [1] and "serverInfo" in answers[0]["result"]
+
+        (counters / "start_delay").unlink()
+        await client.initialize()
+        assert client.session_id is not None
+        ours = {**accept, "Mcp-Session-Id": client.session_id, "MCP-Protocol-Version": "2025-11-25"}
+        # 3. a slow tools/call reset before its stream began: it runs on, its answer logged.
+        arguments = {"steps": 3, "delay": 50 * MS}
+        slow = json.dumps({"jsonrpc": "2.0", "id": "slow-1", "method": "tools/call",
+                           "params": {"name": "slow", "arguments": arguments}})  # fmt: skip
+        await _reset_after(proxy.port, "POST", ours, slow.encode())
+        await gone_after(5)
+        await eventually(lambda: logged(proxy.db, client.session_id or "", "slow done after 3"))
+        # 4. a JSON answer (a retried id, answered from the log) to a client gone meanwhile.
+        await _reset_after(proxy.port, "POST", ours, slow.encode())
+        await gone_after(6)
+        # 5. DELETE's status: the session ends all the same.
+        other = HttpClient(proxy.url)
+        await other.initialize()
+        theirs = {"Mcp-Session-Id": other.session_id or "", "MCP-Protocol-Version": "2025-11-25"}
+        await _reset_after(proxy.port, "DELETE", theirs)
+        await gone_after(7)
+        await eventually(lambda: bool(proxy.events("session.terminated")))
+        async with await other.post({"jsonrpc": "2.0", "id": 9, "method": "ping"}) as resp:
+            assert resp.status == 404
+        await other.close()
+        # Everyone else is served.
+        echo = await client.call("tools/call", {"name": "echo", "arguments": {"text": "still"}})
+        assert tool_text(echo) == "still"
+    finally:
+        await client.close()
+        proxy.terminate()
+    assert not [e for e in proxy.logs if e.get("event") == "raw"]  # JSON lines only
+    assert not errors()
+    assert not [e for e in proxy.logs if "exception" in e]
     assert all(e["level"] == "info" for e in proxy.events("http.client_gone"))

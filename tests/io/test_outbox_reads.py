@@ -87,3 +87,28 @@ async def test_messages_logged_before_the_outbox_existed_are_read(tmp_path: Path
         assert sent == [1, 2, 3]
     finally:
         await store.aclose()
+
+
+async def test_only_the_answer_ends_a_stream_read_back_after_an_overflow(tmp_path: Path) -> None:
+    """``Outbox.ending`` lets an SSE answer go out with the end of its response (one write).
+    After an overflow only the end is left in memory while the log is read back: the first
+    row read must not be taken for the last, or the response ended there and the rest, the
+    answer included, was lost (a POST stream ended without its answer)."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    ended: list[tuple[int, bool]] = []
+    outbox: Outbox
+
+    async def send(data: bytes, lsn: int | None) -> None:
+        assert lsn is not None
+        ended.append((lsn, outbox.ending()))
+
+    try:
+        outbox = Outbox("S", store, send, lambda _: None, 2, stream=1, live_after=0)
+        for lsn in range(1, 11):  # 3..10 overflow a queue of 2: read back from the log
+            outbox.push_live(lsn, b"m%d" % lsn, store.append("S", lsn, b"m%d" % lsn, stream=1))
+        outbox.push_end()
+        await asyncio.wait_for(outbox.run(0, []), TIMEOUT)
+        assert [lsn for lsn, _ in ended] == list(range(1, 11))
+        assert [lsn for lsn, last in ended if last] in ([], [10])
+    finally:
+        await store.aclose()

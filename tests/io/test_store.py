@@ -578,3 +578,25 @@ async def test_two_principals_have_two_sessions_under_one_id(tmp_path: Path) -> 
     finally:
         await hub.aclose()
         await store.aclose()
+
+
+async def test_a_read_after_a_commit_sees_it_while_other_reads_run(tmp_path: Path) -> None:
+    """Peer benchmark (issue 20): under load a POST stream ended without its answer. The
+    answer was committed (the pump waited for the barrier), but the pump's read of the log
+    missed it: reads share one connection, and a read still between its hops (a statement
+    stepped once by ``execute``, not yet fetched) held that connection's snapshot, older
+    than the commit, for every read that ran meanwhile. Each read is one hop now."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    try:
+        for lsn in range(1, 6):  # another session's log: its reads have rows to fetch
+            store.append("other", lsn, b"o%d" % lsn)
+        for lsn in range(1, 301):
+            others = [asyncio.ensure_future(store.read_events("other", 0)) for _ in range(3)]
+            await asyncio.sleep(0)  # their first hops are queued in the reader's thread
+            store.append("S", lsn, b"m%d" % lsn, stream=1)
+            await store.barrier()
+            rows = await store.read_events("S", lsn - 1, 10, 1)
+            assert [r[0] for r in rows] == [lsn], f"committed LSN {lsn} not read: {rows}"
+            await asyncio.gather(*others)
+    finally:
+        await store.aclose()
