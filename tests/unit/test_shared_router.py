@@ -839,7 +839,7 @@ def test_a_snapshot_round_trip_routes_what_the_children_answer_after_it() -> Non
 
 def test_a_snapshot_that_does_not_hold_together_is_refused_whole() -> None:
     rig = Rig(2)
-    a = rig.session()
+    a, b = rig.session(), rig.session()
     a.send(request(2, "tools/call", {"name": "slow"}))
     snap = json.loads(rig.router.snapshot())
 
@@ -859,7 +859,7 @@ def test_a_snapshot_that_does_not_hold_together_is_refused_whole() -> None:
     broken["children"] = []  # its session on a child that is down
     assert "down" in refused(json.dumps(broken).encode())
     refused(rig.router.snapshot(), size=1)  # a smaller pool cannot hold child 1's tables...
-    assert a.state.child == 0
+    assert b.state.child == 1
     broken = json.loads(json.dumps(snap))
     broken["children"][0]["index"] = 5
     assert "child 5" in refused(json.dumps(broken).encode())
