@@ -528,6 +528,46 @@ async def test_shared_pool_children_are_kept_with_their_calls_in_flight(
         proxy.kill()
 
 
+async def test_a_pool_the_next_program_cannot_take_up_takes_the_restart_path(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    """The next program's pool is smaller than the tables handed over (pool_size 2 -> 1):
+    they are refused, said so in the log, the kept children are stopped and every session
+    restarts as after a restart (its unsafe call in flight: -32010, never run twice)."""
+    proxy = shared_proxy(tmp_path, counter_dir, pool_size=2).start()
+    try:
+        a, b = await WsClient.connect(proxy.url), await WsClient.connect(proxy.url)
+        session_b = (await b.initialize())["result"]["mcpSessionId"]
+        await a.initialize()
+        assert tool_text(await b.response(await b.call_tool("count", {}))) == "1"
+        call = await b.call_tool("bump", {"name": "b", "delay": 3000 * MS})
+        await asyncio.sleep(300 * MS)
+        pids = set(proxy.upstream_pids())
+        assert len(pids) == 2
+        cursor = max(b.lsns())
+        config = tmp_path / "shared.toml"
+        config.write_text(config.read_text().replace("pool_size = 2", "pool_size = 1"))
+        closing = [asyncio.ensure_future(until_closed(c)) for c in (a, b)]
+        done = await asyncio.to_thread(reload, proxy)
+        assert [await c for c in closing] == [1012, 1012]
+        (refused,) = proxy.events("reload.shared_pool_not_kept")
+        assert refused["children"] == 2 and "pool has 1" in refused["reason"]
+        assert done["adopted_pool_children"] == 0 and done["adopted_upstreams"] == 0
+        wait_until(lambda: not any(pid_alive(p) for p in pids))
+        await a.close()
+        await b.close()
+        back = await WsClient.connect(proxy.url, session_b, last_lsn=cursor)
+        try:
+            assert (await back.response(call))["error"]["code"] == -32010
+            assert tool_text(await back.response(await back.call_tool("count", {}))) == "1"
+            assert len(set(proxy.upstream_pids()) - pids) == 1  # a new child, re-initialized
+            assert bumped(counter_dir, "b") <= 1
+        finally:
+            await back.close()
+    finally:
+        proxy.kill()
+
+
 async def test_a_new_program_that_fails_after_exec_takes_the_restart_path(
     tmp_path: Path, counter_dir: Path
 ) -> None:
