@@ -46,6 +46,12 @@ safe is that nothing a child says reaches a session unless it provably belongs t
 - **Shutdown.** ``SharedPool.aclose`` stops the children while their sessions are still
   attached (the daemon closes the pool before the sessions): what a child writes during its
   stop ladder is routed and logged like anything else, not cancelled and dropped.
+- **Reload in place.** The children outlive the program: ``quiesce`` stops reading each at
+  a message boundary, ``handover`` gives their pipes and the router's tables
+  (``Router.snapshot``) to the record, and the next program's pool takes them up
+  (``take_over``: no new ``initialize``) and gives each session its router handle back as
+  it is loaded (``reattach``). Tables that do not restore stop the children instead: every
+  session restarts (docs/ARCHITECTURE.md *Reload in place*).
 
 The routing tables and every decision above live in ``upstreams.shared_router`` (sans-I/O,
 tested without an event loop); this module is its I/O driver: the processes, the timers and
@@ -481,7 +487,7 @@ class SharedPool:
         try:
             if any(not 0 <= i < len(self.children) for i in indices):
                 raise ValueError(f"children {indices}, this pool has {len(self.children)}")
-            self.router.restore(handed.router)
+            admitted = self.router.restore(handed.router)
             for index in range(len(self.children)):
                 if self.router.children[index].up and index not in indices:
                     raise ValueError(f"the tables of child {index}, whose process is gone")
@@ -507,6 +513,7 @@ class SharedPool:
                 child.start_init_timer()  # its initialize is still in flight
         sids = list(self.router.sessions)
         self._parked = {sid: [] for sid in sids}
+        self.execute(admitted)  # a child that was not adopted is down: not written to
         return sids
 
     def reattach(self, sid: int, handler: UpstreamHandler) -> SharedUpstream:

@@ -502,7 +502,7 @@ class Router:
     def _admit(self, child: Child) -> None:
         """Send queued requests, oldest first, while slots are free."""
         limit = self.max_in_flight
-        while child.waiting and child.in_flight < limit:
+        while child.waiting and (not limit or child.in_flight < limit):
             entry = child.pending.get(child.waiting.popleft())
             if entry is None or entry.queued is None:
                 continue  # withdrawn while it waited
@@ -955,9 +955,11 @@ class Router:
             )
         )
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: bytes) -> list[Action]:
         """Take the tables of ``snapshot`` over (this router is new: no child up, no session).
-        Its children come back up as they were (initialized, in flight, subscribed).
+        Its children come back up as they were (initialized, in flight, subscribed); returned:
+        the queued requests this router's ``max_in_flight`` (a reload may have raised it)
+        admits now, to write once the children are there.
 
         Raises:
             ValueError: not a snapshot of this version, or one that does not hold together
@@ -983,6 +985,10 @@ class Router:
         self._sids = itertools.count(snap.next_sid)
         self._ids = itertools.count(snap.next_id)
         self._tokens = itertools.count(snap.next_token)
+        for child in children:
+            if child.queued:
+                self._admit(child)
+        return self._flush()
 
     def _rebuild(
         self, snap: RouterSnapshot, children: list[Child], sessions: dict[int, Session]

@@ -785,7 +785,7 @@ def moved(rig: Rig, size: int = 2, max_in_flight: int = 1) -> Rig:
     the same sessions (recorders) by the same sids."""
     data = rig.router.snapshot()
     after = Rig(size, max_in_flight)
-    after.router.restore(data)
+    after.run(after.router.restore(data))
     for sid, recorder in rig.recorders.items():
         recorder.rig = after
         after.recorders[sid] = recorder
@@ -863,8 +863,21 @@ def test_a_snapshot_that_does_not_hold_together_is_refused_whole() -> None:
     broken = json.loads(json.dumps(snap))
     broken["children"][0]["index"] = 5
     assert "child 5" in refused(json.dumps(broken).encode())
+    assert Router(2).restore(rig.router.snapshot()) == []  # nothing queued to admit
     used = Router(2)
     used.started(0)
     with pytest.raises(ValueError, match="new router"):
         used.restore(rig.router.snapshot())
     Router(2).restore(rig.router.snapshot())  # ...and the intact one restores
+
+
+def test_a_higher_limit_after_the_reload_admits_the_queued_requests_at_once() -> None:
+    rig = Rig(1, max_in_flight=1)
+    a = rig.session()
+    a.send(request(2, "tools/call", {"name": "slow"}))
+    a.send(request(3, "tools/call", {"name": "echo"}))
+    assert len(rig.take()) == 1  # the second waits for the only slot
+    after = moved(rig, size=1, max_in_flight=0)  # the next program has no limit
+    (admitted,) = after.take()
+    assert admitted["params"]["name"] == "echo"
+    assert after.child.queued == 0 and after.child.in_flight == 2
