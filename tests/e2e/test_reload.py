@@ -588,7 +588,7 @@ async def test_a_new_program_that_fails_after_exec_takes_the_restart_path(
         cursor = max(ws.lsns())
         daemon = install / "mcproxy" / "ops" / "daemon.py"
         good = daemon.read_text()
-        marker = "    loop = asyncio.get_running_loop()\n    stop = asyncio.Event()\n"
+        marker = "    identity = _identity()\n"  # the first line of serve() after the loop
         assert marker in good
         # Imports fine (check-config passes), fails as soon as it serves.
         daemon.write_text(good.replace(marker, '    raise StoreError("broken on purpose")\n', 1))
