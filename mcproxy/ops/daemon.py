@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -64,7 +65,7 @@ from mcproxy.tasks import TaskSet
 from mcproxy.upstreams.adopted import adopt
 from mcproxy.upstreams.base import Upstream, UpstreamFactory, UpstreamHandler
 from mcproxy.upstreams.http import HttpOptions, HttpUpstream
-from mcproxy.upstreams.shared import SharedPool
+from mcproxy.upstreams.shared import PoolHandover, SharedPool, SharedUpstream, stop_handed
 from mcproxy.upstreams.stdio import (
     HandedOver,
     StdioUpstream,
@@ -413,6 +414,9 @@ async def serve(
         notifier.status("recovering sessions")
         await store.delete_orphans()
         await hub.load_counts()
+        pool_children = 0
+        if handover is not None and handover.pool is not None:
+            pool_children = await _take_over_pool(handover.pool, factory, hub, config)
         adopted = await hub.adopt_all()
         recovered = await hub.recover()
         # The recovery point: after a restore from a replica (docs/DEPLOY.md *Restore*), what
@@ -456,6 +460,7 @@ async def serve(
                 version=__version__,
                 reloads=daemon.reloads,
                 adopted_upstreams=adopted,
+                adopted_pool_children=pool_children,
             )
             notifier.ready(
                 f"reloaded ({daemon.reloads}): listening on {host}:{bound}", reloaded=True
@@ -635,6 +640,47 @@ async def _adopt(
     return await adopt(handed, (), handler, config.upstream, label, {})
 
 
+async def _adopt_pool_child(
+    config: Config, handed: HandedOver, handler: UpstreamHandler, label: str
+) -> Upstream:
+    # A new child of the pool, if one is needed, comes from the pool's own factory.
+    return await adopt(handed, (), handler, config.upstream, label, {})
+
+
+async def _take_over_pool(kept: reload.KeptPool, factory: object, hub: Hub, config: Config) -> int:
+    """After a reload in place: the shared pool's children and tables taken up, each session
+    of the last program given its router handle back when it is loaded (``Hub.kept``). A
+    section this program cannot take up (another version, an upstream that is no longer a
+    shared pool, tables that do not restore) stops the children: every session restarts as
+    after a restart. Returns how many children were taken up."""
+    adopter = functools.partial(_adopt_pool_child, config)
+    handed = [(child.index, child.handed_over()) for child in kept.children]
+    reason = None
+    if kept.version != reload.POOL_VERSION:
+        reason = f"pool section version {kept.version}, this program reads {reload.POOL_VERSION}"
+    elif not isinstance(factory, SharedPool):
+        reason = "the upstream is no longer a shared pool"
+    if reason is not None or not isinstance(factory, SharedPool):
+        log.error("reload.shared_pool_not_kept", reason=reason, children=len(handed))
+        await asyncio.gather(*(stop_handed(h, adopter) for _, h in handed))
+        return 0
+    sids = await factory.take_over(PoolHandover(handed, bytes(kept.router)), adopter)
+    if sids is None:
+        return 0
+    claimed = []
+    for key, sid in kept.sessions.items():
+        if sid in sids:
+            start = functools.partial(_reattach, factory, sid)
+            hub.kept[key] = Kept(start, requests_kept=True)
+            claimed.append(sid)
+    factory.detach_unclaimed(claimed)
+    return sum(child.proc is not None for child in factory.children)
+
+
+async def _reattach(pool: SharedPool, sid: int, handler: UpstreamHandler) -> Upstream:
+    return pool.reattach(sid, handler)
+
+
 async def _take_up(
     options: HttpOptions, config: Config, store: Store, key: str, handler: UpstreamHandler
 ) -> Upstream:
@@ -669,6 +715,7 @@ async def _hand_over(
         server.close()
     kept: dict[str, StdioUpstream] = {}
     released: list[str] = []  # sessions whose HTTP upstream session goes on
+    pool_sessions: dict[str, int] = {}  # sessions on the shared pool: their router handles
     try:
         # 2. Clients come back to the next program: SSE streams end, WebSockets get 1012.
         daemon.hub.quiesce()  # a request arriving on a kept-alive connection waits for exec
@@ -677,17 +724,24 @@ async def _hand_over(
             await asyncio.wait_for(
                 daemon.ws_front.close_all(CLOSE_SERVICE_RESTART, "server reloading"), grace
             )
-        factory = daemon.hub.upstream_factory
-        if isinstance(factory, SharedPool):  # its children stop, as on a restart
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(factory.aclose(), grace)
         # 3. Commit what is queued: the requests held back for their commit are then
         # written to their children (the commit's callbacks run on the next loop turn).
         await daemon.store.barrier()
         await asyncio.sleep(0)
+        pool = daemon.hub.upstream_factory
+        if isinstance(pool, SharedPool):
+            # Its children stop being read at a message boundary, before any session is
+            # handed over: nothing a child answers from now on can reach a runner that is
+            # closing; it is read by the next program, routed by the tables handed over.
+            await pool.quiesce(grace)
 
         async def keep(key: str, upstream: Upstream) -> bool:
             inner = getattr(upstream, "inner", upstream)  # the hub's slot wrapper
+            if isinstance(inner, SharedUpstream) and isinstance(pool, SharedPool):
+                sid = pool.keep(inner)
+                if sid is not None:
+                    pool_sessions[key] = sid
+                return sid is not None
             if isinstance(inner, HttpUpstream) and inner.session_id is not None:
                 await inner.release()
                 released.append(key)
@@ -721,8 +775,23 @@ async def _hand_over(
         children = [
             reload.KeptChild(key, *_fields(upstream.handover())) for key, upstream in kept.items()
         ]
+        kept_pool = None
+        if isinstance(pool, SharedPool):
+            handed = pool.handover()
+            kept_pool = reload.KeptPool(
+                reload.POOL_VERSION,
+                [reload.KeptPoolChild(i, *_fields(h)) for i, h in handed.children],
+                msgspec.Raw(handed.router),
+                pool_sessions,
+            )
         record = reload.Handover(
-            reload.RECORD_VERSION, os.getpid(), daemon.reloads + 1, listeners, children, released
+            reload.RECORD_VERSION,
+            os.getpid(),
+            daemon.reloads + 1,
+            listeners,
+            children,
+            released,
+            kept_pool,
         )
         for fd in listeners:
             os.set_inheritable(fd, True)
@@ -732,6 +801,8 @@ async def _hand_over(
             "reload.exec",
             kept_upstreams=len(children),
             kept_http_sessions=len(released),
+            kept_pool_children=0 if kept_pool is None else len(kept_pool.children),
+            kept_pool_sessions=len(pool_sessions),
             listeners=len(listeners),
             quiesce_ms=round((time.monotonic() - started) * 1000, 1),
         )

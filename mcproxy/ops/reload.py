@@ -54,6 +54,37 @@ class KeptChild(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return HandedOver(self.pid, self.stdin_fd, self.stdout_fd, self.stderr_fd, self.unread)
 
 
+POOL_VERSION: Final = 1
+
+
+class KeptPoolChild(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A child of the shared pool kept running across the reload (``upstream.mode =
+    "shared"``), by its index in the pool."""
+
+    index: int
+    pid: int
+    stdin_fd: int
+    stdout_fd: int
+    stderr_fd: int
+    unread: bytes = b""
+
+    def handed_over(self) -> HandedOver:
+        return HandedOver(self.pid, self.stdin_fd, self.stdout_fd, self.stderr_fd, self.unread)
+
+
+class KeptPool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The shared pool across the reload: its children, the router's tables
+    (``shared_router.Router.snapshot``, opaque here and versioned inside: a snapshot the next
+    program cannot restore sends the pool down the restart path, not the whole record), and
+    which session holds which router handle. ``version``: of this section's meaning; another
+    one is not taken up either (the children are stopped, the sessions restart)."""
+
+    version: int
+    children: list[KeptPoolChild]
+    router: msgspec.Raw
+    sessions: dict[str, int]  # session key -> its router handle (sid)
+
+
 class Handover(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What one program hands the next across ``execve``. ``version`` changes with any
     change of meaning; a program refuses a record of another version (and then adopts
@@ -67,10 +98,16 @@ class Handover(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Sessions whose HTTP upstream session was released, not ended: its id is in the
     # session's ``upstream_state`` (committed before exec), the next program takes it up.
     http_sessions: list[str] = msgspec.field(default_factory=list)
+    # The shared pool, if it was kept (absent from records of programs that did not keep it:
+    # their pool's children were stopped before exec, as on a restart).
+    pool: KeptPool | None = None
 
     def descriptors(self) -> list[int]:
         fds = list(self.listeners)
-        for child in self.children:
+        kept: list[KeptChild | KeptPoolChild] = [*self.children]
+        if self.pool is not None:
+            kept += self.pool.children
+        for child in kept:
             fds += [child.stdin_fd, child.stdout_fd, child.stderr_fd]
         return fds
 

@@ -46,6 +46,12 @@ safe is that nothing a child says reaches a session unless it provably belongs t
 - **Shutdown.** ``SharedPool.aclose`` stops the children while their sessions are still
   attached (the daemon closes the pool before the sessions): what a child writes during its
   stop ladder is routed and logged like anything else, not cancelled and dropped.
+- **Reload in place.** The children outlive the program: ``quiesce`` stops reading each at
+  a message boundary, ``handover`` gives their pipes and the router's tables
+  (``Router.snapshot``) to the record, and the next program's pool takes them up
+  (``take_over``: no new ``initialize``) and gives each session its router handle back as
+  it is loaded (``reattach``). Tables that do not restore stop the children instead: every
+  session restarts (docs/ARCHITECTURE.md *Reload in place*).
 
 The routing tables and every decision above live in ``upstreams.shared_router`` (sans-I/O,
 tested without an event loop); this module is its I/O driver: the processes, the timers and
@@ -60,7 +66,10 @@ See docs/ARCHITECTURE.md, "Shared upstreams".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -80,6 +89,7 @@ from mcproxy.upstreams.shared_router import (
     Warn,
     Write,
 )
+from mcproxy.upstreams.stdio import HandedOver, StdioUpstream
 
 log = structlog.get_logger("mcproxy")
 
@@ -107,7 +117,7 @@ class _Link:
 class SharedUpstream:
     """One session's view of a shared child: implements ``Upstream``."""
 
-    __slots__ = ("_closed", "_lost", "handler", "index", "pool", "sid")
+    __slots__ = ("_backlog", "_closed", "_lost", "handler", "index", "pool", "sid")
 
     def __init__(self, pool: SharedPool, handler: UpstreamHandler) -> None:
         self.pool = pool
@@ -116,6 +126,9 @@ class SharedUpstream:
         self.sid: int | None = None  # its handle in the router, while attached
         self._closed = False
         self._lost = False
+        # Re-attached after a reload: what its child answered before the session was loaded,
+        # delivered first (``SharedPool.reattach``); None once delivered.
+        self._backlog: list[tuple[bytes, int | None]] | None = None
 
     async def start(self) -> None:
         pool, router = self.pool, self.pool.router
@@ -143,7 +156,10 @@ class SharedUpstream:
         pool.execute(actions)
 
     def send(self, data: bytes) -> None:
-        if self.sid is not None:  # None: lost (reported), closed, or never started
+        # None: lost (reported), closed, or never started. While the pool is handed over
+        # its children are written no more (as a quiesced child of its own): the tables
+        # must keep describing what each child was actually sent.
+        if self.sid is not None and not self.pool.handing_over:
             self.pool.execute(self.pool.router.from_session(self.sid, data))
 
     async def aclose(self) -> None:
@@ -154,11 +170,28 @@ class SharedUpstream:
         sid, self.sid = self.sid, None
         if sid is not None:
             self.pool.sessions.pop(sid, None)
-            self.pool.execute(self.pool.router.detach(sid))
+            if not self.pool.handing_over:
+                self.pool.execute(self.pool.router.detach(sid))
+            # else: its child is no longer written to; the next program detaches it (its
+            # cancellations then reach the child), as it does every session it gets no
+            # runner for (``SharedPool.detach_unclaimed``).
 
     def deliver(self, data: bytes, related: int | None = None) -> None:
-        if not self._closed and not self._lost:
+        if self._closed or self._lost:
+            return
+        if self._backlog is not None:
+            self._backlog.append((data, related))  # after what the child said before
+            return
+        self.handler.on_upstream_message(data, related)
+
+    def _deliver_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog:
+            data, related = backlog.pop(0)
+            if self._closed or self._lost:
+                break
             self.handler.on_upstream_message(data, related)
+        self._backlog = None
 
     def lose(self, reason: str, unsent: Collection[int]) -> None:
         self.sid = None
@@ -296,6 +329,19 @@ class PoolState:
 ChildFactory = Callable[[UpstreamHandler, str], Upstream]
 """``spawn(handler, label)`` builds an unstarted child process (the daemon: a ``StdioUpstream``)."""
 
+ChildAdopter = Callable[[HandedOver, UpstreamHandler, str], Awaitable[Upstream]]
+"""``adopt(handed, handler, label)``: a child a reload handed over, running again
+(the daemon: ``upstreams.adopted.adopt``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolHandover:
+    """What a reload in place passes on of the pool (``SharedPool.handover``): its children
+    kept running, by index, and the router's tables (``Router.snapshot``)."""
+
+    children: list[tuple[int, HandedOver]]
+    router: bytes
+
 
 class SharedPool:
     """``size`` shared children; an ``UpstreamFactory`` (call it with a session id and its
@@ -317,6 +363,11 @@ class SharedPool:
         self.tasks = TaskSet("shared-pool")
         self.stats = self.router.stats
         self.closed = False
+        # A reload in place: its children are quiesced, sessions keep their router handles.
+        self.handing_over = False
+        self._kept: list[int] = []  # indices of the children quiesced for the next program
+        # After a reload: what the router routed to sessions not loaded yet, by sid.
+        self._parked: dict[int, list[tuple[bytes, int | None]]] = {}
 
     def __call__(self, session_id: str, handler: UpstreamHandler) -> SharedUpstream:
         return SharedUpstream(self, handler)
@@ -345,12 +396,16 @@ class SharedPool:
             elif isinstance(action, Deliver):
                 up = self.sessions.get(action.sid)
                 if up is None:
+                    parked = self._parked.get(action.sid)
+                    if parked is not None:  # its session is being loaded after a reload
+                        parked.append((action.data, action.related))
                     continue
                 if action.soon:
                     asyncio.get_running_loop().call_soon(up.deliver, action.data, None)
                 else:
                     up.deliver(action.data, action.related)
             elif isinstance(action, Lose):
+                self._parked.pop(action.sid, None)  # its session restarts when loaded
                 up = self.sessions.pop(action.sid, None)
                 if up is not None:
                     up.lose(action.reason, action.unsent)
@@ -371,3 +426,150 @@ class SharedPool:
         await asyncio.gather(*(child.shutdown() for child in self.children))
         self.sessions.clear()
         await self.tasks.cancel_all()
+
+    # --- reload in place (docs/ARCHITECTURE.md *Reload in place*) ---------------------------
+
+    async def quiesce(self, drain_s: float) -> None:
+        """A reload begins: stop reading each child at a message boundary, leaving it running
+        (``StdioUpstream.quiesce``, as a session's own child); from now on nothing is written
+        to a child nor routed from one, so the router's tables describe exactly what each
+        child was sent and has not answered. A child that cannot be handed over (starting,
+        stopping, not taking its input) is stopped as on a restart: its sessions are
+        forgotten here, and restart in the next program."""
+        self.handing_over = True
+
+        async def one(child: _Child) -> None:
+            for task in (child._spawning, child._stopping):
+                if task is not None:
+                    await asyncio.shield(task)
+            proc = child.proc
+            child.cancel_init_timer()  # re-armed by the next program if still pending
+            up = self.router.children[child.index].up
+            if isinstance(proc, StdioUpstream) and up and await proc.quiesce(drain_s):
+                self._kept.append(child.index)
+                return
+            if proc is not None:
+                log.warning("reload.shared_child_not_kept", child=child.label)
+            await child.shutdown()
+
+        await asyncio.gather(*(one(child) for child in self.children))
+
+    def keep(self, up: SharedUpstream) -> int | None:
+        """A session handed over with the pool: its router handle, which the next program
+        gives back to it (``reattach``); None if its child was not kept."""
+        sid = up.sid
+        if not self.handing_over or sid is None or sid not in self.router.sessions:
+            return None
+        if self.router.sessions[sid].child not in self._kept:
+            return None
+        up._closed = True  # nothing reaches it any more: the child is not read
+        up.sid = None
+        self.sessions.pop(sid, None)
+        return sid
+
+    def handover(self) -> PoolHandover:
+        """After ``quiesce``, just before exec: the kept children (descriptors made
+        inheritable, unread output) and the router's tables."""
+        children = []
+        for index in sorted(self._kept):
+            proc = self.children[index].proc
+            assert isinstance(proc, StdioUpstream)
+            children.append((index, proc.handover()))
+        return PoolHandover(children, self.router.snapshot())
+
+    async def take_over(self, handed: PoolHandover, adopt: ChildAdopter) -> list[int] | None:
+        """Start-up after a reload in place: rebuild the pool around the children the last
+        program kept (already initialized: they are sent nothing) and its router's tables.
+        Returns the router handles of the sessions it had (each session gets its own back
+        with ``reattach`` when it is loaded), or None if the tables do not restore: then
+        the children are stopped and every session restarts, as after a restart."""
+        indices = [index for index, _ in handed.children]
+        try:
+            if any(not 0 <= i < len(self.children) for i in indices):
+                raise ValueError(f"children {indices}, this pool has {len(self.children)}")
+            admitted = self.router.restore(handed.router)
+            for index in range(len(self.children)):
+                if self.router.children[index].up and index not in indices:
+                    raise ValueError(f"the tables of child {index}, whose process is gone")
+        except ValueError as exc:
+            log.error("reload.shared_pool_not_kept", reason=str(exc), children=len(indices))
+            self.router = Router(len(self.children), self.router.max_in_flight)
+            self.stats = self.router.stats
+            await asyncio.gather(*(stop_handed(h, adopt) for _, h in handed.children))
+            return None
+        for index, child_handed in handed.children:
+            child = self.children[index]
+            generation = child.generation + 1
+            try:
+                proc = await adopt(child_handed, _Link(child, generation), child.label)
+            except UpstreamError as exc:
+                log.error("reload.shared_child_not_adopted", child=child.label, error=str(exc))
+                _kill_handed(child_handed)
+                self.router.down(index)  # its sessions restart when loaded
+                continue
+            child.generation = generation
+            child.proc = proc
+            if self.router.children[index].init_id is not None:
+                child.start_init_timer()  # its initialize is still in flight
+        sids = list(self.router.sessions)
+        self._parked = {sid: [] for sid in sids}
+        self.execute(admitted)  # a child that was not adopted is down: not written to
+        return sids
+
+    def reattach(self, sid: int, handler: UpstreamHandler) -> SharedUpstream:
+        """The session of router handle ``sid`` loaded after a reload: its view of its child,
+        what the child said meanwhile delivered first, on the next loop turn (the session's
+        runner is set up without an await in between).
+
+        Raises:
+            UpstreamError: its child is gone (the session restarts as after a restart).
+        """
+        backlog = self._parked.pop(sid, None)
+        state = self.router.sessions.get(sid)
+        if backlog is None or state is None:
+            raise UpstreamError("its shared upstream was lost during the reload")
+        up = SharedUpstream(self, handler)
+        up.index = state.child
+        up.sid = sid
+        self.sessions[sid] = up
+        if backlog:
+            up._backlog = backlog
+            asyncio.get_running_loop().call_soon(up._deliver_backlog)
+        return up
+
+    def detach_unclaimed(self, claimed: Collection[int]) -> None:
+        """The sessions of the last program that no session here will take back (they had
+        no runner to hand over): detached, their requests cancelled on the child."""
+        for sid in list(self._parked):
+            if sid not in claimed:
+                del self._parked[sid]
+                self.execute(self.router.detach(sid))
+
+
+class _Discard:
+    """The handler of a handed-over child that is only stopped: its last words go nowhere."""
+
+    def on_upstream_message(self, line: bytes, related: int | None = None) -> None:
+        pass
+
+    def on_upstream_lost(self, reason: str, unsent: Collection[int] = ()) -> None:
+        pass
+
+
+async def stop_handed(handed: HandedOver, adopt: ChildAdopter) -> None:
+    """Stop a child that was handed over but is not taken up (bounded stop ladder)."""
+    try:
+        proc = await adopt(handed, _Discard(), f"pid {handed.pid}")
+    except UpstreamError:
+        _kill_handed(handed)
+        return
+    await proc.aclose()
+
+
+def _kill_handed(handed: HandedOver) -> None:
+    for fd in (handed.stdin_fd, handed.stdout_fd, handed.stderr_fd):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        os.killpg(handed.pid, signal.SIGKILL)  # its own process group (stdio: pgid == pid)
+        os.waitpid(handed.pid, 0)

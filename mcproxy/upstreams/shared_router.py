@@ -502,7 +502,7 @@ class Router:
     def _admit(self, child: Child) -> None:
         """Send queued requests, oldest first, while slots are free."""
         limit = self.max_in_flight
-        while child.waiting and child.in_flight < limit:
+        while child.waiting and (not limit or child.in_flight < limit):
             entry = child.pending.get(child.waiting.popleft())
             if entry is None or entry.queued is None:
                 continue  # withdrawn while it waited
@@ -931,3 +931,284 @@ class Router:
         out = self._flush()
         out.extend(self.idle(child.index))
         return out
+
+    # --- reload in place: the tables as plain data ------------------------------------------
+    # docs/ARCHITECTURE.md *Reload in place*: the pool's children outlive the program, and what
+    # they answer after the exec is routed by these tables, so they cross it in the handover
+    # record. Only what cannot be derived is written (``busy``, ``tokens``, ``server_requests``,
+    # ``levels``, the counts and the session sets are rebuilt), and ``restore`` checks that
+    # every reference holds before it takes anything: a snapshot that does not describe a
+    # consistent pool is refused whole (ValueError), never half-applied, never guessed from.
+
+    def snapshot(self) -> bytes:
+        """Every table of the pool, encoded (``restore`` reads it in the next program).
+        Sessions still starting (``reserve``) are not in it: they start anew there."""
+        return _SNAPSHOT_ENCODER.encode(
+            RouterSnapshot(
+                SNAPSHOT_VERSION,
+                next_sid=_peek(self, "_sids"),
+                next_id=_peek(self, "_ids"),
+                next_token=_peek(self, "_tokens"),
+                stats=dict(self.stats),
+                children=[_child_record(child) for child in self.children if child.up],
+                sessions=[_session_record(up) for up in self.sessions.values()],
+            )
+        )
+
+    def restore(self, data: bytes) -> list[Action]:
+        """Take the tables of ``snapshot`` over (this router is new: no child up, no session).
+        Its children come back up as they were (initialized, in flight, subscribed); returned:
+        the queued requests this router's ``max_in_flight`` (a reload may have raised it)
+        admits now, to write once the children are there.
+
+        Raises:
+            ValueError: not a snapshot of this version, or one that does not hold together
+                (the router is left as it was).
+        """
+        if any(child.up or child.sessions for child in self.children) or self.sessions:
+            raise ValueError("restore needs a new router")
+        try:
+            snap = _SNAPSHOT_DECODER.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ValueError(f"router snapshot: {exc}") from exc
+        if snap.version != SNAPSHOT_VERSION:
+            raise ValueError(f"router snapshot version {snap.version}, this program reads 1")
+        children = [Child(index) for index in range(len(self.children))]
+        sessions: dict[int, Session] = {}
+        try:
+            self._rebuild(snap, children, sessions)
+        except (KeyError, IndexError, ProtocolError) as exc:
+            raise ValueError(f"router snapshot does not hold together: {exc!r}") from exc
+        self.children = children
+        self.sessions = sessions
+        self.stats.update(snap.stats)
+        self._sids = itertools.count(snap.next_sid)
+        self._ids = itertools.count(snap.next_id)
+        self._tokens = itertools.count(snap.next_token)
+        for child in children:
+            if child.queued:
+                self._admit(child)
+        return self._flush()
+
+    def _rebuild(
+        self, snap: RouterSnapshot, children: list[Child], sessions: dict[int, Session]
+    ) -> None:
+        """Build the tables of ``snap`` into ``children`` and ``sessions``; any broken
+        reference raises (KeyError, IndexError, ValueError)."""
+        for record in snap.children:
+            _check(0 <= record.index < len(children), f"child {record.index}")
+            child = children[record.index]
+            _check(not child.up, f"child {record.index} twice")
+            child.up = True
+            child.init_result = record.init_result
+            _check(record.level is None or record.level in _RANK, f"log level {record.level!r}")
+            child.level = record.level
+        for srec in snap.sessions:
+            _check(0 < srec.sid < snap.next_sid and srec.sid not in sessions, f"sid {srec.sid}")
+            child = children[srec.child]
+            _check(child.up, f"session {srec.sid} on a child that is down")
+            up = Session(srec.sid, srec.child)
+            up.ready = srec.ready
+            up.caps = self.intern(frozenset(srec.caps))
+            _check(srec.level is None or srec.level in _RANK, f"log level {srec.level!r}")
+            up.level = srec.level
+            up.local = dict(srec.local)
+            up.server = None if srec.server is None else set(srec.server)
+            up.subs = None if srec.subs is None else set(srec.subs)
+            sessions[up.sid] = up
+            child.sessions.add(up)
+            if up.level is not None:
+                child.levels[up.level] += 1
+            for key in up.server or ():
+                _check(key not in child.server_requests, f"server request {key} twice")
+                child.server_requests[key] = up
+        for record in snap.children:
+            child = children[record.index]
+            self._rebuild_child(snap, record, child, sessions)
+        for up in sessions.values():
+            child = children[up.child]
+            for local, pool_id in up.local.items():
+                entry = child.pending[pool_id]
+                _check(entry.owner is up and entry.local_id == local, f"request {pool_id}")
+            if up.local:
+                child.busy.add(up)
+            for uri in up.subs or ():
+                _check(up in child.subs[uri].members, f"subscription {uri}")
+
+    @staticmethod
+    def _rebuild_child(
+        snap: RouterSnapshot, record: ChildRecord, child: Child, sessions: dict[int, Session]
+    ) -> None:
+        def member(sid: int) -> Session:
+            up = sessions[sid]
+            _check(up.child == child.index, f"session {sid} is not on child {child.index}")
+            return up
+
+        for prec in record.pending:
+            _check(
+                0 < prec.pool_id < snap.next_id and prec.pool_id not in child.pending,
+                f"pool id {prec.pool_id}",
+            )
+            _check(prec.kind in (_PLAIN, _INIT, _SUBSCRIBE), f"kind {prec.kind}")
+            owner = None if prec.owner is None else member(prec.owner)
+            entry = _Pending(owner, prec.local_id, prec.kind)
+            entry.uri = prec.uri
+            entry.queued = prec.queued
+            entry.counted = prec.counted
+            _check(
+                not (entry.counted and entry.queued is not None),
+                f"request {prec.pool_id} both sent and queued",
+            )
+            if prec.token is not None:
+                _check(
+                    prec.original_token is not None and prec.token not in child.tokens,
+                    f"progress token {prec.token}",
+                )
+                entry.token = prec.token
+                entry.original_token = prec.original_token
+                child.tokens[prec.token] = entry
+            if owner is not None:
+                _check(owner.local.get(prec.local_id) == prec.pool_id, f"request {prec.pool_id}")
+            child.pending[prec.pool_id] = entry
+            child.in_flight += entry.counted
+        for pool_id in record.waiting:
+            _check(child.pending[pool_id].queued is not None, f"waiting {pool_id}")
+            child.waiting.append(pool_id)
+        child.queued = len(child.waiting)
+        _check(
+            child.queued == sum(e.queued is not None for e in child.pending.values()),
+            "queued requests missing from the queue",
+        )
+        if record.init_id is not None:
+            _check(child.pending[record.init_id].kind == _INIT, f"initialize {record.init_id}")
+        child.init_id = record.init_id
+        for sid, line in record.init_waiters:
+            child.init_waiters.append((member(sid), jsonrpc.decode(line)))
+        for srec in record.subs:
+            _check(srec.uri not in child.subs, f"subscription {srec.uri} twice")
+            sub = child.subs[srec.uri] = _Sub()
+            sub.confirmed = srec.confirmed
+            sub.members = {member(sid) for sid in srec.members}
+            sub.waiters = [(member(sid), request_id) for sid, request_id in srec.waiters]
+
+
+def _check(condition: bool, what: str) -> None:
+    """A consistency check of ``restore`` (not an ``assert``: ``python -O`` keeps it)."""
+    if not condition:
+        raise ValueError(f"router snapshot does not hold together: {what}")
+
+
+def _peek(router: Router, name: str) -> int:
+    """The next value of one of the router's counters (taken, then put back)."""
+    counter: itertools.count[int] = getattr(router, name)
+    value = next(counter)
+    setattr(router, name, itertools.count(value))
+    return value
+
+
+SNAPSHOT_VERSION: Final = 1
+
+
+class PendingRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pool_id: int
+    owner: int | None  # sid; None: the pool's own, or its session left
+    local_id: int | str
+    kind: int
+    counted: bool
+    queued: bytes | None = None
+    token: str | None = None
+    original_token: int | str | None = None
+    uri: str | None = None
+
+
+class SubRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    uri: str
+    confirmed: bool
+    members: list[int]
+    waiters: list[tuple[int, int | str]]
+
+
+class ChildRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    index: int
+    init_result: bytes | None
+    init_id: int | None
+    level: str | None
+    pending: list[PendingRecord]
+    waiting: list[int]  # queued pool ids, oldest first
+    init_waiters: list[tuple[int, bytes]]  # sid, its initialize request
+    subs: list[SubRecord]
+
+
+class SessionRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sid: int
+    child: int
+    ready: bool
+    caps: list[str]
+    level: str | None
+    local: list[tuple[int | str, int]]  # its request id -> pool id
+    server: list[str] | None
+    subs: list[str] | None
+
+
+class RouterSnapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``Router.snapshot``: plain data, JSON-encoded into the handover record."""
+
+    version: int
+    next_sid: int
+    next_id: int
+    next_token: int
+    stats: dict[str, int]
+    children: list[ChildRecord]
+    sessions: list[SessionRecord]
+
+
+_SNAPSHOT_ENCODER: Final = msgspec.json.Encoder()
+_SNAPSHOT_DECODER: Final = msgspec.json.Decoder(RouterSnapshot)
+
+
+def _child_record(child: Child) -> ChildRecord:
+    pending = child.pending
+    return ChildRecord(
+        index=child.index,
+        init_result=child.init_result,
+        init_id=child.init_id,
+        level=child.level,
+        pending=[
+            PendingRecord(
+                pool_id,
+                None if entry.owner is None else entry.owner.sid,
+                entry.local_id,
+                entry.kind,
+                entry.counted,
+                entry.queued,
+                entry.token,
+                entry.original_token,
+                entry.uri,
+            )
+            for pool_id, entry in pending.items()
+        ],
+        waiting=[i for i in child.waiting if i in pending and pending[i].queued is not None],
+        init_waiters=[(up.sid, jsonrpc.encode(msg)) for up, msg in child.init_waiters],
+        subs=[
+            SubRecord(
+                uri,
+                sub.confirmed,
+                sorted(up.sid for up in sub.members),
+                [(up.sid, request_id) for up, request_id in sub.waiters],
+            )
+            for uri, sub in child.subs.items()
+        ],
+    )
+
+
+def _session_record(up: Session) -> SessionRecord:
+    return SessionRecord(
+        sid=up.sid,
+        child=up.child,
+        ready=up.ready,
+        caps=sorted(up.caps),
+        level=up.level,
+        local=list(up.local.items()),
+        server=None if up.server is None else sorted(up.server),
+        subs=None if up.subs is None else sorted(up.subs),
+    )

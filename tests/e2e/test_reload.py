@@ -23,7 +23,7 @@ import aiohttp
 from mcproxy.client.connection import ReconnectOptions
 from mcproxy.client.mcp import MCPClient
 from tests.e2e.test_http_upstream import HttpFixture
-from tests.e2e.test_shared_upstream import shared_proxy
+from tests.e2e.test_shared_upstream import next_progress, shared_proxy
 from tests.helpers import (
     MS,
     ROOT,
@@ -32,6 +32,7 @@ from tests.helpers import (
     ProxyProcess,
     WsClient,
     eventually,
+    lsn_of,
     messages,
     pid_alive,
     read_sse,
@@ -452,36 +453,115 @@ async def test_systemd_sees_reloading_then_ready_and_the_watchdog_goes_on(tmp_pa
         receiver.close()
 
 
-async def test_shared_pool_reload_restarts_its_children_as_a_restart_would(
+async def test_shared_pool_children_are_kept_with_their_calls_in_flight(
     tmp_path: Path, counter_dir: Path
 ) -> None:
-    """Not kept yet (docs/ARCHITECTURE.md *Reload in place*): in shared mode a reload stops
-    the pool's children as a restart does; the reload itself goes through and the session
-    goes on (what was in flight is answered as on a restart, the next calls run on a new
-    child)."""
-    proxy = shared_proxy(tmp_path, counter_dir).start()
+    """Shared mode, pool_size 2, one session on each child: an unsafe call in flight on each
+    spans a reload. Both are answered once, each to its own session, and ran once (fixture
+    log); the children are the same processes; an in-memory counter goes on; the progress of
+    a call in flight still reaches its client under its own token."""
+    proxy = shared_proxy(tmp_path, counter_dir, pool_size=2).start()
     try:
-        ws = await WsClient.connect(proxy.url)
-        session_id = (await ws.initialize())["result"]["mcpSessionId"]
-        await ws.call("tools/list")  # the proxy learns which tools are read-only
-        assert tool_text(await ws.response(await ws.call_tool("count", {}))) == "1"
-        reading = await ws.call_tool("slow_read", {"steps": 2, "delay": 1000 * MS})
-        await asyncio.sleep(200 * MS)
-        cursor = max(ws.lsns())
-        closed = asyncio.ensure_future(until_closed(ws))
+        a, b = await WsClient.connect(proxy.url), await WsClient.connect(proxy.url)
+        session_a = (await a.initialize())["result"]["mcpSessionId"]
+        session_b = (await b.initialize())["result"]["mcpSessionId"]
+        assert tool_text(await a.response(await a.call_tool("count", {}))) == "1"
+        pid_a = tool_text(await a.response(await a.call_tool("pid", {})))
+        pid_b = tool_text(await b.response(await b.call_tool("pid", {})))
+        assert pid_a != pid_b  # one session on each child
+        assert tool_text(await a.response(await a.call_tool("bump", {"name": "a"}))) == "1"
+        call_a = await a.call_tool("bump", {"name": "a", "delay": 4000 * MS})
+        call_b = await b.call_tool("bump", {"name": "b", "delay": 3000 * MS})
+        steps = 10
+        slow = await b.call_tool("slow", {"steps": steps, "delay": 600 * MS}, progress_token="p")
+        await next_progress(b, "p")
+        await asyncio.sleep(300 * MS)  # every call reached its child
+        pids = set(proxy.upstream_pids())
+        assert {str(p) for p in pids} == {pid_a, pid_b}
+        cursors = max(a.lsns()), max(b.lsns())
+        closing = [asyncio.ensure_future(until_closed(c)) for c in (a, b)]
         done = await asyncio.to_thread(reload, proxy)
-        assert done["adopted_upstreams"] == 0
-        assert await closed == 1012
-        await ws.close()
-        back = await WsClient.connect(proxy.url, session_id, last_lsn=cursor)
+        assert done["adopted_pool_children"] == 2 and done["adopted_upstreams"] == 2
+        assert [await c for c in closing] == [1012, 1012]
+        assert not proxy.events("reload.shared_pool_not_kept")
+        await a.close()
+        await b.close()
+        back_a = await WsClient.connect(proxy.url, session_a, last_lsn=cursors[0])
+        back_b = await WsClient.connect(proxy.url, session_b, last_lsn=cursors[1])
         try:
-            # Answered once, as on a restart: by the child while it stopped (the SDK answers
-            # what it was working on "Connection closed" when its stdin closes).
-            answer = await back.response(reading)
-            assert "result" in answer or answer["error"]["code"] == -32000
+            assert tool_text(await back_a.response(call_a)) == "2"
+            assert tool_text(await back_b.response(call_b)) == "1"
+            finished = await back_b.response(slow)
+            assert tool_text(finished) == f"slow done after {steps}"
+            assert bumped(counter_dir, "a") == 2 and bumped(counter_dir, "b") == 1
+            # Each answer once, and only to its own session.
+            for mine, theirs, ids in ((back_a, back_b, {call_a}), (back_b, back_a, {call_b, slow})):
+                got = [m.get("id") for m in mine.received if "method" not in m]
+                assert all(got.count(i) == 1 for i in ids)
+                assert not ids & {m.get("id") for m in theirs.received}
+            # The progress went on after the reload (its last step comes seconds after it),
+            # under the client's own token; nothing twice.
+            seen = [m for m in b.received if (lsn_of(m) or 0) <= cursors[1]]  # then resumed
+            progress = [
+                m["params"]["progress"]
+                for m in [*seen, *back_b.received]
+                if m.get("method") == "notifications/progress"
+            ]
+            assert progress[-1] == steps and len(set(progress)) == len(progress)
+            assert all(
+                m["params"]["progressToken"] == "p"
+                for m in back_b.received
+                if m.get("method") == "notifications/progress"
+            )
+            assert not any(m.get("method") == "notifications/progress" for m in back_a.received)
+            # Same processes, their state kept.
+            assert tool_text(await back_a.response(await back_a.call_tool("count", {}))) == "2"
+            assert tool_text(await back_a.response(await back_a.call_tool("pid", {}))) == pid_a
+            assert tool_text(await back_b.response(await back_b.call_tool("pid", {}))) == pid_b
+            assert set(proxy.upstream_pids()) == pids  # nothing spawned anew
+            assert all(pid_alive(p) for p in pids)
+            assert not [e for e in proxy.logs if e.get("level") == "error"]
+        finally:
+            await back_a.close()
+            await back_b.close()
+    finally:
+        proxy.kill()
+
+
+async def test_a_pool_the_next_program_cannot_take_up_takes_the_restart_path(
+    tmp_path: Path, counter_dir: Path
+) -> None:
+    """The next program's pool is smaller than the tables handed over (pool_size 2 -> 1):
+    they are refused, said so in the log, the kept children are stopped and every session
+    restarts as after a restart (its unsafe call in flight: -32010, never run twice)."""
+    proxy = shared_proxy(tmp_path, counter_dir, pool_size=2).start()
+    try:
+        a, b = await WsClient.connect(proxy.url), await WsClient.connect(proxy.url)
+        session_b = (await b.initialize())["result"]["mcpSessionId"]
+        await a.initialize()
+        assert tool_text(await b.response(await b.call_tool("count", {}))) == "1"
+        call = await b.call_tool("bump", {"name": "b", "delay": 3000 * MS})
+        await asyncio.sleep(300 * MS)
+        pids = set(proxy.upstream_pids())
+        assert len(pids) == 2
+        cursor = max(b.lsns())
+        config = tmp_path / "shared.toml"
+        config.write_text(config.read_text().replace("pool_size = 2", "pool_size = 1"))
+        closing = [asyncio.ensure_future(until_closed(c)) for c in (a, b)]
+        done = await asyncio.to_thread(reload, proxy)
+        assert [await c for c in closing] == [1012, 1012]
+        (refused,) = proxy.events("reload.shared_pool_not_kept")
+        assert refused["children"] == 2 and "pool has 1" in refused["reason"]
+        assert done["adopted_pool_children"] == 0 and done["adopted_upstreams"] == 0
+        wait_until(lambda: not any(pid_alive(p) for p in pids))
+        await a.close()
+        await b.close()
+        back = await WsClient.connect(proxy.url, session_b, last_lsn=cursor)
+        try:
+            assert (await back.response(call))["error"]["code"] == -32010
             assert tool_text(await back.response(await back.call_tool("count", {}))) == "1"
-            assert len([m for m in back.received if m.get("id") == reading]) <= 1
-            assert len(proxy.upstream_pids()) == 2  # a new child
+            assert len(set(proxy.upstream_pids()) - pids) == 1  # a new child, re-initialized
+            assert bumped(counter_dir, "b") <= 1
         finally:
             await back.close()
     finally:

@@ -13,6 +13,7 @@ from mcproxy.core.framing import LineFramer
 from mcproxy.errors import ConfigError
 from mcproxy.ops import reload
 from mcproxy.ops.reload import HANDOVER_ENV, RECORD_VERSION, Handover, KeptChild
+from mcproxy.upstreams.shared_router import Router
 
 
 def record(**changes: object) -> Handover:
@@ -32,6 +33,24 @@ def test_round_trip_keeps_every_field_and_the_unread_bytes_exactly() -> None:
     assert decoded == original
     assert decoded.children[0].handed_over().unread.endswith(b"\xff")  # not text: bytes
     assert decoded.descriptors() == [5, 6, 7, 8, 9]
+
+
+def test_the_shared_pool_section_round_trips_and_an_older_record_has_none() -> None:
+    tables = Router(2).snapshot()
+    pool = reload.KeptPool(
+        reload.POOL_VERSION,
+        [reload.KeptPoolChild(1, 4321, 10, 11, 12, b'{"id":')],
+        msgspec.Raw(tables),
+        {"anon/abc": 7},
+    )
+    decoded = reload.decode_record(reload.encode_record(record(pool=pool)))
+    assert decoded.pool is not None
+    assert bytes(decoded.pool.router) == tables  # opaque here: the router reads it
+    assert decoded.pool.children[0].handed_over().unread == b'{"id":'
+    assert decoded.pool.sessions == {"anon/abc": 7}
+    assert decoded.descriptors() == [5, 6, 7, 8, 9, 10, 11, 12]
+    older = msgspec.json.encode({"version": 1, "pid": os.getpid(), "reloads": 1})
+    assert reload.decode_record(older).pool is None  # its pool was stopped before exec
 
 
 @pytest.mark.parametrize(

@@ -775,3 +775,109 @@ def test_log_messages_without_a_level_reach_a_session_that_set_one() -> None:
     rig.feed(notification("notifications/message"))
     rig.feed(notification("notifications/message", {"level": 3}))
     assert len(a.take()) == 2  # nothing it can compare: not filtered
+
+
+# --- reload in place: snapshot and restore --------------------------------------------------
+
+
+def moved(rig: Rig, size: int = 2, max_in_flight: int = 1) -> Rig:
+    """The rig's router as the next program rebuilds it from its snapshot: a new Router,
+    the same sessions (recorders) by the same sids."""
+    data = rig.router.snapshot()
+    after = Rig(size, max_in_flight)
+    after.run(after.router.restore(data))
+    for sid, recorder in rig.recorders.items():
+        recorder.rig = after
+        after.recorders[sid] = recorder
+    return after
+
+
+def test_a_snapshot_round_trip_routes_what_the_children_answer_after_it() -> None:
+    rig = Rig(2, max_in_flight=1)
+    a, b = rig.session({"sampling": {}}), rig.session()  # one on each child
+    assert (a.state.child, b.state.child) == (0, 1)
+    a.send(request(2, "tools/call", {"name": "slow", "_meta": {"progressToken": "tok"}}))
+    a.send(request(3, "tools/call", {"name": "echo"}))  # queued: the only slot is taken
+    b.send(request("s", "resources/subscribe", {"uri": "file:///x"}))
+    b.send(request(4, "logging/setLevel", {"level": "error"}))
+    (running,) = rig.take(0)
+    (subscribe,) = rig.take(1)
+    rig.feed(result(subscribe["id"], {}), 1)
+    assert b.take() == [{"jsonrpc": "2.0", "id": "s", "result": {}}]
+    rig.take(1)
+    rig.feed(request(99, "sampling/createMessage", {}), 0)  # a server request, a's to answer
+    assert a.take()[0]["id"] == 99
+    before = rig.router.snapshot()
+
+    after = moved(rig)
+    assert after.router.snapshot() == before  # nothing lost or invented on the way
+    token = running["params"]["_meta"]["progressToken"]
+    after.feed(notification("notifications/progress", {"progressToken": token, "progress": 1}))
+    assert a.messages[0]["params"] == {"progressToken": "tok", "progress": 1}
+    assert a.related == [2]
+    after.feed(result(running["id"], {"done": True}))
+    assert a.take()[1] == {"jsonrpc": "2.0", "id": 2, "result": {"done": True}}
+    (admitted,) = after.take(0)  # the slot freed: the queued request goes out now
+    assert admitted["params"]["name"] == "echo"
+    after.feed(result(admitted["id"], {}))
+    assert a.take() == [{"jsonrpc": "2.0", "id": 3, "result": {}}]
+    a.send(encode({"jsonrpc": "2.0", "id": 99, "result": {}}))  # its answer is let through
+    assert after.take(0) == [{"jsonrpc": "2.0", "id": 99, "result": {}}]
+    after.feed(notification("notifications/resources/updated", {"uri": "file:///x"}), 1)
+    assert [m["method"] for m in b.take()] == ["notifications/resources/updated"]
+    c = after.attach()  # a new session: fresh ids, the child's stored initialize result
+    assert c.sid > b.sid
+    c.send(request(1, "initialize", {"capabilities": {}}))
+    assert c.take() == [{"jsonrpc": "2.0", "id": 1, "result": INIT_RESULT}]
+    assert after.take(0) == [] and after.take(1) == []  # no second initialize
+    b.close()  # its setLevel in flight is cancelled; the last subscriber left: unsubscribed
+    assert [m["method"] for m in after.take(1)] == [
+        "notifications/cancelled",
+        "resources/unsubscribe",
+    ]
+
+
+def test_a_snapshot_that_does_not_hold_together_is_refused_whole() -> None:
+    rig = Rig(2)
+    a, b = rig.session(), rig.session()
+    a.send(request(2, "tools/call", {"name": "slow"}))
+    snap = json.loads(rig.router.snapshot())
+
+    def refused(data: bytes, size: int = 2) -> str:
+        router = Router(size)
+        with pytest.raises(ValueError) as info:
+            router.restore(data)
+        assert not router.sessions and not any(c.up for c in router.children)  # untouched
+        return str(info.value)
+
+    assert "snapshot" in refused(b"{not json")
+    assert "version 9" in refused(json.dumps({**snap, "version": 9}).encode())
+    broken = json.loads(json.dumps(snap))
+    broken["sessions"][0]["local"] = [[2, 12345]]  # a request the child has no entry for
+    refused(json.dumps(broken).encode())
+    broken = json.loads(json.dumps(snap))
+    broken["children"] = []  # its session on a child that is down
+    assert "down" in refused(json.dumps(broken).encode())
+    refused(rig.router.snapshot(), size=1)  # a smaller pool cannot hold child 1's tables...
+    assert b.state.child == 1
+    broken = json.loads(json.dumps(snap))
+    broken["children"][0]["index"] = 5
+    assert "child 5" in refused(json.dumps(broken).encode())
+    assert Router(2).restore(rig.router.snapshot()) == []  # nothing queued to admit
+    used = Router(2)
+    used.started(0)
+    with pytest.raises(ValueError, match="new router"):
+        used.restore(rig.router.snapshot())
+    Router(2).restore(rig.router.snapshot())  # ...and the intact one restores
+
+
+def test_a_higher_limit_after_the_reload_admits_the_queued_requests_at_once() -> None:
+    rig = Rig(1, max_in_flight=1)
+    a = rig.session()
+    a.send(request(2, "tools/call", {"name": "slow"}))
+    a.send(request(3, "tools/call", {"name": "echo"}))
+    assert len(rig.take()) == 1  # the second waits for the only slot
+    after = moved(rig, size=1, max_in_flight=0)  # the next program has no limit
+    (admitted,) = after.take()
+    assert admitted["params"]["name"] == "echo"
+    assert after.child.queued == 0 and after.child.in_flight == 2
