@@ -340,6 +340,7 @@ async def http_call(http: HttpClient, rid: int, name: str, arguments: dict[str, 
                     got = []
                 for m in got:
                     if m.get("id") == rid and "method" not in m:
+                        assert "result" in m, m  # an error answer: the call's outcome was lost
                         return m["result"]["structuredContent"]["result"]
         except (aiohttp.ClientError, ValueError):
             pass  # the program was quiescing or exec'ing: an ordinary drop
@@ -377,10 +378,20 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
         async def flowing() -> None:
             n, m = len(counted), len(bumps)
             try:
-                await eventually(lambda: len(counted) > n and len(bumps) > m)
+                await eventually(
+                    lambda: (len(counted) > n and len(bumps) > m) or any(t.done() for t in traffic)
+                )
+                for task in traffic:
+                    if task.done():
+                        task.result()  # a client that failed says why
+                        raise AssertionError("traffic ended")
             except AssertionError:
                 for e in proxy.logs[-60:]:
                     print(e)
+                print("warnings and errors:")
+                for e in proxy.logs:
+                    if e.get("level") in ("warning", "error"):
+                        print(e)
                 print(n, m, len(counted), len(bumps))
                 raise
 
