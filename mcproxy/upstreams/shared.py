@@ -497,6 +497,12 @@ class SharedPool:
             self.stats = self.router.stats
             await asyncio.gather(*(stop_handed(h, adopt) for _, h in handed.children))
             return None
+        # Held from now on, before the first child is taken up: its reader runs from the
+        # next loop turn, which the next child's adoption awaits, and what it answered
+        # during the exec is routed then, before any session is loaded. A Deliver to a
+        # handle with neither a session nor a parking place is dropped (the answer to a
+        # call in flight was lost under load this way: its client waited forever).
+        self._parked = {sid: [] for sid in self.router.sessions}
         for index, child_handed in handed.children:
             child = self.children[index]
             generation = child.generation + 1
@@ -512,7 +518,8 @@ class SharedPool:
             if self.router.children[index].init_id is not None:
                 child.start_init_timer()  # its initialize is still in flight
         sids = list(self.router.sessions)
-        self._parked = {sid: [] for sid in sids}
+        # A child not taken up took its sessions out of the tables: they restart when loaded.
+        self._parked = {sid: self._parked.get(sid, []) for sid in sids}
         self.execute(admitted)  # a child that was not adopted is down: not written to
         return sids
 

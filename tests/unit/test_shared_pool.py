@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from mcproxy.errors import UpstreamError
-from mcproxy.upstreams.shared import SharedPool, SharedUpstream
+from mcproxy.upstreams.shared import PoolHandover, SharedPool, SharedUpstream
+from mcproxy.upstreams.stdio import HandedOver
 from tests.helpers import MS, eventually
 
 INIT_RESULT = {"protocolVersion": "2025-11-25", "capabilities": {}, "serverInfo": {"name": "c"}}
@@ -304,3 +305,47 @@ async def test_cancelling_one_starting_session_leaves_the_others_starting() -> N
     assert "initialize" in [m.get("method") for m in rig.proc.take()]  # it reached the child
     await second.aclose()
     await rig.pool.aclose()
+
+
+async def test_an_answer_read_while_the_next_child_is_adopted_waits_for_its_session() -> None:
+    """After a reload in place the first child taken up is read from the next loop turn on
+    (its reader task), while the next child's adoption awaits its pipes: an answer the
+    child wrote during the exec (already in its pipe) is routed then, before any session
+    is loaded. It is held for its session and delivered once it is loaded, never dropped
+    (a lost answer left a client waiting for a call in flight, issue: e2e
+    test_shared_pool_children_are_kept_with_their_calls_in_flight under load)."""
+    old = Rig(size=2)
+    (a, _), (b, _) = await old.session(), await old.session()
+    assert (a.index, b.index) == (0, 1) and a.sid is not None and b.sid is not None
+    a.send(request(7, "tools/call", {"name": "bump"}))
+    b.send(request(8, "tools/call", {"name": "bump"}))
+    proc_a, proc_b = old.pool.children[0].proc, old.pool.children[1].proc
+    assert isinstance(proc_a, FakeProc) and isinstance(proc_b, FakeProc)
+    ((call_a,), (call_b,)) = proc_a.take(), proc_b.take()
+    handed = HandedOver(pid=0, stdin_fd=-1, stdout_fd=-1, stderr_fd=-1, unread=b"")
+    new = Rig(size=2)
+    adopted: dict[str, FakeProc] = {}
+
+    async def adopt(_: HandedOver, handler: Any, label: str) -> FakeProc:
+        await asyncio.sleep(0)  # connecting its pipes to the loop: the loop turns
+        proc = adopted[label] = FakeProc(handler)
+        # Its reader task runs from the next loop turn (``StdioUpstream.attach`` spawns it
+        # last): what the child wrote during the exec is read then.
+        answer = call_a if label == "shared#0" else call_b
+        asyncio.get_running_loop().call_soon(
+            handler.on_upstream_message, result(answer["id"], {"from": label})
+        )
+        return proc
+
+    sids = await new.pool.take_over(
+        PoolHandover([(0, handed), (1, handed)], old.pool.router.snapshot()), adopt
+    )
+    assert sids is not None and sorted(sids) == sorted([a.sid, b.sid])
+    await asyncio.sleep(0)
+    got = {sid: Recorder() for sid in sids}
+    for sid, recorder in got.items():
+        new.pool.reattach(sid, recorder)
+    await asyncio.sleep(0)
+    assert got[a.sid].messages == [{"jsonrpc": "2.0", "id": 7, "result": {"from": "shared#0"}}]
+    assert got[b.sid].messages == [{"jsonrpc": "2.0", "id": 8, "result": {"from": "shared#1"}}]
+    assert new.pool.router.in_flight() == 0
