@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -320,9 +321,23 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def http_call(http: HttpClient, rid: int, name: str, arguments: dict[str, Any]) -> Any:
+async def http_call(
+    http: HttpClient,
+    rid: int,
+    name: str,
+    arguments: dict[str, Any],
+    trail: list[str] | None = None,
+) -> Any:
     """A tools/call over Streamable HTTP that survives drops: POSTed again under the same id
-    (the proxy answers a retry with the logged or the live answer, never a second run)."""
+    (the proxy answers a retry with the logged or the live answer, never a second run).
+    ``trail`` gets one line per step of each attempt, so a call that stops progressing says
+    where it waits (connecting, for the head, or inside the stream after which event)."""
+
+    def note(step: str) -> None:
+        if trail is not None:
+            trail.append(f"{time.monotonic():.3f} id={rid} {step}")
+            del trail[:-40]
+
     message = {
         "jsonrpc": "2.0",
         "id": rid,
@@ -330,21 +345,44 @@ async def http_call(http: HttpClient, rid: int, name: str, arguments: dict[str, 
         "params": {"name": name, "arguments": arguments},
     }
     while True:
+        note("POST")
         try:
             async with await http.post(message) as resp:
+                note(f"status {resp.status} {resp.content_type}")
                 if resp.content_type == "application/json":  # a retry of an answered call
                     got = [await resp.json()]
                 elif resp.status == 200:
-                    got = messages(await read_sse(resp))
+                    got = messages(
+                        await read_sse(resp, lambda e: note(f"event {e.id} {e.data[:60]!r}"))
+                    )
                 else:
                     got = []
+                note(f"ended with {len(got)} messages")
                 for m in got:
                     if m.get("id") == rid and "method" not in m:
                         assert "result" in m, m  # an error answer: the call's outcome was lost
                         return m["result"]["structuredContent"]["result"]
-        except (aiohttp.ClientError, ValueError):
-            pass  # the program was quiescing or exec'ing: an ordinary drop
+        except (aiohttp.ClientError, ValueError) as exc:
+            note(f"dropped: {exc!r}"[:200])  # the program was quiescing or exec'ing
         await asyncio.sleep(20 * MS)
+
+
+def sockets_of(pid: int, port: int) -> str:
+    """What a stalled client waits on: the TCP sockets of ``port`` (both ends, with their
+    queues and owners) and the daemon's descriptors with their open flags (02000000 is
+    O_CLOEXEC: a client socket without it would outlive an exec unserved)."""
+    ss = subprocess.run(
+        ["ss", "-tanpo", f"( sport = :{port} or dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    lines = [ss]
+    for fd in sorted(Path(f"/proc/{pid}/fd").iterdir(), key=lambda p: int(p.name)):
+        with contextlib.suppress(OSError):
+            flags = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text().split()[3]
+            lines.append(f"fd {fd.name} -> {os.readlink(fd)} flags {flags}")
+    return "\n".join(lines)
 
 
 async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
@@ -361,6 +399,7 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
     await http.initialize()
     counted: list[int] = []
     bumps: list[int] = []
+    trail: list[str] = []
     stop = asyncio.Event()
     async with MCPClient(f"ws://127.0.0.1:{proxy.port}/mcp", options=FAST) as mcp:
 
@@ -373,7 +412,7 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
             rid = 1000
             while not stop.is_set():
                 rid += 1
-                bumps.append(await http_call(http, rid, "bump", {"name": "soak"}))
+                bumps.append(await http_call(http, rid, "bump", {"name": "soak"}, trail))
 
         async def flowing() -> None:
             n, m = len(counted), len(bumps)
@@ -393,6 +432,9 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
                     if e.get("level") in ("warning", "error"):
                         print(e)
                 print(n, m, len(counted), len(bumps))
+                print(f"the HTTP client's last steps (now {time.monotonic():.3f}):")
+                print("\n".join(trail))
+                print(sockets_of(pid, proxy.port))
                 raise
 
         traffic = [asyncio.ensure_future(ws_traffic()), asyncio.ensure_future(http_traffic())]
