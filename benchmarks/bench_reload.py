@@ -25,7 +25,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from bench_ws import report
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = f"{sys.executable} -m mcproxy.examples.demo_server"
@@ -49,18 +49,6 @@ INIT = {
     },
 }
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-
-
-def pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-def report(name: str, samples_s: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples_s]
-    row = {"p50_ms": statistics.median(ms), "p99_ms": pct(ms, 99), "n": len(ms)}
-    print(f"  {name:<40} p50 {row['p50_ms']:8.1f} ms   p99 {row['p99_ms']:8.1f} ms   n={len(ms)}")
-    return row
 
 
 def free_port() -> int:
