@@ -80,6 +80,22 @@ class Rig:
         self.spawned.append(proc)
         return proc
 
+    def slow_starts(self) -> asyncio.Event:
+        """From now on a child's start waits for the returned event to be set."""
+        gate = asyncio.Event()
+
+        def slow(handler: Any, label: str) -> FakeProc:
+            proc = self.spawn(handler, label)
+
+            async def start() -> None:
+                await gate.wait()
+
+            proc.start = start  # type: ignore[method-assign]
+            return proc
+
+        self.pool.spawn = slow
+        return gate
+
     @property
     def proc(self) -> FakeProc:
         proc = self.pool.children[0].proc
@@ -164,19 +180,7 @@ async def test_a_child_lives_as_long_as_it_has_sessions() -> None:
 
 async def test_a_session_whose_child_starts_as_the_pool_closes_waits_to_be_closed() -> None:
     rig = Rig()
-    gate = asyncio.Event()
-
-    def slow(handler: Any, label: str) -> Any:
-        proc = FakeProc(handler)
-
-        async def start() -> None:
-            await gate.wait()
-
-        proc.start = start  # type: ignore[method-assign]
-        rig.spawned.append(proc)
-        return proc
-
-    rig.pool.spawn = slow
+    gate = rig.slow_starts()
     starting = asyncio.ensure_future(rig.pool("s", Recorder()).start())
     await asyncio.sleep(0)
     closing = asyncio.ensure_future(rig.pool.aclose())
@@ -276,19 +280,7 @@ async def test_cancelling_one_starting_session_leaves_the_others_starting() -> N
     # (its client left). The spawn goes on, the second session attaches and works, the
     # cancelled one holds no place on the child.
     rig = Rig()
-    gate = asyncio.Event()
-
-    def slow(handler: Any, label: str) -> Any:
-        proc = FakeProc(handler)
-
-        async def start() -> None:
-            await gate.wait()
-
-        proc.start = start  # type: ignore[method-assign]
-        rig.spawned.append(proc)
-        return proc
-
-    rig.pool.spawn = slow
+    gate = rig.slow_starts()
     first, second = rig.pool("s1", Recorder()), rig.pool("s2", Recorder())
     starting = [asyncio.ensure_future(up.start()) for up in (first, second)]
     await asyncio.sleep(0)
