@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -253,10 +253,18 @@ INIT_PARAMS = {
 }
 
 
+# The ids the test clients pick themselves: unique in the whole test process (two clients
+# may share a session) and strings, so they never meet the integer ids a test writes by hand.
+# A shared integer counter did: by the time a long suite reached a test, its `initialize`
+# could take the very id that test later chose for a call, and the proxy rightly refused
+# the reuse (-32600, "request id already used in this session").
+AUTO_IDS: Final = (f"t{n}" for n in itertools.count(1))
+
+
 class WsClient:
     """A deliberately thin MCP-over-WebSocket client: raw frames, LSN bookkeeping."""
 
-    _ids = itertools.count(1)
+    _ids = AUTO_IDS
 
     def __init__(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse):
         self.http = http
@@ -395,7 +403,7 @@ async def read_sse(resp: aiohttp.ClientResponse, stop: Any = None) -> list[SseEv
 class HttpClient:
     """A raw Streamable HTTP MCP client: one POST per message, SSE read by hand."""
 
-    _ids = itertools.count(1)
+    _ids = AUTO_IDS
 
     def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         self.url = url

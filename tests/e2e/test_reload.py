@@ -16,13 +16,11 @@ import socket
 import subprocess
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from mcproxy.client.connection import ReconnectOptions
 from mcproxy.client.mcp import MCPClient
@@ -48,7 +46,6 @@ from tests.helpers import (
 
 # An HTTP attempt of the soak that gets nothing for this long is given up and POSTed again
 # under the same id (what a client with a timeout does; the proxy never runs it twice).
-ATTEMPT_S = TIMEOUT / 2
 FAST = ReconnectOptions(min_reconnection_delay_s=0.05, max_reconnection_delay_s=0.5)
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
@@ -333,14 +330,11 @@ async def http_call(
     name: str,
     arguments: dict[str, Any],
     trail: list[str] | None = None,
-    stalls: list[list[str]] | None = None,
 ) -> Any:
     """A tools/call over Streamable HTTP that survives drops: POSTed again under the same id
     (the proxy answers a retry with the logged or the live answer, never a second run).
     ``trail`` gets one line per step of each attempt, so a call that stops progressing says
-    where it waits (connecting, for the head, or inside the stream after which event).
-    With ``stalls``, an attempt that gets nothing for ATTEMPT_S is given up and POSTed again
-    under the same id, as a client with a timeout would; its trail goes into ``stalls``."""
+    where it waits (connecting, for the head, or inside the stream after which event)."""
 
     def note(step: str) -> None:
         if trail is not None:
@@ -356,14 +350,9 @@ async def http_call(
     while True:
         note("POST")
         try:
-            async with asyncio.timeout(ATTEMPT_S if stalls is not None else None):
-                answer = await _attempt(http, message, rid, note)
+            answer = await _attempt(http, message, rid, note)
             if answer is not None:
                 return answer
-        except TimeoutError:
-            note("stalled: POSTed again")
-            assert stalls is not None
-            stalls.append(list(trail or []))
         except (aiohttp.ClientError, ValueError) as exc:
             note(f"dropped: {exc!r}"[:200])  # the program was quiescing or exec'ing
         await asyncio.sleep(20 * MS)
@@ -408,11 +397,6 @@ def sockets_of(pid: int, port: int) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, issue 17 open: after a reload a new HTTP request id is sometimes refused"
-    " -32600 'request id already used' (an answered entry with another method holds its key)",
-)
 async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
     proxy: ProxyProcess, counter_dir: Path
 ) -> None:
@@ -428,7 +412,6 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
     counted: list[int] = []
     bumps: list[int] = []
     trail: list[str] = []
-    stalls: list[list[str]] = []
     stop = asyncio.Event()
     async with MCPClient(f"ws://127.0.0.1:{proxy.port}/mcp", options=FAST) as mcp:
 
@@ -441,7 +424,7 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
             rid = 1000
             while not stop.is_set():
                 rid += 1
-                bumps.append(await http_call(http, rid, "bump", {"name": "soak"}, trail, stalls))
+                bumps.append(await http_call(http, rid, "bump", {"name": "soak"}, trail))
 
         async def flowing() -> None:
             n, m = len(counted), len(bumps)
@@ -490,12 +473,6 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
     assert after["socket"] <= fds["socket"] + 4, (fds, after)
     assert children_of(pid) == children  # the same two children, nothing spawned or left
     assert len(proxy.upstream_pids()) == 2
-    # Liveness: twice in whole-suite runs on a loaded machine an HTTP attempt got nothing
-    # (cause not found yet: the trail says where it waited). The retry under the same id
-    # was answered once (asserted above); one such stall in a run is reported, two fail.
-    if stalls:
-        warnings.warn(f"reload soak: {len(stalls)} HTTP attempt(s) stalled: {stalls}", stacklevel=1)
-    assert len(stalls) <= 1, stalls
     assert rss_kb(pid) < rss * 1.5, (rss, rss_kb(pid))
 
 
