@@ -34,20 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from bench_ws import report
+from bench_ws import INIT, report
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = f"{sys.executable} -m mcproxy.examples.demo_server"
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 0,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "bench", "version": "1"},
-    },
-}
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -177,6 +178,15 @@ def pid_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.split(")")[-1].split()[0] != "Z"
+
+
+def children_of(pid: int) -> set[int]:
+    """The live children of ``pid`` (from every one of its threads)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
 
 
 def wait_until(predicate: Any, timeout: float = TIMEOUT) -> None:

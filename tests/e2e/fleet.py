@@ -6,6 +6,7 @@ files in deploy/, with only their loopback ports (and HAProxy's socket path) rep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MS, ROOT, TIMEOUT, ProxyProcess, free_port
+from tests.helpers import (
+    MS,
+    ROOT,
+    TIMEOUT,
+    ProxyProcess,
+    children_of,
+    eventually,
+    free_port,
+)
 
 DEPLOY = ROOT / "deploy"
 NAMES = ("a", "b", "c")
@@ -128,17 +137,33 @@ class Balancer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/mcp"
 
-    def drain(self, name: str) -> None:
-        """Maintenance: no new sessions to ``name``; its own still reach it."""
-        if self.kind == "haproxy":
+    async def drain(self, name: str) -> None:
+        """Maintenance: no new sessions to ``name``; its own still reach it. Returns once
+        the balancer applies it."""
+        if self.kind == "haproxy":  # the runtime API answers once it is applied
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(str(self.socket))
                 s.sendall(f"set server mcproxy/{name} state drain\n".encode())
                 s.recv(4096)
-        else:
-            self.render(drained=(name,))
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGHUP)  # nginx -s reload
+            return
+        self.render(drained=(name,))
+        assert self.proc is not None
+        old = children_of(self.proc.pid)
+        self.proc.send_signal(signal.SIGHUP)  # nginx -s reload
+        # The master starts workers on the new configuration, then tells the old ones to
+        # stop accepting: each retitles itself "shutting down" (and stays while the
+        # WebSockets it carries last) or is gone.
+        await eventually(lambda: self._reloaded(old))
+
+    def _reloaded(self, old: set[int]) -> bool:
+        assert self.proc is not None
+        if not children_of(self.proc.pid) - old:
+            return False
+        for pid in old:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if b"shutting down" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return False
+        return True
 
     def stop(self) -> str:
         if self.proc is None:

@@ -25,7 +25,7 @@ import aiohttp
 from mcproxy.client.connection import ReconnectOptions
 from mcproxy.client.mcp import MCPClient
 from tests.e2e.test_http_upstream import HttpFixture
-from tests.e2e.test_shared_upstream import next_progress, shared_proxy
+from tests.e2e.test_shared_upstream import PROGRESS, next_progress, shared_proxy
 from tests.helpers import (
     MS,
     ROOT,
@@ -33,6 +33,7 @@ from tests.helpers import (
     HttpClient,
     ProxyProcess,
     WsClient,
+    children_of,
     eventually,
     lsn_of,
     messages,
@@ -44,8 +45,6 @@ from tests.helpers import (
     wait_until,
 )
 
-# An HTTP attempt of the soak that gets nothing for this long is given up and POSTed again
-# under the same id (what a client with a timeout does; the proxy never runs it twice).
 FAST = ReconnectOptions(min_reconnection_delay_s=0.05, max_reconnection_delay_s=0.5)
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
@@ -74,14 +73,6 @@ async def until_closed(client: WsClient) -> int | None:
         client.received.append(json.loads(frame.data))
 
 
-def children_of(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with open(task / "children") as file:
-            found |= {int(p) for p in file.read().split()}
-    return found
-
-
 def bumped(counter_dir: Path, name: str) -> int:
     path = counter_dir / name
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -94,7 +85,7 @@ async def test_unsafe_call_in_flight_completes_once_across_a_reload(
     Streamable HTTP), and the fixture's own log shows it ran exactly once."""
     ws = await WsClient.connect(proxy.url)
     session_id = (await ws.initialize())["result"]["mcpSessionId"]
-    call = await ws.call_tool("bump", {"name": "ws", "delay": 5000 * MS})
+    call = await ws.call_tool("bump", {"name": "ws", "delay": 5000 * MS}, progress_token="w")
     http = HttpClient(proxy.url)
     await http.initialize()
     post = asyncio.ensure_future(
@@ -103,11 +94,18 @@ async def test_unsafe_call_in_flight_completes_once_across_a_reload(
                 "jsonrpc": "2.0",
                 "id": 7,
                 "method": "tools/call",
-                "params": {"name": "bump", "arguments": {"name": "http", "delay": 5000 * MS}},
+                "params": {
+                    "name": "bump",
+                    "arguments": {"name": "http", "delay": 5000 * MS},
+                    "_meta": {"progressToken": "h"},
+                },
             }
         )
     )
-    await asyncio.sleep(500 * MS)  # both calls reached the child
+    # Both calls are running in the child: each reported "started" (its progress).
+    await next_progress(ws, "w")
+    resp = await post
+    started = await read_sse(resp, lambda e: '"notifications/progress"' in e.data)
     pids = set(proxy.upstream_pids())
     daemon_pid = proxy.proc.pid if proxy.proc else 0
     cursor = max(ws.lsns())
@@ -128,8 +126,7 @@ async def test_unsafe_call_in_flight_completes_once_across_a_reload(
     finally:
         await back.close()
     # The HTTP client's POST stream ended; it resumes the stream with Last-Event-ID.
-    resp = await post
-    events = await read_sse(resp)
+    events = started + await read_sse(resp)
     assert not any("result" in m for m in messages(events))
     last = [e.id for e in events if e.id][-1]
     resumed = await http.http.get(http.url, headers=http.headers(**{"Last-Event-ID": last}))
@@ -535,12 +532,12 @@ async def test_shared_pool_children_are_kept_with_their_calls_in_flight(
         pid_b = tool_text(await b.response(await b.call_tool("pid", {})))
         assert pid_a != pid_b  # one session on each child
         assert tool_text(await a.response(await a.call_tool("bump", {"name": "a"}))) == "1"
-        call_a = await a.call_tool("bump", {"name": "a", "delay": 4000 * MS})
-        call_b = await b.call_tool("bump", {"name": "b", "delay": 3000 * MS})
+        call_a = await a.call_tool("bump", {"name": "a", "delay": 4000 * MS}, progress_token="a")
+        call_b = await b.call_tool("bump", {"name": "b", "delay": 3000 * MS}, progress_token="b")
         steps = 10
         slow = await b.call_tool("slow", {"steps": steps, "delay": 600 * MS}, progress_token="p")
-        await next_progress(b, "p")
-        await asyncio.sleep(300 * MS)  # every call reached its child
+        for client, token in ((a, "a"), (b, "b"), (b, "p")):  # every call is running
+            await next_progress(client, token)
         pids = set(proxy.upstream_pids())
         assert {str(p) for p in pids} == {pid_a, pid_b}
         cursors = max(a.lsns()), max(b.lsns())
@@ -567,18 +564,15 @@ async def test_shared_pool_children_are_kept_with_their_calls_in_flight(
             # The progress went on after the reload (its last step comes seconds after it),
             # under the client's own token; nothing twice.
             seen = [m for m in b.received if (lsn_of(m) or 0) <= cursors[1]]  # then resumed
+            notes = [m["params"] for m in back_b.received if m.get("method") == PROGRESS]
+            assert {n["progressToken"] for n in notes} <= {"b", "p"}  # the client's tokens
             progress = [
                 m["params"]["progress"]
                 for m in [*seen, *back_b.received]
-                if m.get("method") == "notifications/progress"
+                if m.get("method") == PROGRESS and m["params"]["progressToken"] == "p"
             ]
             assert progress[-1] == steps and len(set(progress)) == len(progress)
-            assert all(
-                m["params"]["progressToken"] == "p"
-                for m in back_b.received
-                if m.get("method") == "notifications/progress"
-            )
-            assert not any(m.get("method") == "notifications/progress" for m in back_a.received)
+            assert not any(m.get("method") == PROGRESS for m in back_a.received)
             # Same processes, their state kept.
             assert tool_text(await back_a.response(await back_a.call_tool("count", {}))) == "2"
             assert tool_text(await back_a.response(await back_a.call_tool("pid", {}))) == pid_a
@@ -605,8 +599,8 @@ async def test_a_pool_the_next_program_cannot_take_up_takes_the_restart_path(
         session_b = (await b.initialize())["result"]["mcpSessionId"]
         await a.initialize()
         assert tool_text(await b.response(await b.call_tool("count", {}))) == "1"
-        call = await b.call_tool("bump", {"name": "b", "delay": 3000 * MS})
-        await asyncio.sleep(300 * MS)
+        call = await b.call_tool("bump", {"name": "b", "delay": 3000 * MS}, progress_token="b")
+        await next_progress(b, "b")  # it is running in the child
         pids = set(proxy.upstream_pids())
         assert len(pids) == 2
         cursor = max(b.lsns())
@@ -647,8 +641,10 @@ async def test_a_new_program_that_fails_after_exec_takes_the_restart_path(
     try:
         ws = await WsClient.connect(proxy.url)
         session_id = (await ws.initialize())["result"]["mcpSessionId"]
-        call = await ws.call_tool("bump", {"name": "broken", "delay": 3000 * MS})
-        await asyncio.sleep(300 * MS)
+        call = await ws.call_tool(
+            "bump", {"name": "broken", "delay": 3000 * MS}, progress_token="k"
+        )
+        await next_progress(ws, "k")  # it is running in the child
         children = set(proxy.upstream_pids())
         cursor = max(ws.lsns())
         daemon = install / "mcproxy" / "ops" / "daemon.py"
