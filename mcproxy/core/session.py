@@ -622,8 +622,16 @@ class Session:
         return actions
 
     def _retry(self, client_id: RequestId, key: str, method: str) -> list[Action] | None:
-        """A request id seen before in this session is a retry, never a second execution."""
-        if key in self._by_client:
+        """A request id seen before in this session is a retry, never a second execution.
+        The same id with another method is no retry but a reuse (basic §Requests: an id MUST
+        NOT have been used before in the session), refused whether the first is answered or
+        still running: joining it would answer the second request with the first's result."""
+        running = self._by_client.get(key)
+        if running is not None:
+            if self._inflight[running].method != method:
+                return self._reply_error(
+                    client_id, jsonrpc.INVALID_REQUEST, "request id already used in this session"
+                )
             # Still running: its response will be emitted to whoever is attached.
             return [Tally("deduplicated")]
         seen = self._answered.get(key)

@@ -101,6 +101,10 @@ def test_retry_resends_or_joins_and_never_reruns() -> None:
     [out] = sent(actions)
     joined = s.client_message(msg(id="a", method="tools/call", params={"name": "w"}))
     assert joined == [Tally("deduplicated")]  # nothing sent: the running call answers it
+    # Another method under a running id is a reuse, not a retry: refused, not joined.
+    tally, clash = s.client_message(msg(id="a", method="resources/read"))
+    assert tally == Tally("error", -32600)
+    assert isinstance(clash, Reply) and json.loads(clash.data)["error"]["code"] == -32600
     done = s.upstream_message(msg(id=out["id"], result={}))
     [emit] = [a for a in done if isinstance(a, Emit)]
     again = s.client_message(msg(id="a", method="tools/call"))
