@@ -112,6 +112,16 @@ async def test_oversized_frame_and_strict_mode(tmp_path: Path) -> None:
             assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == 1009
         finally:
             await client.close()
+        # The same bound on Streamable HTTP: a body over it is 413, before it is parsed, and
+        # one within it is served on the same daemon.
+        http = HttpClient(proxy.url)
+        try:
+            big = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"y": "y" * 4096}}
+            async with await http.post(big) as resp:
+                assert resp.status == 413
+            await http.initialize()
+        finally:
+            await http.close()
     finally:
         proxy.kill()
 

@@ -176,6 +176,7 @@ async def test_broken_config_is_rejected_and_the_old_daemon_serves_on(
         rejected = await asyncio.to_thread(reload, proxy, "reload.rejected")
         assert "durability" in rejected["reason"]
         assert not proxy.events("reload.exec")
+        assert value(await scrape(proxy), "mcproxy_errors_total", code="reload_rejected") == 1
         # The same program, the same connection, the same child: nothing was touched.
         assert tool_text(await ws.response(await ws.call_tool("count", {}))) == "2"
         await ws.close()

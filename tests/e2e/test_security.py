@@ -32,6 +32,7 @@ from tests.helpers import (
     WsClient,
     eventually,
     free_port,
+    messages,
     scrape,
     tool_text,
     value,
@@ -369,6 +370,34 @@ async def test_session_and_rate_limits(tmp_path: Path) -> None:
     finally:
         for client in clients:
             await client.close()
+        proxy.kill()
+
+
+async def test_the_proxy_wide_session_cap_refuses_on_both_fronts(tmp_path: Path) -> None:
+    """limits.max_sessions: over it, a new session is refused (HTTP 503, WebSocket -32013 to
+    its initialize, the socket kept), the sessions there are served, and one ending makes
+    room (docs/SECURITY.md)."""
+    config = config_file(tmp_path, "[limits]\nmax_sessions = 1\n")
+    proxy = ProxyProcess(tmp_path / "db.sqlite", None, "--config", config).start()
+    first, second = HttpClient(proxy.url), HttpClient(proxy.url)
+    ws = await WsClient.connect(proxy.url)
+    try:
+        await first.initialize()
+        resp, events = await second.request("initialize", INIT_PARAMS)
+        assert resp.status == 503
+        assert "too many sessions" in messages(events)[-1]["error"]["message"]
+        refused = await ws.call("initialize", INIT_PARAMS)
+        assert refused["error"]["code"] == -32013
+        assert not ws.ws.closed
+        echo = await first.call("tools/call", {"name": "echo", "arguments": {"text": "on"}})
+        assert tool_text(echo) == "on"
+        async with first.http.delete(first.url, headers=first.headers()) as gone:
+            assert gone.status == 204
+        assert "result" in await ws.call("initialize", INIT_PARAMS)  # its room is free
+    finally:
+        await ws.close()
+        await first.close()
+        await second.close()
         proxy.kill()
 
 

@@ -89,7 +89,10 @@ async def test_handshake_on_a_fresh_and_on_a_kept_alive_connection(proxy: ProxyP
     fresh.send(upgrade(proxy.port) + client_frame(OP_TEXT, INIT.encode()))
     head = await fresh.head()
     assert head.startswith("HTTP/1.1 101 ") and "Sec-WebSocket-Protocol: mcp\r\n" in head
-    assert "Set-Cookie: mcp_session_id=" in head
+    [cookie] = [line for line in head.split("\r\n") if line.startswith("Set-Cookie: ")]
+    # Not readable by page scripts, sent only to the MCP path, never cross-site.
+    assert cookie.startswith("Set-Cookie: mcp_session_id=")
+    assert cookie.endswith("; HttpOnly; Path=/mcp; SameSite=Strict"), cookie
     assert "result" in await fresh.message()
     fresh.close()
 
