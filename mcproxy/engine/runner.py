@@ -23,12 +23,7 @@ import structlog
 
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
-from mcproxy.core.backoff import backoff
-from mcproxy.core.guard import TokenBucket
-from mcproxy.core.ids import short_id
-from mcproxy.core.jsonrpc import Kind, Message
-from mcproxy.core.session import (
-    GENERAL_STREAM,
+from mcproxy.core.actions import (
     Action,
     Dropped,
     Emit,
@@ -41,11 +36,14 @@ from mcproxy.core.session import (
     SaveRequest,
     SaveSession,
     SendUpstream,
-    Session,
     StartUpstream,
     Tally,
-    UpstreamState,
 )
+from mcproxy.core.backoff import backoff
+from mcproxy.core.guard import TokenBucket
+from mcproxy.core.ids import short_id
+from mcproxy.core.jsonrpc import Kind, Message
+from mcproxy.core.session import GENERAL_STREAM, Session, UpstreamState
 from mcproxy.engine.outbox import Outbox
 from mcproxy.engine.store import Store
 from mcproxy.errors import MCProxyError, ProtocolError, StoreError, UpstreamCapacity, UpstreamError

@@ -31,10 +31,11 @@ from aiohttp import hdrs, web
 
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
+from mcproxy.core.actions import Reply
 from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
 from mcproxy.core.ids import mint_session_id, misdirected, short_id, valid_session_id
 from mcproxy.core.jsonrpc import Kind
-from mcproxy.core.session import GENERAL_STREAM, Reply
+from mcproxy.core.session import GENERAL_STREAM
 from mcproxy.engine.hub import Hub
 from mcproxy.engine.outbox import Outbox
 from mcproxy.engine.runner import SessionRunner

@@ -43,10 +43,10 @@ from aiohttp import web
 
 from mcproxy.config import Config
 from mcproxy.core import jsonrpc
+from mcproxy.core.actions import Reply
 from mcproxy.core.guard import SINGLETON_HEADERS, HostPolicy
 from mcproxy.core.ids import mint_session_id, misdirected, short_id, valid_session_id
 from mcproxy.core.jsonrpc import Kind, Message
-from mcproxy.core.session import Reply
 from mcproxy.core.websocket import (
     CLOSE_ABNORMAL,
     CLOSE_INTERNAL_ERROR,

@@ -8,26 +8,28 @@ from typing import Any
 import pytest
 
 from mcproxy.core import jsonrpc
-from mcproxy.core.session import (
-    UPSTREAM_ID_BLOCK,
+from mcproxy.core.actions import (
     Action,
     Dropped,
     Emit,
     FinishRequest,
     Forget,
-    IllegalTransition,
-    Limits,
     MarkWritten,
-    PendingRow,
     Reply,
     Resend,
     RestartUpstream,
     SaveRequest,
     SaveSession,
     SendUpstream,
-    Session,
     StartUpstream,
     Tally,
+)
+from mcproxy.core.session import (
+    UPSTREAM_ID_BLOCK,
+    IllegalTransition,
+    Limits,
+    PendingRow,
+    Session,
     UpstreamEvent,
     UpstreamState,
 )
