@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 from bench_http import HttpSession, sequential
-from bench_ws import DRAIN_PATIENCE_S, ROOT, Proxy, report, through_proxy
+from bench_ws import ROOT, Proxy, report, terminate, through_proxy
 
 FIXTURE = ROOT / "tests" / "fixtures" / "server.py"
 
@@ -64,12 +63,7 @@ class Fixture:
         return f"http://127.0.0.1:{self.port}/mcp"
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(DRAIN_PATIENCE_S)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGTERM)  # the second signal skips the drain
-            self.proc.wait(30)
+        terminate(self.proc)
 
 
 class HttpUpstreamProxy(Proxy):

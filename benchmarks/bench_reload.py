@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from bench_ws import INIT, report
+from bench_ws import INIT, report, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = f"{sys.executable} -m mcproxy.examples.demo_server"
@@ -84,8 +84,7 @@ class Proxy:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
+            terminate(self.proc)
 
     @property
     def url(self) -> str:

@@ -38,6 +38,19 @@ FIXTURE = f"{sys.executable} {ROOT / 'tests' / 'fixtures' / 'server.py'}"
 # A stop waits this long for the daemon's drain (calls a benchmark left running) before the
 # second SIGTERM that skips it.
 DRAIN_PATIENCE_S = 3.0
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM; a second one if the process is still draining (calls a benchmark left
+    running, e.g. a cancelled producer's, are not worth server.drain_timeout_s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(DRAIN_PATIENCE_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the second signal skips the drain
+        proc.wait(30)
+
+
 INIT = {
     "jsonrpc": "2.0",
     "id": 0,
@@ -134,15 +147,8 @@ class Proxy:
             self.proc.wait()
 
     def stop(self) -> None:
-        """SIGTERM; a second one if the daemon is still draining (calls a benchmark left
-        running, e.g. a cancelled producer's, are not worth server.drain_timeout_s)."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(DRAIN_PATIENCE_S)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGTERM)  # the second signal skips the drain
-                self.proc.wait(30)
+            terminate(self.proc)
 
     @property
     def url(self) -> str:

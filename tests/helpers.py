@@ -180,6 +180,14 @@ def pid_alive(pid: int) -> bool:
     return stat.split(")")[-1].split()[0] != "Z"
 
 
+def rss(pid: int) -> int:
+    """Resident memory of a process in bytes, from the kernel's own accounting."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def children_of(pid: int) -> set[int]:
     """The live children of ``pid`` (from every one of its threads)."""
     found: set[int] = set()

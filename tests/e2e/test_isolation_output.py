@@ -27,6 +27,7 @@ from tests.helpers import (
     WsClient,
     client_frame,
     eventually,
+    rss,
     tool_text,
 )
 
@@ -35,13 +36,6 @@ MB = 1024 * 1024
 # allocator slack, the parser's input and the bystander's traffic. Measured: 16-24 MB with the
 # budget; 81-108 MB without it (the flood unfinished: more with more time).
 RSS_BOUND = 2 * DEFAULT_MAX_OUTPUT_BYTES + 24 * MB
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 async def deaf_socket(port: int) -> RawWs:

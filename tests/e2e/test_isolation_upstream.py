@@ -22,6 +22,7 @@ from tests.helpers import (
     eventually,
     messages,
     pid_alive,
+    rss,
     tool_text,
 )
 
@@ -84,14 +85,6 @@ async def test_the_child_gets_a_clean_environment_and_only_its_three_pipes(
         os.close(inherited)
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from the kernel's own accounting."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 # Issue 15 finding 4 measured 58 -> 265 MB for this flood; bounded, the queue toward the child
 # holds at most upstream.max_queued_bytes (4 MiB by default) plus one message.
 FLOOD = 200
@@ -108,7 +101,7 @@ async def test_a_child_that_stops_reading_does_not_grow_the_proxy(tmp_path: Path
         await bystander.initialize()
         deaf = await flooder.response(await flooder.call_tool("deafen", {}))
         assert tool_text(deaf) == "deaf now"
-        before = rss_mb(proxy.proc.pid)
+        before = rss(proxy.proc.pid) / MB
         blob = "x" * MB
         for _ in range(FLOOD):
             await flooder.send(
@@ -120,7 +113,7 @@ async def test_a_child_that_stops_reading_does_not_grow_the_proxy(tmp_path: Path
         assert refused["error"]["data"]["limit"] == 4 * MB
         echo = await bystander.response(await bystander.call_tool("echo", {"text": "still here"}))
         assert tool_text(echo) == "still here"
-        after = rss_mb(proxy.proc.pid)
+        after = rss(proxy.proc.pid) / MB
         assert after - before < FLOOD_GROWTH_MAX_MB, (before, after)
         dropped = proxy.events("upstream.send_dropped")
         assert dropped and dropped[0]["message"] == "notifications/flood"

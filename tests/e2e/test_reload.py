@@ -39,6 +39,7 @@ from tests.helpers import (
     messages,
     pid_alive,
     read_sse,
+    rss,
     scrape,
     tool_text,
     value,
@@ -315,13 +316,6 @@ def descriptors(pid: int) -> dict[str, int]:
     return kinds
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 async def http_call(
     http: HttpClient,
     rid: int,
@@ -451,7 +445,7 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
         await eventually(lambda: counted and bumps)
         await asyncio.to_thread(reload, proxy)  # the first reload's program is the baseline
         await flowing()
-        fds, children, rss = descriptors(pid), children_of(pid), rss_kb(pid)
+        fds, children, memory = descriptors(pid), children_of(pid), rss(pid)
         assert len(children) == 2
         for _ in range(50):
             await asyncio.to_thread(reload, proxy)
@@ -471,7 +465,7 @@ async def test_fifty_reloads_under_traffic_lose_duplicate_and_leak_nothing(
     assert after["socket"] <= fds["socket"] + 4, (fds, after)
     assert children_of(pid) == children  # the same two children, nothing spawned or left
     assert len(proxy.upstream_pids()) == 2
-    assert rss_kb(pid) < rss * 1.5, (rss, rss_kb(pid))
+    assert rss(pid) < memory * 1.5, (memory, rss(pid))
 
 
 async def test_systemd_sees_reloading_then_ready_and_the_watchdog_goes_on(tmp_path: Path) -> None:
