@@ -493,21 +493,21 @@ class Session:
         NOT have been used before in the session), refused whether the first is answered or
         still running: joining it would answer the second request with the first's result."""
         running = self._by_client.get(key)
+        seen = self._answered.get(key) if running is None else None
         if running is not None:
-            if self._inflight[running].method != method:
-                return self._reply_error(
-                    client_id, jsonrpc.INVALID_REQUEST, "request id already used in this session"
-                )
-            # Still running: its response will be emitted to whoever is attached.
-            return [Tally("deduplicated")]
-        seen = self._answered.get(key)
-        if seen is None:
+            first_method = self._inflight[running].method
+        elif seen is not None:
+            first_method = seen[1]
+        else:
             return None
-        lsn, seen_method = seen
-        if seen_method != method:
+        if first_method != method:
             return self._reply_error(
                 client_id, jsonrpc.INVALID_REQUEST, "request id already used in this session"
             )
+        if seen is None:
+            # Still running: its response will be emitted to whoever is attached.
+            return [Tally("deduplicated")]
+        lsn = seen[0]
         if lsn is None:
             return self._reply_error(client_id, jsonrpc.REQUEST_CANCELLED, "request was cancelled")
         return [Tally("deduplicated"), Resend(lsn)]

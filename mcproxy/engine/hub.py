@@ -102,7 +102,7 @@ class Hub:
     async def adopt_all(self) -> int:
         """Start-up after a reload in place: load every session whose upstream was handed
         over, so each gets its running upstream back before any client comes. Returns how
-        many were adopted."""
+        many got it back (not those whose adoption failed, nor orphans)."""
         keys = list(self.kept)
         for key in keys:
             await self._get(key)
@@ -111,7 +111,9 @@ class Hub:
             with contextlib.suppress(UpstreamError):
                 upstream = await self.kept.pop(key).start(_Late())
                 await upstream.aclose()
-        return len(keys)
+        return sum(
+            1 for key in keys if (r := self.runners.get(key)) is not None and r.upstream is not None
+        )
 
     async def load_counts(self) -> None:
         """Start-up: how many sessions each principal has stored (for the limits)."""
@@ -179,8 +181,7 @@ class Hub:
         return await self._get(session_key(session_id, principal))
 
     async def _get(self, key: str) -> SessionRunner | None:
-        if self.quiescing:
-            await asyncio.get_running_loop().create_future()  # never set: exec ends it
+        await self._unless_quiescing()
         runner = self.runners.get(key)
         if runner is not None:
             return runner
@@ -195,7 +196,15 @@ class Hub:
             # load that every other requester of the id shares.
             loading = self._tasks.spawn(self._load_once(key), f"load:{short_id(key)}")
             self._loading[key] = loading
-        return await asyncio.shield(loading)
+        runner = await asyncio.shield(loading)
+        # A reload that began during the load hands over (or has closed) what it loaded.
+        await self._unless_quiescing()
+        return runner
+
+    async def _unless_quiescing(self) -> None:
+        """Returns at once, or never while a reload quiesces: the exec ends the wait."""
+        if self.quiescing:
+            await asyncio.get_running_loop().create_future()  # never set
 
     async def _load_once(self, key: str) -> SessionRunner | None:
         try:
@@ -454,12 +463,13 @@ class UpstreamSlots:
             tried.add(victim.key)
             log.info("upstream.park_for_room", session=victim.label, limit=full)
             await self.hub.park(victim.key)
-        self.live[session_id] = principal
-        self.per_principal[principal] += 1
+        self.hold(session_id, principal)
 
     def hold(self, session_id: str, principal: str) -> None:
-        """A slot for an upstream already running (handed over by a reload): taken even
-        over the cap (a reload that lowered it stops no child; later starts wait)."""
+        """Take a slot, even over the cap: ``acquire`` made room first; an upstream already
+        running (handed over by a reload) gets one whatever the cap (a reload that lowered
+        it stops no child; later starts wait). Counted per principal like any, since
+        ``release`` uncounts it."""
         self.live[session_id] = principal
         self.per_principal[principal] += 1
 

@@ -557,7 +557,9 @@ class SessionRunner:
         if held:
             self.execute(self.core.never_written(held))
         if self.core.init_request is not None:
-            self.store.save_session(self.key, self.core.snapshot())
+            # Awaited: a save that fails must fail the reload (the next program would restore
+            # an older snapshot around a live child), not vanish in an unread future.
+            await self.store.save_session(self.key, self.core.snapshot())
         return kept
 
     async def aclose(self, persist: bool = True) -> None:

@@ -550,11 +550,7 @@ class Store:
                 " AND stream = ? ORDER BY lsn LIMIT ?"
             )
             params = (session_id, after, stream, limit)
-        try:
-            rows = await self._rows(sql, params)
-        except sqlite3.Error as exc:
-            raise StoreError(f"event log read failed: {exc}") from exc
-        return [(int(r[0]), bytes(r[1])) for r in rows]
+        return [(int(r[0]), bytes(r[1])) for r in await self._read(sql, params)]
 
     async def read_event(self, session_id: str, lsn: int) -> bytes | None:
         rows = await self.read_events(session_id, lsn - 1, 1)
@@ -720,8 +716,7 @@ class Store:
             StoreError: the query failed.
         """
         try:
-            found = await self._rows(sql, params)
-            return list(found)
+            return await self._rows(sql, params)
         except sqlite3.Error as exc:
             raise StoreError(f"event log read failed: {exc}") from exc
 

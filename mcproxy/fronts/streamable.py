@@ -137,7 +137,9 @@ class SseStream:
             # resume. ``failed`` tells that from a write that failed on an open connection.
             self.failed(exc)
         except StoreError as exc:
+            # Not the client's doing either: the stream must not end as if complete.
             log.error("http.store_failed", conn=self.label, error=str(exc))
+            self.cut()
 
     def failed(self, exc: BaseException) -> None:
         """A write failed. With the client gone, that is all (one info line). With its

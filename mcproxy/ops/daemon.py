@@ -478,9 +478,7 @@ async def serve(
         wanted = daemon.tasks.spawn(daemon.reload_wanted.wait(), "reload-wanted")
         await asyncio.wait({signalled, wanted, store.failure}, return_when=asyncio.FIRST_COMPLETED)
         if daemon.reload_wanted.is_set() and not stop.is_set() and not store.failure.done():
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: log.warning("reload.refused", reason="reloading")
-            )
+            # A SIGHUP from now on is refused by request_reload (``reloading`` is set).
             await _hand_over(daemon, {**os.environ, **systemd_env}, db_path(config).parent, stop)
         if store.failure.done():
             # The storage failed (I/O error, disk full, corruption): the store commits
@@ -709,14 +707,14 @@ async def _hand_over(
     # 1. Stop accepting, the sockets staying open: a duplicate of each keeps it listening
     # (connections wait in its backlog) while the server lets its own descriptor go.
     listeners: list[int] = []
-    for server in daemon.servers:
-        for sock in server.sockets:
-            listeners.append(os.dup(sock.fileno()))
-        server.close()
     kept: dict[str, StdioUpstream] = {}
     released: list[str] = []  # sessions whose HTTP upstream session goes on
     pool_sessions: dict[str, int] = {}  # sessions on the shared pool: their router handles
     try:
+        for server in daemon.servers:  # in the try: a failed dup closes those made
+            for sock in server.sockets:
+                listeners.append(os.dup(sock.fileno()))
+            server.close()
         # 2. Clients come back to the next program: SSE streams end, WebSockets get 1012.
         daemon.hub.quiesce()  # a request arriving on a kept-alive connection waits for exec
         daemon.http_front.close_all()
@@ -814,6 +812,8 @@ async def _hand_over(
     except BaseException as exc:
         log.error("reload.failed", error=repr(exc))
         await _release_kept(kept, listeners)
+        if isinstance(exc, ReloadFailed):
+            raise
         raise ReloadFailed(f"reload failed: {exc!r}") from exc
 
 

@@ -201,10 +201,12 @@ async def validate(argv: Sequence[str], environ: Mapping[str, str]) -> str | Non
     try:
         _, stderr = await asyncio.wait_for(proc.communicate(), VALIDATE_TIMEOUT_S)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
         return f"check-config did not finish within {VALIDATE_TIMEOUT_S:g} s"
+    finally:  # timed out, or cancelled (a stop during validation): no process left behind
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
     if proc.returncode == 0:
         return None
     tail = stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]

@@ -185,9 +185,8 @@ class SharedUpstream:
         self.handler.on_upstream_message(data, related)
 
     def _deliver_backlog(self) -> None:
-        backlog = self._backlog
-        while backlog:
-            data, related = backlog.pop(0)
+        # A list iterated while it may grow: what arrives during delivery is seen too.
+        for data, related in self._backlog or ():
             if self._closed or self._lost:
                 break
             self.handler.on_upstream_message(data, related)

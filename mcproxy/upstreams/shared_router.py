@@ -972,7 +972,9 @@ class Router:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ValueError(f"router snapshot: {exc}") from exc
         if snap.version != SNAPSHOT_VERSION:
-            raise ValueError(f"router snapshot version {snap.version}, this program reads 1")
+            raise ValueError(
+                f"router snapshot version {snap.version}, this program reads {SNAPSHOT_VERSION}"
+            )
         children = [Child(index) for index in range(len(self.children))]
         sessions: dict[int, Session] = {}
         try:
@@ -1067,7 +1069,8 @@ class Router:
                 entry.token = prec.token
                 entry.original_token = prec.original_token
                 child.tokens[prec.token] = entry
-            if owner is not None:
+            if owner is not None and prec.kind != _INIT:  # a child's initialize is in no
+                # session's ``local`` (``_initialize``): its owner is answered directly
                 _check(owner.local.get(prec.local_id) == prec.pool_id, f"request {prec.pool_id}")
             child.pending[prec.pool_id] = entry
             child.in_flight += entry.counted

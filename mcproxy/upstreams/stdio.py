@@ -177,10 +177,12 @@ class StdioUpstream:
 
     async def start(self) -> None:
         # Pipes made here, close-on-exec on our side: the child gets its ends as 0, 1, 2.
-        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
-        child_ends = (pipes[0][0], pipes[1][1], pipes[2][1])
-        ours = (pipes[0][1], pipes[1][0], pipes[2][0])
+        pipes: list[tuple[int, int]] = []
         try:
+            for _ in range(3):  # inside the try: out of descriptors is a start that failed
+                pipes.append(os.pipe2(os.O_CLOEXEC))
+            child_ends = (pipes[0][0], pipes[1][1], pipes[2][1])
+            ours = (pipes[0][1], pipes[1][0], pipes[2][0])
             proc = await asyncio.create_subprocess_exec(
                 *resolve_command(self.argv),
                 stdin=child_ends[0],
@@ -192,8 +194,9 @@ class StdioUpstream:
                 preexec_fn=_isolate_batch if self.config.batch_scheduling else _isolate,
             )
         except BaseException as exc:  # a cancelled start too: no descriptor left behind
-            for fd in (*child_ends, *ours):
-                os.close(fd)
+            for pair in pipes:
+                for fd in pair:
+                    os.close(fd)
             if isinstance(exc, OSError | ValueError):
                 raise UpstreamError(f"cannot start {self.argv[0]!r}: {exc}") from exc
             raise

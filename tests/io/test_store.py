@@ -9,13 +9,14 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import aiosqlite
 import pytest
 
 from mcproxy.config import Config, SessionsConfig
 from mcproxy.core.session import SessionRecord
-from mcproxy.engine.hub import Hub
+from mcproxy.engine.hub import Hub, UpstreamSlots
 from mcproxy.engine.outbox import Outbox, Send
 from mcproxy.engine.schema import MIGRATIONS, SCHEMA_VERSION, session_key
 from mcproxy.engine.store import Store
@@ -600,3 +601,14 @@ async def test_a_read_after_a_commit_sees_it_while_other_reads_run(tmp_path: Pat
             await asyncio.gather(*others)
     finally:
         await store.aclose()
+
+
+def test_a_slot_held_for_a_handed_over_upstream_is_counted_like_any() -> None:
+    """A reload's adopted upstream holds a slot without ``acquire``; ``release`` uncounts it
+    per principal, so ``hold`` must have counted it (else the share drifts below zero and
+    the per-principal cap lets one principal start more than its share)."""
+    slots = UpstreamSlots(cast(Hub, None))  # hold and release never reach the hub
+    slots.hold("s1", "alice")
+    assert slots.per_principal["alice"] == 1
+    slots.release("s1")
+    assert slots.per_principal["alice"] == 0 and not slots.live

@@ -792,6 +792,23 @@ def moved(rig: Rig, size: int = 2, max_in_flight: int = 1) -> Rig:
     return after
 
 
+def test_a_snapshot_taken_during_the_childs_first_initialize_restores() -> None:
+    """The child's own initialize (its first session's) in flight at the reload: the next
+    program answers that session when the child does, and the child goes on initialized."""
+    rig = Rig(1)
+    a = rig.attach()
+    params = {"protocolVersion": "2025-11-25", "capabilities": {}}
+    a.send(request(1, "initialize", {**params, "clientInfo": {"name": "t", "version": "1"}}))
+    (init,) = rig.take()
+    before = rig.router.snapshot()
+
+    after = moved(rig, size=1)
+    assert after.router.snapshot() == before
+    after.feed(result(init["id"], INIT_RESULT))
+    assert a.take() == [{"jsonrpc": "2.0", "id": 1, "result": INIT_RESULT}]
+    assert after.take() == [INITIALIZED]
+
+
 def test_a_snapshot_round_trip_routes_what_the_children_answer_after_it() -> None:
     rig = Rig(2, max_in_flight=1)
     a, b = rig.session({"sampling": {}}), rig.session()  # one on each child
