@@ -331,7 +331,11 @@ async def serve(
     # reload passes them on to the next program.
     systemd_env = {name: os.environ[name] for name in NOTIFY_ENV if name in os.environ}
     notifier = Notifier.from_env(os.environ, unset_environment=True)
-    handover = reload.take_record(os.environ)
+    try:
+        handover = reload.take_record(os.environ)
+    except ReloadFailed as exc:
+        log.error("reload.failed", error=str(exc))  # the CLI exits 1: systemd restarts it
+        raise
     inherited = listen_fds(os.environ)
     if handover is not None:  # a reload in place: the sockets stayed open across exec
         inherited = [listening_socket(fd) for fd in handover.listeners]

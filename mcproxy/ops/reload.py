@@ -31,7 +31,7 @@ from typing import Final, NoReturn
 
 import msgspec
 
-from mcproxy.errors import ConfigError
+from mcproxy.errors import ReloadFailed
 from mcproxy.upstreams.stdio import HandedOver
 
 HANDOVER_ENV: Final = "MCPROXY_HANDOVER"
@@ -87,8 +87,8 @@ class KeptPool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class Handover(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What one program hands the next across ``execve``. ``version`` changes with any
-    change of meaning; a program refuses a record of another version (and then adopts
-    nothing: it closes the descriptors, and the children, losing their pipes, exit)."""
+    change of meaning; a program refuses a record of another version: it exits 1 (``ReloadFailed``),
+    its inherited children die with it, and systemd starts it anew (the restart path)."""
 
     version: int
     pid: int  # the process that wrote it: exec keeps it, so the reader checks it
@@ -120,17 +120,19 @@ def encode_record(record: Handover) -> bytes:
 
 
 def decode_record(data: bytes) -> Handover:
-    """Raises: ConfigError: not a handover record of this version, or not this process's."""
+    """Raises: ReloadFailed: not a handover record of this version, or not this process's
+    (exit 1, not the config error's 2: systemd's Restart= starts the program anew, whereas
+    RestartPreventExitStatus=2 would leave the service down after a reload)."""
     try:
         record = _DECODER.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ConfigError(f"reload handover record: {exc}") from exc
+        raise ReloadFailed(f"reload handover record: {exc}") from exc
     if record.version != RECORD_VERSION:
-        raise ConfigError(
+        raise ReloadFailed(
             f"reload handover record: version {record.version}, this program reads {RECORD_VERSION}"
         )
     if record.pid != os.getpid():
-        raise ConfigError(f"reload handover record: written by pid {record.pid}, not this one")
+        raise ReloadFailed(f"reload handover record: written by pid {record.pid}, not this one")
     return record
 
 
@@ -148,7 +150,7 @@ def take_record(environ: MutableMapping[str, str]) -> Handover | None:
     deleted and the variable removed (children must not see it) whatever the outcome.
 
     Raises:
-        ConfigError: the record cannot be read or is not for this program.
+        ReloadFailed: the record cannot be read or is not for this program.
     """
     value = environ.pop(HANDOVER_ENV, None)
     if environ is not os.environ:
@@ -159,7 +161,7 @@ def take_record(environ: MutableMapping[str, str]) -> Handover | None:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"reload handover record: {exc}") from exc
+        raise ReloadFailed(f"reload handover record: {exc}") from exc
     finally:
         with contextlib.suppress(OSError):
             path.unlink()

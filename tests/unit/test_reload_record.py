@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from mcproxy.core.framing import LineFramer
-from mcproxy.errors import ConfigError
+from mcproxy.errors import ReloadFailed
 from mcproxy.ops import reload
 from mcproxy.ops.reload import HANDOVER_ENV, RECORD_VERSION, Handover, KeptChild
 from mcproxy.upstreams.shared_router import Router
@@ -63,7 +63,7 @@ def test_the_shared_pool_section_round_trips_and_an_older_record_has_none() -> N
     ],
 )
 def test_a_record_not_of_this_version_or_process_is_refused(data: bytes, why: str) -> None:
-    with pytest.raises(ConfigError, match=why):
+    with pytest.raises(ReloadFailed, match=why):
         reload.decode_record(data)
 
 
@@ -76,8 +76,8 @@ def test_the_record_file_is_private_and_taken_once(tmp_path: Path) -> None:
     assert reload.take_record(environ) is None
 
 
-def test_an_unreadable_record_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="handover"):
+def test_an_unreadable_record_fails_the_reload(tmp_path: Path) -> None:
+    with pytest.raises(ReloadFailed, match="handover"):
         reload.take_record({HANDOVER_ENV: str(tmp_path / "gone.json")})
 
 
