@@ -22,8 +22,10 @@ from tests.helpers import (
     TIMEOUT,
     HttpClient,
     ProxyProcess,
+    SseEvent,
     WsClient,
     messages,
+    read_sse,
     tool_text,
 )
 
@@ -134,8 +136,9 @@ async def test_racing_creations_of_one_new_id_make_one_session_and_hurt_nobody(
 async def test_a_session_whose_write_fails_fails_alone_and_comes_back(tmp_path: Path) -> None:
     """Issue 15 finding 2: a statement that fails for one session (here a row another writer
     put where the session's next message goes: the UNIQUE index refuses it, as in the race)
-    fails that session alone. Its stream ends without the uncommitted answer, the bystander
-    keeps working, /readyz stays green, and the session is reloaded on its next use."""
+    fails that session alone. Its stream is cut without the uncommitted answer (never ended
+    as if complete: the client resumes), the bystander keeps working, /readyz stays green,
+    and the session is reloaded on its next use."""
     db = tmp_path / "db.sqlite"
     proxy = ProxyProcess(db).start()
     victim = HttpClient(proxy.url)
@@ -153,9 +156,13 @@ async def test_a_session_whose_write_fails_fails_alone_and_comes_back(tmp_path: 
                 "INSERT INTO events (session_id, lsn, created_at, payload) VALUES (?, ?, 0, ?)",
                 (victim.session_id, head + 1, b'{"planted":true}'),
             )
-        _, events = await victim.request(
-            "tools/call", {"name": "echo", "arguments": {"text": "lost"}}
+        call = {"name": "echo", "arguments": {"text": "lost"}}
+        resp = await victim.post(
+            {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": call}
         )
+        events: list[SseEvent] = []
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut: no chunked end
+            await read_sse(resp, lambda e: events.append(e) and False)
         assert not any("result" in m for m in messages(events)), events  # never committed
         assert len(proxy.events("session.failed")) == 1
         answer = await bystander.call("tools/call", {"name": "echo", "arguments": {"text": "b"}})
